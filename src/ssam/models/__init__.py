@@ -1,0 +1,53 @@
+"""Model zoo: ``build_model(name, num_classes, in_channels, image_size)``.
+
+Every constructor in ``MODELS`` takes ``(num_classes, in_channels=3, image_size=32)``.
+"""
+from __future__ import annotations
+
+from torch import nn
+
+from ..errors import UsageError
+from .resnet import CifarResNet, resnet18, resnet34, resnet50, resnet101, resnet152
+from .small import SmallCNN, cnn_small, resnet8
+from .vgg import VGG, vgg11_bn, vgg13_bn, vgg16_bn, vgg19_bn
+from .wideresnet import WideResNet, wideresnet28x10, wideresnet34x10
+
+MODELS = {
+    "resnet18": resnet18,
+    "resnet34": resnet34,
+    "resnet50": resnet50,
+    "resnet101": resnet101,
+    "resnet152": resnet152,
+    "vgg11_bn": vgg11_bn,
+    "vgg13_bn": vgg13_bn,
+    "vgg16_bn": vgg16_bn,
+    "vgg19_bn": vgg19_bn,
+    "wideresnet28x10": wideresnet28x10,
+    "wideresnet34x10": wideresnet34x10,
+    "resnet8": resnet8,
+    "cnn_small": cnn_small,
+}
+
+
+def _positive_int(what: str, value) -> int:
+    # bool is an int subclass; True as a class count is always a mistake.
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise UsageError(f"{what} must be a positive integer, got {value!r}")
+    return value
+
+
+def build_model(name: str, num_classes: int, in_channels: int = 3, image_size: int = 32) -> nn.Module:
+    if name not in MODELS:
+        raise UsageError(f"unknown --model {name!r}; choose from: {', '.join(MODELS)}")
+    _positive_int("num_classes", num_classes)
+    _positive_int("in_channels", in_channels)
+    _positive_int("image_size", image_size)
+    return MODELS[name](num_classes, in_channels=in_channels, image_size=image_size)
+
+
+__all__ = [
+    "MODELS", "build_model", "CifarResNet", "VGG", "WideResNet", "SmallCNN",
+    "resnet8", "resnet18", "resnet34", "resnet50", "resnet101", "resnet152",
+    "vgg11_bn", "vgg13_bn", "vgg16_bn", "vgg19_bn", "wideresnet28x10", "wideresnet34x10",
+    "cnn_small",
+]

@@ -1,0 +1,256 @@
+"""Sparse SAM (Mi et al., NeurIPS 2022): SAM whose perturbation only touches a global subset of the weights.
+
+Masks are global: every parameter tensor's entries compete for the same ``int(N * (1 - sparsity))`` places.
+State per parameter: ``mask`` (torch.bool, 1 byte/entry) and ``w_saved``, the copy of w held between the two passes
+(the parameter's dtype, 4 bytes/entry in fp32): 5 bytes per parameter beyond the base optimizer.
+
+- SSAM-F keeps the entries with the largest diagonal empirical Fisher, measured on ``num_samples`` examples.
+- SSAM-D starts from a random mask; each update kills the weakest live entries (by |w|, |g| or at random) at a
+  cosine-decaying death rate and regrows as many entries among those dead before the update.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .fisher import empirical_fisher
+from .sam import SAM
+
+__all__ = ["SSAMF", "SSAMD", "top_k_mask", "STRATEGIES"]
+
+STRATEGIES = ("weight", "gradient", "random")
+
+
+def top_k_mask(score: Tensor, k: int) -> Tensor:
+    """Boolean mask with exactly ``k`` True entries at the ``k`` largest scores of a 1-D tensor.
+
+    A k-th value threshold (linear-time selection) instead of a sort; ties at the threshold are broken by position
+    so the count is exact. Runs on the score's device without a host round trip.
+    """
+    n = score.numel()
+    if k <= 0:
+        return torch.zeros(n, dtype=torch.bool, device=score.device)
+    if k >= n:
+        return torch.ones(n, dtype=torch.bool, device=score.device)
+    thr = torch.kthvalue(score, n - k + 1).values
+    above = score > thr
+    at = score == thr
+    need = k - above.sum()
+    return above | (at & (torch.cumsum(at, 0) <= need))
+
+
+class _SparseSAM(SAM):
+    """Shared machinery of SSAM-F and SSAM-D: the global mask and its bookkeeping."""
+
+    def __init__(self, params: Any, base_optimizer: Any, rho: float, sparsity: float, update_freq: int,
+                 renormalize: bool, adaptive: bool, **kwargs: Any) -> None:
+        if not (isinstance(sparsity, (int, float)) and 0 <= sparsity < 1):
+            raise ValueError(f"sparsity: got {sparsity!r}; allowed: a number in [0, 1) (fraction NOT perturbed)")
+        if not (isinstance(update_freq, int) and not isinstance(update_freq, bool) and update_freq >= 1):
+            raise ValueError(f"update_freq: got {update_freq!r}; allowed: an integer >= 1 (epochs between updates)")
+        super().__init__(params, base_optimizer, rho=rho, adaptive=adaptive, **kwargs)
+        self.sparsity = float(sparsity)
+        self.update_freq = update_freq
+        self.renormalize = bool(renormalize)
+
+    # --------------------------------------------------------------- mask plumbing
+    def _params(self) -> list[Tensor]:
+        return [p for g in self.param_groups for p in g["params"]]
+
+    @property
+    def num_live(self) -> int:
+        """Entries perturbed: ``int(N * (1 - sparsity))`` of the N entries of all parameters."""
+        n = sum(p.numel() for p in self._params())
+        return int(n * (1 - self.sparsity))
+
+    def _mask_for(self, p: Tensor) -> Tensor | None:
+        return self.state[p].get("mask")
+
+    def _has_masks(self) -> bool:
+        return all("mask" in self.state[p] for p in self._params())
+
+    def _set_flat_mask(self, flat: Tensor) -> None:
+        offset = 0
+        for p in self._params():
+            m = flat[offset:offset + p.numel()].view_as(p)
+            offset += p.numel()
+            st = self.state[p]
+            if "mask" in st and st["mask"].shape == p.shape:
+                st["mask"].copy_(m)
+            else:
+                st["mask"] = m.clone().to(p.device)
+
+    def _flat(self, tensors: list[Tensor]) -> Tensor:
+        device = tensors[0].device
+        return torch.cat([t.reshape(-1).to(device) for t in tensors])
+
+    def flat_mask(self) -> Tensor:
+        return self._flat([self.state[p]["mask"] for p in self._params()])
+
+    def should_update(self, epoch: int) -> bool:
+        """Whether the mask is refreshed at the start of ``epoch`` (every ``update_freq`` epochs, from 0)."""
+        return epoch % self.update_freq == 0
+
+    def mask_density(self) -> float:
+        """Fraction of all entries that are perturbed (a host sync: not for the inner loop)."""
+        if not self._has_masks():
+            return float("nan")
+        live = sum(int(self.state[p]["mask"].sum()) for p in self._params())
+        return live / max(1, sum(p.numel() for p in self._params()))
+
+    def mask_stats(self) -> list[dict]:
+        """Per parameter tensor: name (when named parameters were given), numel, live fraction."""
+        rows = []
+        for i, p in enumerate(self._params()):
+            m = self.state[p].get("mask")
+            rows.append({
+                "name": self.param_name(p, i),
+                "shape": tuple(p.shape),
+                "numel": p.numel(),
+                "density": float(m.float().mean()) if m is not None else float("nan"),
+            })
+        return rows
+
+    # --------------------------------------------------------------- perturbation
+    def _grad_norm(self, params: list[Tensor], grads: list[Tensor], adaptive: bool) -> Tensor:
+        if self.renormalize:
+            # Normalising by the masked gradient's norm puts the masked perturbation back on the rho-sphere.
+            masks = [self.state[p]["mask"] for p in params]
+            grads = torch._foreach_mul(grads, masks) if self.foreach else [g * m for g, m in zip(grads, masks)]
+        return super()._grad_norm(params, grads, adaptive)
+
+
+class SSAMF(_SparseSAM):
+    """SSAM-F: the mask keeps the entries with the largest empirical Fisher information.
+
+    Call ``update_mask(model, data)`` before the first step and then every ``update_freq`` epochs
+    (``should_update(epoch)``), before that epoch's first step.
+    """
+
+    def __init__(self, params: Any, base_optimizer: Any, rho: float = 0.05, sparsity: float = 0.5,
+                 num_samples: int = 128, update_freq: int = 1, renormalize: bool = False, adaptive: bool = False,
+                 fisher_mode: str = "train", fisher_method: str = "auto", **base_kwargs: Any) -> None:
+        if not (isinstance(num_samples, int) and not isinstance(num_samples, bool) and num_samples >= 1):
+            raise ValueError(f"num_samples: got {num_samples!r}; allowed: an integer >= 1")
+        if fisher_mode not in ("train", "eval"):
+            raise ValueError(f"fisher_mode: got {fisher_mode!r}; allowed: 'train', 'eval'")
+        if fisher_method not in ("auto", "loop", "vmap"):
+            raise ValueError(f"fisher_method: got {fisher_method!r}; allowed: 'auto', 'loop', 'vmap'")
+        super().__init__(params, base_optimizer, rho, sparsity, update_freq, renormalize, adaptive, **base_kwargs)
+        self.num_samples = num_samples
+        self.fisher_mode = fisher_mode
+        self.fisher_method = fisher_method
+        self.num_updates = 0
+
+    def _check_ready(self) -> None:
+        if not self._has_masks():
+            raise RuntimeError(
+                "SSAMF has no mask yet: call opt.update_mask(model, train_data) before the first step "
+                "(and again whenever opt.should_update(epoch))"
+            )
+
+    @torch.no_grad()
+    def update_mask(self, model: nn.Module, data: Any, loss_fn: Callable[[Tensor, Tensor], Tensor] | None = None,
+                    generator: torch.Generator | None = None) -> None:
+        """Recompute the mask from the Fisher of ``num_samples`` examples of ``data`` (a Dataset or batches)."""
+        params = self._params()
+        with torch.enable_grad():
+            fisher = empirical_fisher(model, params, data, self.num_samples, loss_fn, mode=self.fisher_mode,
+                                      method=self.fisher_method, generator=generator)
+        self.set_mask_from_scores(fisher)
+        self.num_updates += 1
+
+    @torch.no_grad()
+    def set_mask_from_scores(self, scores: list[Tensor]) -> None:
+        """Keep the ``num_live`` entries with the highest scores (one tensor per parameter, in group order)."""
+        self._set_flat_mask(top_k_mask(self._flat(scores).float(), self.num_live))
+
+    def _extra_state(self) -> dict:
+        return {"num_updates": self.num_updates}
+
+    def _load_extra_state(self, extra: dict) -> None:
+        self.num_updates = int(extra.get("num_updates", 0))
+
+
+class SSAMD(_SparseSAM):
+    """SSAM-D: a random initial mask evolved by drop-and-grow with a cosine-decaying death rate.
+
+    Call ``update_mask(epoch)`` after the first backward of the first step of every epoch with
+    ``should_update(epoch)``: it scores entries with the gradient then in ``.grad``.
+    """
+
+    def __init__(self, params: Any, base_optimizer: Any, rho: float = 0.05, sparsity: float = 0.5,
+                 drop_rate: float = 0.5, drop_strategy: str = "gradient", growth_strategy: str = "random",
+                 update_freq: int = 1, T_start: int = 0, T_end: int = 200, renormalize: bool = False,
+                 adaptive: bool = False, seed: int | None = None, **base_kwargs: Any) -> None:
+        if not (isinstance(drop_rate, (int, float)) and 0 <= drop_rate <= 1):
+            raise ValueError(f"drop_rate: got {drop_rate!r}; allowed: a number in [0, 1]")
+        if drop_strategy not in STRATEGIES:
+            raise ValueError(f"drop_strategy: got {drop_strategy!r}; allowed: {', '.join(STRATEGIES)}")
+        if growth_strategy not in STRATEGIES:
+            raise ValueError(f"growth_strategy: got {growth_strategy!r}; allowed: {', '.join(STRATEGIES)}")
+        if not T_end > T_start:
+            raise ValueError(f"T_end: got {T_end!r} with T_start={T_start!r}; allowed: T_end > T_start")
+        super().__init__(params, base_optimizer, rho, sparsity, update_freq, renormalize, adaptive, **base_kwargs)
+        self.drop_rate = float(drop_rate)
+        self.drop_strategy = drop_strategy
+        self.growth_strategy = growth_strategy
+        self.T_start, self.T_end = int(T_start), int(T_end)
+        self.num_updates = 0
+        self.last_update_epoch: int | None = None
+        device = self._params()[0].device
+        if seed is None:
+            # Drawn from the global generator so torch.manual_seed makes runs (and DDP ranks) agree.
+            seed = int(torch.randint(0, 2**62, (1,)).item())
+        self._generator = torch.Generator(device=device)
+        self._generator.manual_seed(seed)
+        n = sum(p.numel() for p in self._params())
+        self._set_flat_mask(top_k_mask(torch.rand(n, generator=self._generator, device=device), self.num_live))
+
+    def death_rate(self, epoch: int) -> float:
+        """drop_rate * (1 + cos(pi * (epoch - T_start) / (T_end - T_start))) / 2, clamped to the schedule."""
+        t = min(max(epoch - self.T_start, 0), self.T_end - self.T_start)
+        return self.drop_rate * (1 + math.cos(math.pi * t / (self.T_end - self.T_start))) / 2
+
+    def _scores(self, strategy: str, params: list[Tensor]) -> Tensor:
+        if strategy == "weight":
+            return self._flat([p.detach().abs() for p in params]).float()
+        if strategy == "gradient":
+            return self._flat([(p.grad.abs() if p.grad is not None else torch.zeros_like(p)) for p in params]).float()
+        n = sum(p.numel() for p in params)
+        return torch.rand(n, generator=self._generator, device=self._generator.device)
+
+    @torch.no_grad()
+    def update_mask(self, epoch: int) -> None:
+        """Drop the lowest-scored ``death_rate(epoch)`` fraction of live entries and regrow as many dead ones."""
+        params = self._params()
+        live = self.flat_mask()
+        n, k = live.numel(), self.num_live
+        # As many survive as the paper's int(L * (1 - death rate)); no more can die than there are places to regrow.
+        n_die = min(k - int(k * (1 - self.death_rate(epoch))), n - k)
+        neg_inf = torch.tensor(float("-inf"), device=live.device)
+        death = self._scores(self.drop_strategy, params)
+        survivors = top_k_mask(torch.where(live, death, neg_inf), k - n_die)
+        growth = self._scores(self.growth_strategy, params)
+        grown = top_k_mask(torch.where(live, neg_inf, growth), n_die)
+        self._set_flat_mask(survivors | grown)
+        self.num_updates += 1
+        self.last_update_epoch = epoch
+
+    def _extra_state(self) -> dict:
+        return {
+            "num_updates": self.num_updates,
+            "last_update_epoch": -1 if self.last_update_epoch is None else self.last_update_epoch,
+            "generator": self._generator.get_state(),
+        }
+
+    def _load_extra_state(self, extra: dict) -> None:
+        self.num_updates = int(extra.get("num_updates", 0))
+        last = int(extra.get("last_update_epoch", -1))
+        self.last_update_epoch = None if last < 0 else last
+        if "generator" in extra:
+            self._generator.set_state(extra["generator"].cpu())

@@ -1,0 +1,75 @@
+"""Checkpoints that survive a kill at any instant and load without executing pickled code.
+
+Format (a plain dict, loadable with ``torch.load(weights_only=True)``):
+    version      int
+    model        the unwrapped model's state_dict (no ``module.`` / ``_orig_mod.`` prefixes)
+    model_args   {"name", "num_classes", "in_channels", "image_size"} to rebuild the model
+    config       the run's full configuration as plain values
+    optimizer    the optimizer's state_dict (base state, masks, SSAM-D schedule position)
+    scheduler    the LR scheduler's state_dict
+    epoch        number of finished epochs (the next epoch to run)
+    step         optimizer steps done in the current epoch (mid-epoch checkpoints), else 0
+    best_acc1    best test top-1 so far
+    rng          random-generator states
+    finished     True once the final epoch has been written
+"""
+from __future__ import annotations
+
+import os
+import pickle
+import tempfile
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..errors import UsageError
+
+VERSION = 1
+
+
+def save_atomic(obj: Any, path: str | os.PathLike) -> None:
+    """Write ``obj`` to ``path`` so that a reader sees the old file or the complete new one, never a torn one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        # The rename itself must reach the disk too, or a power cut can bring back the old directory entry.
+        dfd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+
+
+def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict:
+    """Load a checkpoint safely; every failure becomes a one-line ``UsageError`` naming the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise UsageError(f"checkpoint not found: {path}")
+    try:
+        obj = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UsageError(
+            f"refusing to load {path}: it holds objects that plain tensors and containers cannot express "
+            f"(possible code execution); only checkpoints written by ssam load ({first[:160]})"
+        ) from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UsageError(f"checkpoint {path} is truncated or corrupt: {first[:200]}") from None
+    if not isinstance(obj, dict) or "model" not in obj:
+        raise UsageError(f"{path} is not an ssam checkpoint (no 'model' entry)")
+    return obj
