@@ -59,6 +59,8 @@ class _ArrayUnpickler(pickle.Unpickler):
         ("numpy._core.numeric", "_frombuffer"),
         ("numpy", "ndarray"),
         ("numpy", "dtype"),
+        # Python 3 writes bytes at protocol 2 as _codecs.encode(str, "latin1"): a pure function.
+        ("_codecs", "encode"),
     }
 
     def find_class(self, module: str, name: str):

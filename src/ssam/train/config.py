@@ -1,0 +1,283 @@
+"""The training command line: the official code's flags (same names, meanings and defaults) plus modern ones.
+
+One ``argparse.Namespace`` is the configuration: parsed here, checked here, saved with the run, passed down.
+``--config FILE.yaml`` supplies values for any flag (keys = flag names without dashes); the command line wins.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Any
+
+import yaml
+
+from ..errors import UsageError
+
+DATASETS = ("CIFAR10_base", "CIFAR10_cutout", "CIFAR100_base", "CIFAR100_cutout", "ImageNet_base", "digits")
+BASES = ("sgd", "adamw")
+WRAPPERS = ("sam", "ssamf", "ssamd")
+SCHEDULERS = ("CosineLRscheduler", "MultiStepLRscheduler")
+STRATEGIES = ("weight", "gradient", "random")
+
+# Defaults that depend on the data set: the embedded digits set must train in about a minute on a laptop.
+DIGITS_DEFAULTS = {"model": "cnn_small", "epochs": 15, "batch_size": 64}
+DEFAULTS = {"model": "resnet18", "epochs": 200, "batch_size": 128}
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports a mistake in one line (no usage dump) and exits 2."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise UsageError(f"{self.prog}: {message}")
+
+
+def build_parser(prog: str = "ssam train") -> argparse.ArgumentParser:
+    p = _Parser(prog=prog, description="Train an image classifier with SGD/AdamW, SAM, SSAM-F or SSAM-D.",
+                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    a = p.add_argument
+    g = p.add_argument_group("data and model")
+    g.add_argument("--dataset", default=None,
+                   help=f"one of {', '.join(DATASETS)}; default CIFAR10_cutout with --datadir, else digits")
+    g.add_argument("--datadir", default=None, help="folder holding the data set (see README for layouts)")
+    g.add_argument("--download", action="store_true", help="allow torchvision to download CIFAR into --datadir")
+    g.add_argument("--model", default=None, help="model name (resnet18 by default, cnn_small on digits)")
+    g.add_argument("--num_workers", type=int, default=None, help="DataLoader workers (default: 0 on digits, else min(4, cpus))")
+    g.add_argument("--gpu_data", action="store_true", help="keep CIFAR/digits on the device, augment there in batches")
+
+    g = p.add_argument_group("optimizer")
+    g.add_argument("--opt", default="sgd", help="sgd, adamw, or sam-/ssamf-/ssamd- in front of either, e.g. ssamf-sgd")
+    g.add_argument("--lr", type=float, default=0.05)
+    g.add_argument("--weight_decay", type=float, default=5e-4)
+    g.add_argument("--momentum", type=float, default=0.9)
+    g.add_argument("--nesterov", action="store_true")
+    g.add_argument("--betas", type=float, nargs=2, default=[0.9, 0.999], help="AdamW betas")
+    g.add_argument("--eps", type=float, default=1e-8, help="AdamW epsilon")
+    g.add_argument("--rho", type=float, default=0.05, help="SAM radius")
+    g.add_argument("--adaptive", action="store_true", help="ASAM: scale the perturbation by |w|")
+    g.add_argument("--sparsity", type=float, default=None,
+                   help="fraction of weights NOT perturbed (SSAM; 0.2 when not given)")
+    g.add_argument("--renormalize", action="store_true", help="SSAM: rescale the masked perturbation to norm rho")
+    g.add_argument("--update_freq", type=int, default=5, help="epochs between mask updates (SSAM)")
+    g.add_argument("--num_samples", type=int, default=1024, help="examples for the Fisher (SSAM-F)")
+    g.add_argument("--fisher_mode", default="train", choices=("train", "eval"), help="model mode for the Fisher")
+    g.add_argument("--drop_rate", type=float, default=0.5, help="SSAM-D initial death rate")
+    g.add_argument("--drop_strategy", default="gradient", help="SSAM-D death score: weight, gradient, random")
+    g.add_argument("--growth_strategy", default="random", help="SSAM-D growth score: weight, gradient, random")
+    g.add_argument("--sam_first_pass", default="sync", choices=("sync", "local"),
+                   help="DDP: all-reduce the first gradient (sync) or perturb per device (local, under no_sync)")
+    g.add_argument("--freeze_bn_second_pass", action="store_true",
+                   help="do not update BatchNorm running statistics in SAM's second forward pass")
+
+    g = p.add_argument_group("schedule")
+    g.add_argument("--epochs", type=int, default=None, help="epochs (200 by default, 15 on digits)")
+    g.add_argument("--start_epoch", type=int, default=0)
+    g.add_argument("--batch_size", type=int, default=None, help="per-process batch size (128; 64 on digits)")
+    g.add_argument("--grad_accum", type=int, default=1, help="micro-batches per step (both SAM passes)")
+    g.add_argument("--lr_scheduler", default="CosineLRscheduler", help=" or ".join(SCHEDULERS))
+    g.add_argument("--eta_min", type=float, default=0.0)
+    g.add_argument("--milestone", type=int, nargs="+", default=[60, 120, 160])
+    g.add_argument("--gamma", type=float, default=0.2)
+    g.add_argument("--warmup_epoch", type=int, default=0)
+    g.add_argument("--warmup_init_lr", type=float, default=0.0)
+    g.add_argument("--seed", type=int, default=1234)
+    g.add_argument("--deterministic", action="store_true", help="torch.use_deterministic_algorithms(True)")
+
+    g = p.add_argument_group("run, logs, checkpoints")
+    g.add_argument("--output_dir", default="logs")
+    g.add_argument("--output_name", default=None, help="run folder name (built from the settings when absent)")
+    g.add_argument("--resume", action="store_true", help="continue from the run folder's last.pt")
+    g.add_argument("--resume_path", default=None, help="checkpoint to continue from")
+    g.add_argument("--overwrite", action="store_true", help="replace a run folder that already holds a run")
+    g.add_argument("--save_every_steps", type=int, default=0, help="also write last.pt every N steps (0: off)")
+    g.add_argument("--log_freq", type=int, default=200, help="steps between progress lines when not on a terminal")
+    g.add_argument("--quiet", action="store_true", help="no progress bar")
+    g.add_argument("--wandb", action="store_true")
+    g.add_argument("--wandb_project", default="ssam")
+    g.add_argument("--wandb_name", default=None)
+    g.add_argument("--tensorboard", action="store_true")
+    g.add_argument("--eval_only", action="store_true", help="evaluate the checkpoint (--resume_path or best.pt) and exit")
+    g.add_argument("--limit_train_batches", type=int, default=0, help="at most N training steps per epoch (0: all)")
+    g.add_argument("--limit_val_batches", type=int, default=0, help="at most N evaluation batches (0: all)")
+
+    g = p.add_argument_group("devices and speed")
+    g.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    g.add_argument("--amp", default="none", choices=("none", "bf16", "fp16"))
+    g.add_argument("--channels_last", action="store_true")
+    g.add_argument("--compile", action="store_true", help="torch.compile the model")
+    g.add_argument("--dist_url", default="env://", help="torch.distributed init method under torchrun")
+    g.add_argument("--distributed_val", action="store_true", help="every rank evaluates a shard (else rank 0 all)")
+    a("--config", default=None, help="YAML file of flag values; flags on the command line override it")
+    a("--debug", action="store_true", help="show Python tracebacks")
+    return p
+
+
+def _yaml_defaults(parser: argparse.ArgumentParser, path: str) -> dict[str, Any]:
+    if not os.path.isfile(path):
+        raise UsageError(f"--config {path!r}: file not found")
+    try:
+        with open(path) as f:
+            raw = yaml.safe_load(f) or {}
+    except yaml.YAMLError as e:
+        raise UsageError(f"--config {path!r}: not valid YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(raw, dict):
+        raise UsageError(f"--config {path!r}: expected a mapping of flag names to values, got {type(raw).__name__}")
+    actions = {a.dest: a for a in parser._actions if a.dest not in ("help", "config")}
+    out = {}
+    for key, value in raw.items():
+        if key not in actions:
+            raise UsageError(f"--config {path!r}: unknown key {key!r}; allowed keys are the flag names, e.g. "
+                             f"{', '.join(sorted(actions)[:8])}, ...")
+        act = actions[key]
+        out[key] = _check_type(path, key, act, value)
+    return out
+
+
+def _check_type(path: str, key: str, act: argparse.Action, value: Any) -> Any:
+    bad = f"--config {path!r}: key {key!r} has {type(value).__name__} {value!r}; expected "
+    if isinstance(act, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
+        if not isinstance(value, bool):
+            raise UsageError(bad + "true or false")
+        return value
+    if value is None:
+        return None
+    if act.nargs in ("+", 2):
+        items = value if isinstance(value, list) else [value]
+        if act.nargs == 2 and len(items) != 2:
+            raise UsageError(bad + "a list of 2 values")
+        return [_check_scalar(bad, act, v) for v in items]
+    return _check_scalar(bad, act, value)
+
+
+def _check_scalar(bad: str, act: argparse.Action, value: Any) -> Any:
+    if act.type is int and (isinstance(value, bool) or not isinstance(value, int)):
+        raise UsageError(bad + "an integer")
+    if act.type is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise UsageError(bad + "a number")
+        value = float(value)
+    if act.type is None and not isinstance(value, str):
+        raise UsageError(bad + "a string")
+    if act.choices and value not in act.choices:
+        raise UsageError(bad + "one of " + ", ".join(map(str, act.choices)))
+    return value
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    pre, _ = parser.parse_known_args(argv)
+    if pre.config:
+        parser.set_defaults(**_yaml_defaults(parser, pre.config))
+    cfg = parser.parse_args(argv)
+    resolve(cfg)
+    validate(cfg)
+    return cfg
+
+
+def parse_opt(opt: str) -> tuple[str | None, str]:
+    """'ssamf-sgd' -> ('ssamf', 'sgd'); 'adamw' -> (None, 'adamw')."""
+    allowed = ", ".join([*BASES] + [f"{w}-{b}" for w in WRAPPERS for b in BASES])
+    parts = opt.split("-")
+    if len(parts) == 1 and parts[0] in BASES:
+        return None, parts[0]
+    if len(parts) == 2 and parts[0] in WRAPPERS and parts[1] in BASES:
+        return parts[0], parts[1]
+    raise UsageError(f"--opt {opt!r} is not an optimizer; choose from: {allowed}")
+
+
+def resolve(cfg: argparse.Namespace) -> None:
+    """Fill the data-set-dependent defaults and the run name."""
+    if cfg.dataset is None:
+        cfg.dataset = "digits" if cfg.datadir is None else "CIFAR10_cutout"
+    defaults = DIGITS_DEFAULTS if cfg.dataset == "digits" else DEFAULTS
+    for key, value in defaults.items():
+        if getattr(cfg, key) is None:
+            setattr(cfg, key, value)
+    if cfg.num_workers is None:
+        cfg.num_workers = 0 if cfg.dataset == "digits" else min(4, os.cpu_count() or 1)
+    wrapper, _ = parse_opt(cfg.opt)
+    cfg.sparsity_given = cfg.sparsity is not None
+    if cfg.sparsity is None:
+        cfg.sparsity = 0.2
+    if cfg.output_name is None:
+        cfg.output_name = run_name(cfg, wrapper)
+
+
+def run_name(cfg: argparse.Namespace, wrapper: str | None) -> str:
+    """A name from the settings that matter, so runs with different settings never share a folder."""
+    parts = [cfg.dataset, cfg.model, cfg.opt, f"lr{cfg.lr:g}", f"wd{cfg.weight_decay:g}", f"bs{cfg.batch_size}",
+             f"ep{cfg.epochs}"]
+    if wrapper:
+        parts.append(f"rho{cfg.rho:g}" + ("a" if cfg.adaptive else ""))
+    if wrapper in ("ssamf", "ssamd"):
+        parts += [f"sp{cfg.sparsity:g}", f"uf{cfg.update_freq}"]
+    if wrapper == "ssamf":
+        parts.append(f"ns{cfg.num_samples}")
+    if wrapper == "ssamd":
+        parts.append(f"dr{cfg.drop_rate:g}-{cfg.drop_strategy}-{cfg.growth_strategy}")
+    parts.append(f"seed{cfg.seed}")
+    return "_".join(parts)
+
+
+def validate(cfg: argparse.Namespace) -> None:
+    """Every range check of the command line, each failing with one line that names the value and the rule."""
+    from ..models import MODELS
+
+    def need(cond: bool, msg: str) -> None:
+        if not cond:
+            raise UsageError(msg)
+
+    need(cfg.dataset in DATASETS, f"unknown --dataset {cfg.dataset!r}; choose from: {', '.join(DATASETS)}")
+    need(cfg.model in MODELS, f"unknown --model {cfg.model!r}; choose from: {', '.join(MODELS)}")
+    wrapper, _ = parse_opt(cfg.opt)
+    need(cfg.lr_scheduler in SCHEDULERS,
+         f"unknown --lr_scheduler {cfg.lr_scheduler!r}; choose from: {', '.join(SCHEDULERS)}")
+    for flag in ("drop_strategy", "growth_strategy"):
+        v = getattr(cfg, flag)
+        need(v in STRATEGIES, f"unknown --{flag} {v!r}; choose from: {', '.join(STRATEGIES)}")
+    finite = lambda x: x == x and abs(x) != float("inf")  # noqa: E731
+    need(finite(cfg.lr) and cfg.lr > 0, f"--lr {cfg.lr!r} is out of range; allowed: a number > 0")
+    need(finite(cfg.weight_decay) and cfg.weight_decay >= 0,
+         f"--weight_decay {cfg.weight_decay!r} is out of range; allowed: a number >= 0")
+    need(finite(cfg.momentum) and 0 <= cfg.momentum < 1, f"--momentum {cfg.momentum!r} is out of range; allowed: [0, 1)")
+    need(finite(cfg.rho) and cfg.rho >= 0, f"--rho {cfg.rho!r} is out of range; allowed: a number >= 0")
+    need(finite(cfg.sparsity) and 0 <= cfg.sparsity < 1,
+         f"--sparsity {cfg.sparsity!r} is out of range; allowed: [0, 1) (fraction of weights not perturbed)")
+    need(0 <= cfg.drop_rate <= 1, f"--drop_rate {cfg.drop_rate!r} is out of range; allowed: [0, 1]")
+    need(cfg.num_samples >= 1, f"--num_samples {cfg.num_samples} is out of range; allowed: an integer >= 1")
+    need(cfg.update_freq >= 1, f"--update_freq {cfg.update_freq} is out of range; allowed: an integer >= 1 (epochs)")
+    need(cfg.epochs >= 1, f"--epochs {cfg.epochs} is out of range; allowed: an integer >= 1")
+    need(0 <= cfg.start_epoch < cfg.epochs,
+         f"--start_epoch {cfg.start_epoch} is out of range; allowed: 0 <= start_epoch < epochs ({cfg.epochs})")
+    need(cfg.batch_size >= 1, f"--batch_size {cfg.batch_size} is out of range; allowed: an integer >= 1")
+    need(cfg.grad_accum >= 1, f"--grad_accum {cfg.grad_accum} is out of range; allowed: an integer >= 1")
+    need(cfg.batch_size % cfg.grad_accum == 0,
+         f"--grad_accum {cfg.grad_accum} does not divide --batch_size {cfg.batch_size}; allowed: a divisor")
+    need(cfg.num_workers >= 0, f"--num_workers {cfg.num_workers} is out of range; allowed: >= 0")
+    need(0 <= cfg.warmup_epoch < cfg.epochs,
+         f"--warmup_epoch {cfg.warmup_epoch} is out of range; allowed: 0 <= warmup_epoch < epochs ({cfg.epochs})")
+    need(cfg.warmup_init_lr >= 0, f"--warmup_init_lr {cfg.warmup_init_lr!r} is out of range; allowed: >= 0")
+    need(cfg.eta_min >= 0, f"--eta_min {cfg.eta_min!r} is out of range; allowed: >= 0")
+    need(cfg.gamma > 0, f"--gamma {cfg.gamma!r} is out of range; allowed: > 0")
+    need(cfg.eps > 0, f"--eps {cfg.eps!r} is out of range; allowed: > 0")
+    need(all(0 <= b < 1 for b in cfg.betas), f"--betas {cfg.betas} is out of range; allowed: two numbers in [0, 1)")
+    need(cfg.save_every_steps >= 0, f"--save_every_steps {cfg.save_every_steps} is out of range; allowed: >= 0")
+    need(cfg.limit_train_batches >= 0 and cfg.limit_val_batches >= 0,
+         "--limit_train_batches/--limit_val_batches must be >= 0 (0: no limit)")
+    need(cfg.log_freq >= 1, f"--log_freq {cfg.log_freq} is out of range; allowed: >= 1")
+    need(cfg.dataset == "digits" or cfg.datadir is not None,
+         f"--dataset {cfg.dataset} needs --datadir (the folder holding the data); only 'digits' ships with ssam")
+    need(not (cfg.nesterov and cfg.momentum == 0), "--nesterov needs --momentum > 0")
+    need(os.sep not in cfg.output_name and cfg.output_name not in ("", ".", ".."),
+         f"--output_name {cfg.output_name!r} must be a plain folder name (no '{os.sep}')")
+    if cfg.sparsity_given and wrapper not in ("ssamf", "ssamd"):
+        print(f"ssam: warning: --sparsity {cfg.sparsity:g} has no effect with --opt {cfg.opt} "
+              "(only ssamf-*/ssamd-* use it)", file=sys.stderr)
+    if cfg.amp == "fp16" and cfg.device == "cpu":
+        raise UsageError("--amp fp16 needs a CUDA device; on CPU use --amp bf16 or none")
+
+
+def to_plain(cfg: argparse.Namespace) -> dict[str, Any]:
+    """The configuration as YAML/JSON-safe values (what the run folder saves)."""
+    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in sorted(vars(cfg).items())}

@@ -1,0 +1,639 @@
+"""The training loop: one readable function per stage, every knob from the configuration.
+
+A SAM-family step, as in the paper:
+    first forward + backward at w (grad-accumulated over micro-batches)
+    mask refresh when scheduled (SSAM-F before the epoch's first step, SSAM-D from that step's gradient)
+    perturb to w + e, second forward + backward there, restore w, base optimizer step
+"""
+from __future__ import annotations
+
+import contextlib
+import itertools
+import json
+import os
+import random
+import shutil
+import signal
+import sys
+import time
+from argparse import Namespace
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+import yaml
+from torch.utils.data import Subset
+
+from ..data import GPULoader, build_datasets
+from ..errors import UsageError
+from ..models import build_model
+from ..optim import SAM, SSAMD, SSAMF, TwoPassScaler, empirical_fisher, frozen_bn_stats
+from .builders import EpochLR, build_optimizer, eval_loader, train_loader
+from .checkpoint import VERSION, load_checkpoint, save_atomic
+from .config import parse_opt, to_plain
+
+
+class Diverged(RuntimeError):
+    """A non-finite loss or gradient: the run stops, the last good checkpoint stays."""
+
+
+class Interrupted(RuntimeError):
+    """SIGINT/SIGTERM: the current step finished and last.pt was written."""
+
+
+# ------------------------------------------------------------------------------------------ setup
+def init_distributed(cfg: Namespace) -> tuple[int, int, int]:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 0, 1, 0
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    use_cuda = cfg.device != "cpu" and torch.cuda.is_available()
+    if use_cuda:
+        torch.cuda.set_device(local_rank)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if use_cuda else "gloo", init_method=cfg.dist_url)
+    return dist.get_rank(), dist.get_world_size(), local_rank
+
+
+def pick_device(cfg: Namespace, local_rank: int) -> torch.device:
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda: no CUDA device is visible; use --device cpu or auto")
+    if cfg.device == "cpu" or not torch.cuda.is_available():
+        return torch.device("cpu")
+    return torch.device("cuda", local_rank)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def rng_state() -> dict:
+    st = {"torch": torch.get_rng_state(), "python": repr(random.getstate()),
+          "numpy": repr(np.random.get_state(legacy=True)[1].tolist())}
+    if torch.cuda.is_available():
+        st["cuda"] = torch.cuda.get_rng_state_all()
+    return st
+
+
+def set_rng_state(st: dict) -> None:
+    torch.set_rng_state(st["torch"].cpu())
+    if "cuda" in st and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([s.cpu() for s in st["cuda"]])
+    import ast
+    random.setstate(ast.literal_eval(st["python"]))
+    state = np.random.get_state(legacy=True)
+    np.random.set_state((state[0], np.array(ast.literal_eval(st["numpy"]), dtype=np.uint32), *state[2:]))
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    model = getattr(model, "_orig_mod", model)
+    return getattr(model, "module", model)
+
+
+# ------------------------------------------------------------------------------------------ run folder
+class RunDir:
+    """The run folder; only rank 0 writes, and nothing is written before the configuration is known good."""
+
+    def __init__(self, cfg: Namespace, rank: int) -> None:
+        self.path = Path(cfg.output_dir) / cfg.output_name
+        self.rank = rank
+        self.main = rank == 0
+
+    def holds_run(self) -> bool:
+        return any((self.path / f).exists() for f in ("last.pt", "summary.json", "metrics.jsonl"))
+
+    def finished(self) -> bool:
+        try:
+            return bool(json.loads((self.path / "summary.json").read_text()).get("finished"))
+        except (OSError, ValueError):
+            return False
+
+    def prepare(self, cfg: Namespace) -> None:
+        if cfg.eval_only:
+            return
+        if self.holds_run() and not (cfg.resume or cfg.resume_path) and not cfg.overwrite:
+            kind = "a finished run" if self.finished() else "a run"
+            raise UsageError(f"output folder {self.path} already holds {kind}; pass --resume to continue it or "
+                             "--overwrite to replace it")
+        if cfg.overwrite and self.main and self.path.exists() and not (cfg.resume or cfg.resume_path):
+            shutil.rmtree(self.path)
+
+    def write_text(self, name: str, text: str) -> None:
+        if self.main:
+            self.path.mkdir(parents=True, exist_ok=True)
+            tmp = self.path / f".{name}.tmp"
+            tmp.write_text(text)
+            os.replace(tmp, self.path / name)
+
+    def append(self, name: str, line: str) -> None:
+        if self.main:
+            self.path.mkdir(parents=True, exist_ok=True)
+            with open(self.path / name, "a") as f:
+                f.write(line.rstrip("\n") + "\n")
+
+    def log(self, line: str, quiet: bool = False) -> None:
+        if self.main:
+            if not quiet:
+                print(line, flush=True)
+            self.append("log.txt", line)
+
+    def save(self, name: str, obj: dict) -> None:
+        if self.main:
+            save_atomic(obj, self.path / name)
+
+    def truncate_metrics(self, epoch: int) -> None:
+        """On resume, forget records of epochs that will be run again."""
+        f = self.path / "metrics.jsonl"
+        if self.main and f.exists():
+            keep = [ln for ln in f.read_text().splitlines() if ln.strip() and json.loads(ln)["epoch"] < epoch]
+            self.write_text("metrics.jsonl", "".join(ln + "\n" for ln in keep))
+
+
+# ------------------------------------------------------------------------------------------ trackers
+class Trackers:
+    """Optional wandb / TensorBoard; asked for but not installed is a one-line error before any work."""
+
+    def __init__(self, cfg: Namespace, run: RunDir) -> None:
+        self.wandb = self.tb = None
+        if not run.main:
+            return
+        if cfg.wandb:
+            try:
+                import wandb
+            except ImportError:
+                raise UsageError("--wandb needs the wandb package: pip install wandb (or pip install 'ssam[wandb]')") from None
+            self.wandb = wandb.init(project=cfg.wandb_project, name=cfg.wandb_name or cfg.output_name,
+                                    config=to_plain(cfg), dir=str(run.path), resume="allow")
+        if cfg.tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                raise UsageError("--tensorboard needs the tensorboard package: pip install tensorboard") from None
+            self.tb = SummaryWriter(str(run.path / "tensorboard"))
+
+    def log(self, record: dict) -> None:
+        if self.wandb is not None:
+            self.wandb.log(record, step=record["epoch"])
+        if self.tb is not None:
+            for k, v in record.items():
+                if isinstance(v, (int, float)) and k != "epoch":
+                    self.tb.add_scalar(k, v, record["epoch"])
+
+    def close(self) -> None:
+        if self.wandb is not None:
+            self.wandb.finish()
+        if self.tb is not None:
+            self.tb.close()
+
+
+# ------------------------------------------------------------------------------------------ masks across ranks
+def mask_hash(opt: SAM) -> torch.Tensor:
+    flat = opt.flat_mask()
+    idx = torch.arange(flat.numel(), device=flat.device, dtype=torch.int64)
+    # Two position-weighted sums: equal masks give equal pairs; a moved entry changes them.
+    return torch.stack([(idx * flat).sum(), ((idx * 2654435761) % 1000000007 * flat).sum()])
+
+
+def check_masks_agree(opt: SAM, world: int, epoch: int) -> None:
+    if world <= 1:
+        return
+    h = mask_hash(opt)
+    gathered = [torch.zeros_like(h) for _ in range(world)]
+    dist.all_gather(gathered, h)
+    if any(not torch.equal(g, gathered[0]) for g in gathered):
+        raise RuntimeError(f"SSAM masks differ across ranks after the update at epoch {epoch}; "
+                           "refusing to train with inconsistent perturbations")
+
+
+def broadcast_masks(opt: SAM, world: int) -> None:
+    if world > 1:
+        flat = opt.flat_mask().to(torch.uint8)
+        dist.broadcast(flat, 0)
+        opt._set_flat_mask(flat.bool())
+
+
+# ------------------------------------------------------------------------------------------ the run
+class Trainer:
+    def __init__(self, cfg: Namespace) -> None:
+        self.cfg = cfg
+        self.rank, self.world, local_rank = init_distributed(cfg)
+        self.device = pick_device(cfg, local_rank)
+        self.run = RunDir(cfg, self.rank)
+        self.run.prepare(cfg)
+        self.wrapper, _ = parse_opt(cfg.opt)
+        seed_everything(cfg.seed)
+        if cfg.deterministic:
+            torch.use_deterministic_algorithms(True, warn_only=True)
+        elif self.device.type == "cuda":
+            torch.backends.cudnn.benchmark = True
+
+        self.train_ds, self.test_ds, info = build_datasets(cfg.dataset, cfg.datadir, cfg.download, augment=True)
+        self.model_args = {"name": cfg.model, "num_classes": info.num_classes, "in_channels": info.in_channels,
+                           "image_size": info.image_size}
+        self.model = build_model(cfg.model, info.num_classes, info.in_channels, info.image_size).to(self.device)
+        if cfg.channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
+        self.opt = build_optimizer(cfg, self.model)
+        self.sched = EpochLR(self.opt, cfg)
+        self.scaler = TwoPassScaler(enabled=cfg.amp == "fp16")
+        self.autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.amp)
+
+        self.start_epoch, self.start_step, self.best_acc1, self.elapsed = cfg.start_epoch, 0, 0.0, 0.0
+        self.partial: dict | None = None
+        self.skipped_total = 0
+        ckpt = self._checkpoint_to_resume()
+        if ckpt is not None:
+            self._restore(ckpt)
+
+        self.net: torch.nn.Module = self.model
+        if self.world > 1:
+            self.net = torch.nn.parallel.DistributedDataParallel(
+                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        if cfg.compile:
+            self.net = torch.compile(self.net)
+
+        if cfg.gpu_data:
+            self.loader = GPULoader.from_dataset(self.train_ds, cfg.batch_size, device=self.device, augment=True,
+                                                 shuffle=True, drop_last=True, seed=cfg.seed)
+            if self.world > 1:
+                raise UsageError("--gpu_data is single-process; drop it under torchrun")
+        else:
+            self.loader = train_loader(cfg, self.train_ds, self.rank, self.world)
+        val_world = self.world if cfg.distributed_val else 1
+        self.val_loader = eval_loader(cfg, self.test_ds, self.rank if cfg.distributed_val else 0, val_world)
+        self.fisher_source = self.loader.dataset if not cfg.gpu_data else self.train_ds
+        self.stop_signal: int | None = None
+        self.trackers = Trackers(cfg, self.run) if not cfg.eval_only else None
+
+    # ---------------------------------------------------------------- resume
+    def _checkpoint_to_resume(self) -> dict | None:
+        cfg = self.cfg
+        if cfg.eval_only:
+            path = Path(cfg.resume_path) if cfg.resume_path else self.run.path / "best.pt"
+        elif cfg.resume_path:
+            path = Path(cfg.resume_path)
+        elif cfg.resume:
+            path = self.run.path / "last.pt"
+            if not path.exists():
+                if self.run.holds_run():
+                    raise UsageError(f"--resume: no checkpoint at {path}; the folder holds a run that never "
+                                     "finished an epoch: pass --overwrite to start again")
+                return None if self._allow_fresh_resume() else self._no_ckpt(path)
+        else:
+            return None
+        if not path.exists():
+            return self._no_ckpt(path)
+        ckpt = load_checkpoint(path, map_location=self.device)
+        saved = ckpt.get("config", {})
+        for key in ("model", "opt", "dataset"):
+            if key in saved and saved[key] != getattr(cfg, key):
+                raise UsageError(f"checkpoint {path} was written with --{key} {saved[key]}; this run has "
+                                 f"--{key} {getattr(cfg, key)}: use the same --{key} or another --output_name")
+        return ckpt
+
+    def _allow_fresh_resume(self) -> bool:
+        # `ssam compare` resumes every run folder it manages; an empty one simply starts.
+        return os.environ.get("SSAM_RESUME_OR_START") == "1"
+
+    def _no_ckpt(self, path: Path):
+        raise UsageError(f"--resume: no checkpoint at {path}")
+
+    def _restore(self, ckpt: dict) -> None:
+        try:
+            unwrap(self.model).load_state_dict(ckpt["model"])
+        except RuntimeError as e:
+            raise UsageError(f"checkpoint does not fit --model {self.cfg.model}: {str(e).splitlines()[0][:200]}") from None
+        if self.cfg.eval_only:
+            return
+        try:
+            self.opt.load_state_dict(ckpt["optimizer"])
+        except (ValueError, KeyError) as e:
+            raise UsageError(f"checkpoint optimizer state does not fit --opt {self.cfg.opt}: {e}") from None
+        self.sched.load_state_dict(ckpt["scheduler"])
+        if "scaler" in ckpt:
+            self.scaler.load_state_dict(ckpt["scaler"])
+        self.start_epoch = int(ckpt["epoch"])
+        self.start_step = int(ckpt.get("step", 0))
+        self.best_acc1 = float(ckpt.get("best_acc1", 0.0))
+        self.elapsed = float(ckpt.get("elapsed", 0.0))
+        self.skipped_total = int(ckpt.get("skipped_steps", 0))
+        self.partial = ckpt.get("partial")
+        if "rng" in ckpt:
+            set_rng_state(ckpt["rng"])
+        self.resumed_from = (self.start_epoch, self.start_step)
+
+    def checkpoint(self, epoch: int, step: int, partial: dict | None = None, finished: bool = False) -> dict:
+        return {
+            "version": VERSION, "model": unwrap(self.model).state_dict(), "model_args": self.model_args,
+            "config": to_plain(self.cfg), "optimizer": self.opt.state_dict(), "scheduler": self.sched.state_dict(),
+            "scaler": self.scaler.state_dict(), "epoch": epoch, "step": step, "best_acc1": self.best_acc1,
+            "elapsed": self.elapsed, "skipped_steps": self.skipped_total, "rng": rng_state(),
+            "partial": partial, "finished": finished,
+        }
+
+    # ---------------------------------------------------------------- steps
+    def _autocast(self):
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+
+    def _forward_backward(self, xs, ys, sync_last: bool, second: bool):
+        """Forward + backward over micro-batches; gradients are all-reduced only on the last when sync_last."""
+        n = len(xs)
+        outs, loss_sum = [], 0.0
+        for i, (x, y) in enumerate(zip(xs, ys)):
+            sync = sync_last and i == n - 1
+            no_sync = self.net.no_sync() if (self.world > 1 and not sync) else contextlib.nullcontext()
+            bn = frozen_bn_stats(self.model) if (second and self.cfg.freeze_bn_second_pass) else contextlib.nullcontext()
+            with no_sync, bn, self._autocast():
+                out = self.net(x)
+                loss = F.cross_entropy(out, y)
+            self.scaler.scale(loss * (x.shape[0] / self._batch_n)).backward()
+            if not second:
+                outs.append(out.detach())
+                loss_sum = loss_sum + loss.detach().float() * x.shape[0]
+        return outs, loss_sum
+
+    def _finite_flag(self, loss_sum) -> torch.Tensor:
+        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+        gnorm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads))) if grads else torch.zeros(())
+        if self.scaler.enabled:  # overflowing gradients are the scaler's business, a non-finite loss is not
+            return ~torch.isfinite(loss_sum)
+        return ~(torch.isfinite(loss_sum) & torch.isfinite(gnorm))
+
+    def train_step(self, epoch: int, step: int, x: torch.Tensor, y: torch.Tensor):
+        cfg = self.cfg
+        x = x.to(self.device, non_blocking=True)
+        y = y.to(self.device, non_blocking=True)
+        if cfg.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        self._batch_n = x.shape[0]
+        xs, ys = x.chunk(cfg.grad_accum), y.chunk(cfg.grad_accum)
+        sam = self.wrapper is not None
+
+        if step == 0 and isinstance(self.opt, SSAMF) and self.opt.should_update(epoch):
+            self.update_fisher_mask(epoch)
+        outs, loss_sum = self._forward_backward(xs, ys, sync_last=not (sam and cfg.sam_first_pass == "local"),
+                                                second=False)
+        bad = self._finite_flag(loss_sum)
+        if sam:
+            if step == 0 and isinstance(self.opt, SSAMD) and self.opt.should_update(epoch):
+                self.opt.update_mask(epoch)
+                if cfg.sam_first_pass == "local":
+                    broadcast_masks(self.opt, self.world)
+                check_masks_agree(self.opt, self.world, epoch)
+            if self.scaler.first_step(self.opt, zero_grad=True):
+                self._forward_backward(xs, ys, sync_last=True, second=True)
+                self.scaler.second_step(self.opt, zero_grad=True)
+        else:
+            self.scaler.step(self.opt)
+            self.opt.zero_grad(set_to_none=True)
+        self.scaler.update()
+        out = torch.cat(outs)
+        top5 = out.topk(min(5, out.shape[1]), dim=1).indices
+        hit = top5 == y[:, None]
+        return loss_sum, hit[:, 0].sum(), hit.any(1).sum(), bad
+
+    @torch.no_grad()
+    def update_fisher_mask(self, epoch: int) -> None:
+        cfg, opt = self.cfg, self.opt
+        # The Fisher examples of an epoch depend only on (seed, epoch): resumes and ranks agree.
+        g = torch.Generator().manual_seed(cfg.seed * 7919 + epoch)
+        src = self.fisher_source
+        if hasattr(src, "epoch"):
+            src.epoch = epoch
+        chosen = torch.randperm(len(src), generator=g)[: opt.num_samples].tolist()
+        shard = chosen[self.rank::self.world]  # each rank measures its share; the sum is all-reduced
+        params = opt._params()
+        with torch.enable_grad():
+            fisher = empirical_fisher(unwrap(self.model), params, [_as_batch(src, shard)], len(shard),
+                                      mode=opt.fisher_mode, method=opt.fisher_method)
+        if self.world > 1:
+            flat = torch.cat([f.reshape(-1) for f in fisher])
+            dist.all_reduce(flat)
+            fisher = list(torch.split(flat, [p.numel() for p in params]))
+            fisher = [f.view_as(p) for f, p in zip(fisher, params)]
+        opt.set_mask_from_scores(fisher)
+        opt.num_updates += 1
+        check_masks_agree(opt, self.world, epoch)
+
+    # ---------------------------------------------------------------- epochs
+    @torch.no_grad()
+    def evaluate(self) -> dict:
+        model, cfg = self.model, self.cfg
+        was = model.training
+        model.eval()
+        tot = torch.zeros(4, device=self.device, dtype=torch.float64)  # loss, top1, top5, n
+        if self.rank == 0 or cfg.distributed_val:
+            for i, (x, y) in enumerate(self.val_loader):
+                if cfg.limit_val_batches and i >= cfg.limit_val_batches:
+                    break
+                x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+                if cfg.channels_last:
+                    x = x.contiguous(memory_format=torch.channels_last)
+                with self._autocast():
+                    out = model(x)
+                loss = F.cross_entropy(out.float(), y, reduction="sum")
+                hit = out.topk(min(5, out.shape[1]), 1).indices == y[:, None]
+                tot += torch.stack([loss.double(), hit[:, 0].sum().double(), hit.any(1).sum().double(),
+                                    torch.tensor(float(len(y)), device=self.device, dtype=torch.float64)])
+        if self.world > 1:
+            if cfg.distributed_val:
+                dist.all_reduce(tot)
+            else:
+                dist.broadcast(tot, 0)
+        model.train(was)
+        n = max(tot[3].item(), 1)
+        return {"test_loss": tot[0].item() / n, "test_acc1": 100 * tot[1].item() / n, "test_acc5": 100 * tot[2].item() / n}
+
+    def _progress(self, total: int, epoch: int):
+        from tqdm import tqdm
+        show = self.run.main and not self.cfg.quiet and sys.stderr.isatty()
+        return tqdm(total=total, desc=f"epoch {epoch + 1}/{self.cfg.epochs}", leave=False, disable=not show,
+                    dynamic_ncols=True)
+
+    def train_epoch(self, epoch: int) -> dict:
+        cfg = self.cfg
+        self.model.train()
+        self.sched.set_epoch(epoch)
+        start = self.start_step if epoch == self.start_epoch else 0
+        if isinstance(self.loader, GPULoader):
+            self.loader.set_epoch(epoch)
+            steps = len(self.loader)
+            batches = itertools.islice(iter(self.loader), start, None)
+        else:
+            self.loader.batch_sampler.sampler.set_epoch(epoch, start * cfg.batch_size)
+            self.loader.dataset.epoch = epoch
+            steps = start + len(self.loader)
+            batches = iter(self.loader)
+        if cfg.limit_train_batches:
+            steps = min(steps, cfg.limit_train_batches)
+        acc = torch.zeros(4, dtype=torch.float64, device=self.device)  # loss sum, top1, top5, n
+        if start and self.partial is not None:
+            acc += self.partial["acc"].to(self.device)
+        seen_before = acc[3].item()
+        skipped0 = self.scaler.skipped_steps
+        t0 = time.time()
+        bar = self._progress(steps - start, epoch)
+        pending = None
+        step = start
+        for step in range(start, steps):
+            try:
+                x, y = next(batches)
+            except StopIteration:
+                break
+            loss_sum, c1, c5, bad = self.train_step(epoch, step, x, y)
+            # Read the previous step's flag now, so the check costs no pipeline stall.
+            if pending is not None:
+                self._raise_if_bad(pending, epoch)
+            pending = (bad, loss_sum, step)
+            acc += torch.stack([loss_sum.double(), c1.double(), c5.double(),
+                                torch.tensor(float(len(y)), dtype=torch.float64, device=self.device)])
+            bar.update(1)
+            if (step + 1) % cfg.log_freq == 0 and self.run.main:
+                if bar.disable and not cfg.quiet:
+                    print(f"  epoch {epoch + 1} step {step + 1}/{steps} loss {acc[0].item() / acc[3].item():.4f}",
+                          flush=True)
+                else:
+                    bar.set_postfix(loss=f"{acc[0].item() / acc[3].item():.4f}")
+            save_now = cfg.save_every_steps and (step + 1) % cfg.save_every_steps == 0 and step + 1 < steps
+            if save_now or self.stop_signal is not None:
+                self._raise_if_bad(pending, epoch)
+                pending = None
+                self.elapsed += time.time() - t0
+                t0 = time.time()
+                self.run.save("last.pt", self.checkpoint(epoch, step + 1, {"acc": acc.cpu()}))
+                if self.stop_signal is not None:
+                    bar.close()
+                    raise Interrupted(f"stopped by signal {self.stop_signal} at epoch {epoch + 1}, step {step + 1}; "
+                                      f"last.pt written in {self.run.path}; continue with the same command "
+                                      "and --resume")
+        if pending is not None:
+            self._raise_if_bad(pending, epoch)
+        bar.close()
+        self.start_step = 0
+        self.partial = None
+        dt = time.time() - t0
+        self.elapsed += dt
+        if self.world > 1:
+            dist.all_reduce(acc)
+        n = max(acc[3].item(), 1)
+        images = acc[3].item() - seen_before * (self.world if self.world > 1 else 1)
+        skipped = self.scaler.skipped_steps - skipped0
+        self.skipped_total += skipped
+        return {"train_loss": acc[0].item() / n, "train_acc1": 100 * acc[1].item() / n,
+                "train_acc5": 100 * acc[2].item() / n, "epoch_time": dt, "images_per_s": images / max(dt, 1e-9),
+                "skipped_steps": skipped}
+
+    def _raise_if_bad(self, pending, epoch: int) -> None:
+        bad, loss_sum, step = pending
+        if bool(bad):
+            what = "loss" if not torch.isfinite(loss_sum) else "gradient norm"
+            raise Diverged(f"non-finite {what} at epoch {epoch + 1}, step {step + 1}; stopped. The last good "
+                           f"checkpoint is kept in {self.run.path}; lower --lr or --rho, or try --amp none")
+
+    def fit(self) -> dict:
+        cfg, run = self.cfg, self.run
+        if cfg.eval_only:
+            res = self.evaluate()
+            print(f"eval | test loss {res['test_loss']:.4f} acc1 {res['test_acc1']:.2f} acc5 {res['test_acc5']:.2f}")
+            return res
+        if run.main:
+            run.path.mkdir(parents=True, exist_ok=True)
+            run.write_text("config.yaml", yaml.safe_dump(to_plain(cfg), sort_keys=True))
+            run.truncate_metrics(self.start_epoch)
+        n_params = sum(p.numel() for p in self.model.parameters())
+        resumed = f", resumed at epoch {self.start_epoch + 1} step {self.start_step}" if hasattr(self, "resumed_from") else ""
+        run.log(f"ssam train | {cfg.dataset} {cfg.model} ({n_params:,} params) {cfg.opt} | {self.device}"
+                f"{f' x{self.world}' if self.world > 1 else ''} | {run.path}{resumed}", quiet=cfg.quiet)
+        last = {}
+        if self.start_epoch >= cfg.epochs:
+            run.log("nothing to do: the run already finished all epochs", quiet=cfg.quiet)
+        for epoch in range(self.start_epoch, cfg.epochs):
+            tr = self.train_epoch(epoch)
+            te = self.evaluate()
+            new_best = te["test_acc1"] > self.best_acc1
+            self.best_acc1 = max(self.best_acc1, te["test_acc1"])
+            density = self.opt.mask_density() if isinstance(self.opt, (SSAMF, SSAMD)) else 1.0
+            rec = {"epoch": epoch, **{k: tr[k] for k in ("train_loss", "train_acc1", "train_acc5")}, **te,
+                   "best_acc1": self.best_acc1, "lr": self.opt.param_groups[0]["lr"], "mask_density": density,
+                   "epoch_time": tr["epoch_time"], "images_per_s": tr["images_per_s"],
+                   "skipped_steps": tr["skipped_steps"]}
+            run.append("metrics.jsonl", json.dumps(rec))
+            run.log(
+                f"epoch {epoch + 1:>3}/{cfg.epochs} | train loss {tr['train_loss']:.4f} acc1 {tr['train_acc1']:.2f} "
+                f"acc5 {tr['train_acc5']:.2f} | test loss {te['test_loss']:.4f} acc1 {te['test_acc1']:.2f} "
+                f"acc5 {te['test_acc5']:.2f} | best {self.best_acc1:.2f} | lr {rec['lr']:.4g} | mask {density:.3f} | "
+                f"{tr['epoch_time']:.1f}s {tr['images_per_s']:.0f} img/s"
+                + (f" | {tr['skipped_steps']} fp16 steps skipped" if tr["skipped_steps"] else ""), quiet=cfg.quiet)
+            if self.trackers:
+                self.trackers.log(rec)
+            finished = epoch + 1 == cfg.epochs
+            ck = self.checkpoint(epoch + 1, 0, finished=finished)
+            run.save("last.pt", ck)
+            if new_best:
+                run.save("best.pt", ck)
+            last = rec
+        if isinstance(self.opt, (SSAMF, SSAMD)):
+            run.write_text("masks.json", json.dumps(self.opt.mask_stats(), indent=1))
+        summary = {"finished": True, "best_acc1": self.best_acc1, "final_acc1": last.get("test_acc1"),
+                   "final_train_loss": last.get("train_loss"), "epochs": cfg.epochs, "wall_time": self.elapsed,
+                   "time_per_epoch": self.elapsed / max(1, cfg.epochs - cfg.start_epoch),
+                   "skipped_steps": self.skipped_total}
+        if self.world > 1:
+            summary["ranks_agree"] = self._weights_agree()
+        if last or not (run.path / "summary.json").exists():
+            run.write_text("summary.json", json.dumps(summary, indent=1))
+        if self.trackers:
+            self.trackers.close()
+        return summary
+
+    def _weights_agree(self) -> bool:
+        flat = torch.cat([p.detach().reshape(-1).double() for p in self.model.parameters()])
+        h = torch.stack([flat.sum(), (flat * torch.arange(flat.numel(), device=flat.device)).sum()])
+        gathered = [torch.zeros_like(h) for _ in range(self.world)]
+        dist.all_gather(gathered, h)
+        ok = all(torch.equal(g, gathered[0]) for g in gathered)
+        if isinstance(self.opt, (SSAMF, SSAMD)):
+            mh = mask_hash(self.opt)
+            gm = [torch.zeros_like(mh) for _ in range(self.world)]
+            dist.all_gather(gm, mh)
+            ok = ok and all(torch.equal(g, gm[0]) for g in gm)
+        return ok
+
+
+def _as_batch(dataset, indices: list[int]):
+    """The chosen examples as one (inputs, targets) batch for the Fisher."""
+    items = [dataset[i] for i in indices]
+    xs = torch.stack([torch.as_tensor(x) for x, _ in items]) if items else torch.zeros(0)
+    ys = torch.as_tensor([int(y) for _, y in items], dtype=torch.long)
+    return xs, ys
+
+
+def train(cfg: Namespace) -> dict:
+    """Run a whole training from a parsed configuration; exceptions carry the exit status (see cli)."""
+    trainer = Trainer(cfg)
+    previous = {}
+
+    def on_signal(signum, _frame):
+        if trainer.stop_signal is not None:  # a second Ctrl-C: stop now
+            raise KeyboardInterrupt
+        trainer.stop_signal = signum
+        print(f"\nssam: signal {signum} received; finishing the current step and writing last.pt", file=sys.stderr)
+
+    for s in (signal.SIGINT, signal.SIGTERM):
+        try:
+            previous[s] = signal.signal(s, on_signal)
+        except ValueError:  # not the main thread
+            pass
+    try:
+        return trainer.fit()
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+        if dist.is_initialized():
+            dist.destroy_process_group()
