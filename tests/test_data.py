@@ -12,44 +12,7 @@ from ssam.data.digits import split_indices
 from ssam.data.transforms import cutout_box
 from ssam.errors import UsageError
 
-N_PER_BATCH = 10
-C10_FILES = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
-
-
-def _dump(path, obj):
-    with open(path, "wb") as f:
-        pickle.dump(obj, f, protocol=2)
-
-
-def make_cifar10(root, seed=0):
-    """Fake cifar-10-batches-py in the authors' format; returns {file: (chw_images, labels)}."""
-    folder = root / "cifar-10-batches-py"
-    folder.mkdir(parents=True)
-    rng = np.random.default_rng(seed)
-    written = {}
-    for k, name in enumerate(C10_FILES):
-        imgs = rng.integers(0, 256, (N_PER_BATCH, 3, 32, 32), dtype=np.uint8)
-        labels = [int(v) for v in rng.integers(0, 10, N_PER_BATCH)]
-        _dump(folder / name, {"batch_label": f"batch {k}", "labels": labels,
-                              "data": imgs.reshape(N_PER_BATCH, -1),
-                              "filenames": [f"img{i}.png" for i in range(N_PER_BATCH)]})
-        written[name] = (imgs, labels)
-    return written
-
-
-def make_cifar100(root, seed=1):
-    folder = root / "cifar-100-python"
-    folder.mkdir(parents=True)
-    rng = np.random.default_rng(seed)
-    written = {}
-    for name in ("train", "test"):
-        imgs = rng.integers(0, 256, (N_PER_BATCH, 3, 32, 32), dtype=np.uint8)
-        fine = [int(v) for v in rng.integers(20, 100, N_PER_BATCH)]
-        _dump(folder / name, {"data": imgs.reshape(N_PER_BATCH, -1), "fine_labels": fine,
-                              "coarse_labels": [f // 5 for f in fine]})
-        written[name] = (imgs, fine)
-    return written
-
+from fakedata import C10_FILES, N_PER_BATCH, _dump, _png, make_cifar10, make_cifar100, make_imagefolder
 
 def closed_form(chw_uint8):
     mean = torch.tensor(CIFAR_MEAN).view(3, 1, 1)
@@ -272,18 +235,6 @@ def test_cutout_transform_probability_and_shape():
 
 
 # ---------------------------------------------------------------- ImageFolder
-
-
-def _png(path, color, size=(12, 10)):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.new("RGB", size, color).save(path)
-
-
-def make_imagefolder(root, train_classes=("cat", "dog"), val_classes=("cat", "dog")):
-    for split, classes in (("train", train_classes), ("val", val_classes)):
-        for k, c in enumerate(classes):
-            for i in range(2):
-                _png(root / split / c / f"{i}.png", (40 * k, 100, 7 * i))
 
 
 def test_imagefolder_builds(tmp_path):

@@ -87,7 +87,7 @@ def plot_landscape_2d(xs: Sequence[float], ys: Sequence[float], loss: np.ndarray
         else:
             levels = None
         cs = ax.contour(X, Y, Z, levels=levels, cmap="viridis", linewidths=0.8)
-        fig.colorbar(cs, ax=ax, label="loss")
+        fig.colorbar(cs, ax=ax, label="loss", format="%.3g")
     ax.plot([0], [0], "r+", ms=8)
     ax.set_xlabel("direction 1")
     ax.set_ylabel("direction 2")

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .fisher import empirical_fisher
+from .fisher import FISHER_METHODS, empirical_fisher
 from .sam import SAM
 
 __all__ = ["SSAMF", "SSAMD", "top_k_mask", "STRATEGIES"]
@@ -138,8 +138,8 @@ class SSAMF(_SparseSAM):
             raise ValueError(f"num_samples: got {num_samples!r}; allowed: an integer >= 1")
         if fisher_mode not in ("train", "eval"):
             raise ValueError(f"fisher_mode: got {fisher_mode!r}; allowed: 'train', 'eval'")
-        if fisher_method not in ("auto", "loop", "vmap"):
-            raise ValueError(f"fisher_method: got {fisher_method!r}; allowed: 'auto', 'loop', 'vmap'")
+        if fisher_method not in FISHER_METHODS:
+            raise ValueError(f"fisher_method: got {fisher_method!r}; allowed: {', '.join(map(repr, FISHER_METHODS))}")
         super().__init__(params, base_optimizer, rho, sparsity, update_freq, renormalize, adaptive, **base_kwargs)
         self.num_samples = num_samples
         self.fisher_mode = fisher_mode

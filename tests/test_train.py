@@ -1,0 +1,233 @@
+"""The training command end to end: real data formats, run folder, resume, DDP, divergence, safe loading."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from fakedata import make_cifar10, make_imagefolder
+from ssam.cli import main
+from ssam.train.checkpoint import load_checkpoint
+
+QUICK = ["--epochs", "2", "--quiet", "--num_workers", "0"]
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+def run_dir(out, name="r"):
+    return Path(out) / name
+
+
+def train(tmp_path, *args, name="r"):
+    return main(["train", "--output_dir", str(tmp_path), "--output_name", name, *args])
+
+
+def test_digits_default_run_writes_the_run_folder(tmp_path, capsys):
+    assert train(tmp_path, *QUICK, "--opt", "ssamd-sgd", "--sparsity", "0.5", "--update_freq", "1") == 0
+    d = run_dir(tmp_path)
+    for f in ("config.yaml", "log.txt", "metrics.jsonl", "last.pt", "best.pt", "summary.json", "masks.json"):
+        assert (d / f).exists(), f
+    recs = [json.loads(ln) for ln in (d / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in recs] == [0, 1]
+    for key in ("train_loss", "train_acc1", "train_acc5", "test_loss", "test_acc1", "test_acc5", "best_acc1", "lr",
+                "mask_density", "epoch_time", "images_per_s"):
+        assert key in recs[0]
+    assert abs(recs[0]["mask_density"] - 0.5) < 1e-3
+    assert recs[1]["best_acc1"] == max(r["test_acc1"] for r in recs)
+    # cosine, per epoch, from 0.05: epoch 1 of 2 is at the half-way point
+    assert recs[0]["lr"] == pytest.approx(0.05) and recs[1]["lr"] == pytest.approx(0.025)
+    summary = json.loads((d / "summary.json").read_text())
+    assert summary["finished"] and summary["best_acc1"] == recs[1]["best_acc1"]
+    cfg = yaml.safe_load((d / "config.yaml").read_text())
+    assert cfg["opt"] == "ssamd-sgd" and cfg["dataset"] == "digits"
+    ck = load_checkpoint(d / "last.pt")
+    assert ck["epoch"] == 2 and ck["finished"]
+    masks = [v["mask"] for v in ck["optimizer"]["state"].values()]
+    assert all(m.dtype == torch.bool for m in masks)
+    assert "momentum_buffer" in ck["optimizer"]["base_optimizer"]["state"][0]
+
+
+def test_paper_commands_on_tiny_real_format_cifar(tmp_path):
+    make_cifar10(tmp_path / "data", n=16)
+    common = ["--datadir", str(tmp_path / "data"), "--epochs", "1", "--limit_train_batches", "1",
+              "--limit_val_batches", "1", "--batch_size", "8", "--num_workers", "0", "--quiet"]
+    # The official README's commands (minus --wandb, which needs the package), shrunk by the limit flags.
+    cmds = [
+        "--model resnet18 --dataset CIFAR10_cutout --opt sgd --lr 0.05 --weight_decay 5e-4 --seed 1234",
+        "--model resnet18 --dataset CIFAR10_cutout --opt ssamf-sgd --rho 0.1 --weight_decay 1e-3 --sparsity 0.5 "
+        "--num_samples 16 --update_freq 1 --seed 1234",
+        "--model vgg11_bn --dataset CIFAR10_base --opt sam-adamw --lr 1e-3 --rho 0.05 --seed 1",
+    ]
+    for i, c in enumerate(cmds):
+        assert train(tmp_path / "runs", *c.split(), *common, name=f"c{i}") == 0
+    rec = json.loads((tmp_path / "runs" / "c1" / "metrics.jsonl").read_text().splitlines()[0])
+    assert rec["mask_density"] == pytest.approx(0.5, abs=1e-6)
+
+
+def test_imagenet_folders(tmp_path):
+    make_imagefolder(tmp_path / "in")
+    assert train(tmp_path / "runs", "--dataset", "ImageNet_base", "--datadir", str(tmp_path / "in"), "--model",
+                 "cnn_small", "--batch_size", "2", "--epochs", "1", "--quiet", "--num_workers", "0",
+                 "--opt", "sam-sgd") == 0
+    ck = load_checkpoint(tmp_path / "runs" / "r" / "last.pt")
+    assert ck["model_args"]["image_size"] == 224 and ck["model_args"]["num_classes"] == 2
+
+
+def test_yaml_config_and_flags_override(tmp_path):
+    cfgfile = tmp_path / "c.yaml"
+    cfgfile.write_text("opt: sam-sgd\nrho: 0.2\nepochs: 1\nlr: 0.1\n")
+    assert train(tmp_path, "--config", str(cfgfile), "--lr", "0.03", "--quiet", "--limit_train_batches", "2") == 0
+    saved = yaml.safe_load((run_dir(tmp_path) / "config.yaml").read_text())
+    assert saved["opt"] == "sam-sgd" and saved["rho"] == 0.2 and saved["lr"] == 0.03
+
+
+def test_finished_run_is_refused_resumed_or_overwritten(tmp_path, capsys):
+    args = ["--epochs", "1", "--quiet", "--limit_train_batches", "2"]
+    assert train(tmp_path, *args) == 0
+    before = (run_dir(tmp_path) / "last.pt").read_bytes()
+    assert train(tmp_path, *args) == 2
+    assert "already holds a finished run" in capsys.readouterr().err
+    assert (run_dir(tmp_path) / "last.pt").read_bytes() == before
+    assert train(tmp_path, *args, "--resume") == 0  # nothing left to do
+    assert (run_dir(tmp_path) / "last.pt").read_bytes() == before
+    assert train(tmp_path, *args, "--overwrite") == 0
+
+
+def test_eval_only(tmp_path, capsys):
+    assert train(tmp_path, "--epochs", "1", "--quiet", "--limit_train_batches", "2") == 0
+    capsys.readouterr()
+    assert train(tmp_path, "--epochs", "1", "--eval_only") == 0
+    out = capsys.readouterr().out
+    best = json.loads((run_dir(tmp_path) / "summary.json").read_text())["best_acc1"]
+    assert f"acc1 {best:.2f}" in out
+
+
+def test_grad_accum_and_bf16_run(tmp_path):
+    assert train(tmp_path, "--opt", "ssamf-sgd", "--num_samples", "8", "--grad_accum", "2", "--amp", "bf16",
+                 "--epochs", "1", "--quiet", "--limit_train_batches", "3", "--freeze_bn_second_pass") == 0
+
+
+def test_unsafe_checkpoint_is_rejected(tmp_path, capsys):
+    d = run_dir(tmp_path)
+    d.mkdir(parents=True)
+    marker = tmp_path / "pwned"
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    torch.save({"model": {}, "evil": Evil()}, d / "last.pt")
+    assert train(tmp_path, "--resume", "--epochs", "1", "--quiet") == 2
+    err = capsys.readouterr().err
+    assert "refusing to load" in err and "Traceback" not in err
+    assert not marker.exists()
+
+
+def test_checkpoint_from_another_model_names_both(tmp_path, capsys):
+    assert train(tmp_path, "--epochs", "1", "--quiet", "--limit_train_batches", "1", "--model", "cnn_small") == 0
+    rc = train(tmp_path, "--epochs", "2", "--quiet", "--resume", "--model", "resnet8")
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert "cnn_small" in err and "resnet8" in err
+
+
+def test_truncated_checkpoint(tmp_path, capsys):
+    assert train(tmp_path, "--epochs", "1", "--quiet", "--limit_train_batches", "1") == 0
+    p = run_dir(tmp_path) / "last.pt"
+    p.write_bytes(p.read_bytes()[: 2000])
+    assert train(tmp_path, "--epochs", "2", "--quiet", "--resume") == 2
+    assert "truncated or corrupt" in capsys.readouterr().err
+
+
+def test_divergence_stops_with_exit_3_and_keeps_last_good_checkpoint(tmp_path, capsys):
+    assert train(tmp_path, "--epochs", "2", "--quiet", "--limit_train_batches", "2", "--opt", "sam-sgd") == 0
+    # Poison the saved weights as a bad update would, keeping the file a valid checkpoint of epoch 1.
+    p = run_dir(tmp_path) / "last.pt"
+    ck = torch.load(p, weights_only=True)
+    first = next(iter(ck["model"]))
+    ck["model"][first].fill_(float("nan"))
+    ck["epoch"], ck["finished"] = 1, False
+    torch.save(ck, p)
+    (run_dir(tmp_path) / "summary.json").unlink()
+    before = p.read_bytes()
+    assert train(tmp_path, "--epochs", "2", "--quiet", "--limit_train_batches", "2", "--opt", "sam-sgd",
+                 "--resume") == 3
+    err = capsys.readouterr().err
+    assert "non-finite loss at epoch 2, step 1" in err
+    assert p.read_bytes() == before
+
+
+# ------------------------------------------------------------------------------------------ kill and resume
+def _cmd(out, opt, extra=()):
+    return [sys.executable, "-m", "ssam.cli", "train", "--output_dir", str(out), "--output_name", "r",
+            "--opt", opt, "--epochs", "3", "--limit_train_batches", "8", "--save_every_steps", "2",
+            "--sparsity", "0.5", "--num_samples", "16", "--update_freq", "1", "--quiet", "--deterministic",
+            "--rho", "0.1", *extra]
+
+
+def _final_weights(out):
+    return load_checkpoint(Path(out) / "r" / "last.pt")["model"]
+
+
+@pytest.mark.parametrize("opt", ["sgd", "sam-sgd", "ssamf-sgd", "ssamd-sgd"])
+def test_sigkill_at_arbitrary_points_then_resume_is_bit_identical(tmp_path, opt):
+    ref = tmp_path / "ref"
+    subprocess.run(_cmd(ref, opt), check=True, env=ENV, capture_output=True)
+    want = _final_weights(ref)
+    # Kill after the 1st and after the 4th checkpoint write (mid-epoch and in a later epoch).
+    for kill_after in (1, 4):
+        out = tmp_path / f"k{kill_after}"
+        proc = subprocess.Popen(_cmd(out, opt), env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        last, seen, mtime = out / "r" / "last.pt", 0, None
+        deadline = time.time() + 120
+        while proc.poll() is None and time.time() < deadline:
+            if last.exists() and last.stat().st_mtime_ns != mtime:
+                mtime, seen = last.stat().st_mtime_ns, seen + 1
+                if seen >= kill_after:
+                    proc.send_signal(signal.SIGKILL)
+                    break
+            time.sleep(0.005)
+        proc.wait()
+        if proc.returncode == 0:  # finished before the kill landed: nothing to resume
+            continue
+        assert proc.returncode == -signal.SIGKILL
+        r = subprocess.run(_cmd(out, opt, ["--resume"]), env=ENV, capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr
+        got = _final_weights(out)
+        for k in want:
+            assert torch.equal(want[k], got[k]), (opt, kill_after, k)
+
+
+def test_sigterm_finishes_the_step_and_says_how_to_resume(tmp_path):
+    cmd = _cmd(tmp_path, "ssamd-sgd")
+    cmd[cmd.index("--epochs") + 1] = "50"
+    proc = subprocess.Popen(cmd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    last = tmp_path / "r" / "last.pt"
+    deadline = time.time() + 60
+    while not last.exists() and time.time() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert "--resume" in err and "Traceback" not in err
+    ck = load_checkpoint(last)
+    assert not ck["finished"]
+
+
+def test_ddp_two_gloo_ranks_agree_on_masks_and_weights(tmp_path):
+    for opt, extra in (("ssamf-sgd", []), ("ssamd-sgd", ["--sam_first_pass", "local"])):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               "-m", "ssam.cli", "train", "--output_dir", str(tmp_path), "--output_name", opt, "--opt", opt,
+               "--epochs", "2", "--limit_train_batches", "4", "--sparsity", "0.5", "--num_samples", "16",
+               "--update_freq", "1", "--quiet", "--device", "cpu", *extra]
+        r = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr[-2000:]
+        summary = json.loads((tmp_path / opt / "summary.json").read_text())
+        assert summary["ranks_agree"] is True
+        # only rank 0 writes: one log line per epoch, not two
+        assert len((tmp_path / opt / "metrics.jsonl").read_text().splitlines()) == 2
