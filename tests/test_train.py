@@ -219,15 +219,43 @@ def test_sigterm_finishes_the_step_and_says_how_to_resume(tmp_path):
     assert not ck["finished"]
 
 
+def _torchrun(out, name, opt, extra=(), restarts=0):
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+            "--max-restarts", str(restarts), "-m", "ssam.cli", "train", "--output_dir", str(out), "--output_name",
+            name, "--opt", opt, "--epochs", "2", "--limit_train_batches", "4", "--sparsity", "0.5",
+            "--num_samples", "16", "--update_freq", "1", "--quiet", "--device", "cpu", *extra]
+
+
 def test_ddp_two_gloo_ranks_agree_on_masks_and_weights(tmp_path):
-    for opt, extra in (("ssamf-sgd", []), ("ssamd-sgd", ["--sam_first_pass", "local"])):
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-               "-m", "ssam.cli", "train", "--output_dir", str(tmp_path), "--output_name", opt, "--opt", opt,
-               "--epochs", "2", "--limit_train_batches", "4", "--sparsity", "0.5", "--num_samples", "16",
-               "--update_freq", "1", "--quiet", "--device", "cpu", *extra]
-        r = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=300)
+    for opt, extra in (("ssamf-sgd", []),):  # SSAM-D with local first passes: the rank-death test below
+        r = subprocess.run(_torchrun(tmp_path, opt, opt, extra), env=ENV, capture_output=True, text=True, timeout=300)
         assert r.returncode == 0, r.stderr[-2000:]
         summary = json.loads((tmp_path / opt / "summary.json").read_text())
         assert summary["ranks_agree"] is True
         # only rank 0 writes: one log line per epoch, not two
         assert len((tmp_path / opt / "metrics.jsonl").read_text().splitlines()) == 2
+
+
+def test_ddp_rank_death_stops_the_job_and_max_restarts_resumes(tmp_path):
+    extra = ["--save_every_steps", "1", "--deterministic", "--sam_first_pass", "local"]
+    ref = subprocess.run(_torchrun(tmp_path, "ref", "ssamd-sgd", extra), env=ENV, capture_output=True, text=True,
+                         timeout=300)
+    assert ref.returncode == 0, ref.stderr[-2000:]
+    assert json.loads((tmp_path / "ref" / "summary.json").read_text())["ranks_agree"] is True
+    proc = subprocess.Popen(_torchrun(tmp_path, "faulty", "ssamd-sgd", extra, restarts=1), env=ENV,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    last = tmp_path / "faulty" / "last.pt"
+    deadline = time.time() + 120
+    while not last.exists() and time.time() < deadline:
+        time.sleep(0.01)
+    workers = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
+    assert workers, "no worker processes found"
+    os.kill(int(workers[-1]), signal.SIGKILL)  # one rank dies; the agent must stop the other, then restart both
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-2000:]
+    summary = json.loads((tmp_path / "faulty" / "summary.json").read_text())
+    assert summary["finished"] and summary["ranks_agree"]
+    want = load_checkpoint(tmp_path / "ref" / "last.pt")["model"]
+    got = load_checkpoint(last)["model"]
+    for k in want:
+        assert torch.equal(want[k], got[k]), k

@@ -8,6 +8,7 @@ A SAM-family step, as in the paper:
 from __future__ import annotations
 
 import contextlib
+import datetime
 import itertools
 import json
 import os
@@ -52,9 +53,25 @@ def init_distributed(cfg: Namespace) -> tuple[int, int, int]:
     use_cuda = cfg.device != "cpu" and torch.cuda.is_available()
     if use_cuda:
         torch.cuda.set_device(local_rank)
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if use_cuda else "gloo", init_method=cfg.dist_url)
+    backend = "nccl" if use_cuda else "gloo"
+    if dist.is_initialized():
+        pass
+    elif cfg.dist_url == "env://" and "MASTER_ADDR" in os.environ:
+        # Keys of a previous torchrun attempt stay in the agent's store; a fresh prefix per attempt keeps a
+        # restarted job (--max-restarts) from dialling the dead ranks' addresses.
+        rank, attempt = int(os.environ["RANK"]), int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+        agent = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+        store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world,
+                              is_master=(not agent and rank == 0), timeout=datetime.timedelta(minutes=10))
+        dist.init_process_group(backend, store=dist.PrefixStore(f"ssam/attempt{attempt}", store), rank=rank,
+                                world_size=world)
+    else:
+        dist.init_process_group(backend, init_method=cfg.dist_url)
     return dist.get_rank(), dist.get_world_size(), local_rank
+
+
+def elastic_restart() -> bool:
+    return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
 
 
 def pick_device(cfg: Namespace, local_rank: int) -> torch.device:
@@ -223,6 +240,9 @@ class Trainer:
         self.rank, self.world, local_rank = init_distributed(cfg)
         self.device = pick_device(cfg, local_rank)
         self.run = RunDir(cfg, self.rank)
+        if elastic_restart():
+            # torchrun --max-restarts relaunched us after a rank died: continue from the last checkpoint.
+            cfg.resume = True
         self.run.prepare(cfg)
         self.wrapper, _ = parse_opt(cfg.opt)
         seed_everything(cfg.seed)
@@ -279,10 +299,12 @@ class Trainer:
         elif cfg.resume:
             path = self.run.path / "last.pt"
             if not path.exists():
+                if self._allow_fresh_resume():
+                    return None
                 if self.run.holds_run():
                     raise UsageError(f"--resume: no checkpoint at {path}; the folder holds a run that never "
                                      "finished an epoch: pass --overwrite to start again")
-                return None if self._allow_fresh_resume() else self._no_ckpt(path)
+                return self._no_ckpt(path)
         else:
             return None
         if not path.exists():
@@ -297,7 +319,7 @@ class Trainer:
 
     def _allow_fresh_resume(self) -> bool:
         # `ssam compare` resumes every run folder it manages; an empty one simply starts.
-        return os.environ.get("SSAM_RESUME_OR_START") == "1"
+        return os.environ.get("SSAM_RESUME_OR_START") == "1" or elastic_restart()
 
     def _no_ckpt(self, path: Path):
         raise UsageError(f"--resume: no checkpoint at {path}")
@@ -375,7 +397,8 @@ class Trainer:
         xs, ys = x.chunk(cfg.grad_accum), y.chunk(cfg.grad_accum)
         sam = self.wrapper is not None
 
-        if step == 0 and isinstance(self.opt, SSAMF) and self.opt.should_update(epoch):
+        # A run started at --start_epoch off the update grid still needs a first mask.
+        if isinstance(self.opt, SSAMF) and ((step == 0 and self.opt.should_update(epoch)) or not self.opt._has_masks()):
             self.update_fisher_mask(epoch)
         outs, loss_sum = self._forward_backward(xs, ys, sync_last=not (sam and cfg.sam_first_pass == "local"),
                                                 second=False)
