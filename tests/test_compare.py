@@ -284,6 +284,10 @@ def test_finished_run_of_another_comparison_is_refused(tmp_path):
     with pytest.raises(UsageError, match="epochs: 200 -> 2"):
         action_for(run, {}, False)
     assert action_for(run, {}, True) == "new"
+    (run.folder / "summary.json").unlink()
+    (run.folder / "last.pt").write_bytes(b"x")  # an unfinished run of other settings must not be resumed
+    with pytest.raises(UsageError, match="another comparison"):
+        action_for(run, {}, False)
 
 
 def test_lock_refuses_a_second_comparison(tmp_path):
@@ -330,6 +334,13 @@ def test_end_to_end_tiny_compare(tmp_path, capsys):
     text = capsys.readouterr().out
     assert "skip   sgd_seed1234" in text and "start" not in text
     assert (out / "runs" / "sgd_seed1234" / "last.pt").stat().st_mtime_ns == before
+
+    # A run with a checkpoint but no summary (killed after its last epoch) is resumed, not restarted.
+    (out / "runs" / "sgd_seed1234" / "summary.json").unlink()
+    assert main(argv) == 0
+    text = capsys.readouterr().out
+    assert "resume sgd_seed1234" in text and "done   sgd_seed1234" in text and "skip   ssamf_s0.5" in text
+    assert json.loads((out / "runs" / "sgd_seed1234" / "summary.json").read_text())["finished"] is True
 
 
 def test_end_to_end_failing_run_aborts(tmp_path, capsys):

@@ -249,38 +249,6 @@ def _flag_tokens(values: dict) -> list[str]:
     return tokens
 
 
-def _token_values(tokens: Sequence[str]) -> dict[str, Any]:
-    """Best-effort reading of ``--key value`` / ``--key=value`` / ``--flag`` tokens into a mapping."""
-    out: dict[str, Any] = {}
-    i = 0
-    while i < len(tokens):
-        tok = tokens[i]
-        if tok.startswith("--"):
-            if "=" in tok:
-                key, value = tok[2:].split("=", 1)
-                out[key] = value
-                i += 1
-                continue
-            j = i + 1
-            vals = []
-            while j < len(tokens) and not (tokens[j].startswith("--") and not _is_number(tokens[j])):
-                vals.append(tokens[j])
-                j += 1
-            out[tok[2:]] = True if not vals else (vals[0] if len(vals) == 1 else vals)
-            i = j
-        else:
-            i += 1
-    return out
-
-
-def _is_number(text: str) -> bool:
-    try:
-        float(text)
-        return True
-    except ValueError:
-        return False
-
-
 @dataclass
 class Settings:
     opts: list[str]
@@ -310,7 +278,8 @@ def resolve(argv: Sequence[str]) -> Settings:
         value = getattr(args, name)
         return value if value is not None else conf.get(name, default)
 
-    for key, value in _token_values(passthrough).items():
+    for tok in passthrough:
+        key = tok[2:].split("=", 1)[0] if tok.startswith("--") else None
         if key in RESERVED:
             raise UsageError(f"--{key} is set by the comparison itself; {RESERVED[key]}")
     if passthrough and not passthrough[0].startswith("-"):
@@ -352,10 +321,6 @@ class Run:
     folder: Path
     flags: list[str]
     config: dict = field(default_factory=dict)
-
-    @property
-    def group(self) -> tuple[str, float | None]:
-        return (self.opt, self.sparsity)
 
 
 def train_opt_name(opt: str, base: str) -> str:
@@ -430,7 +395,7 @@ def _same(a: Any, b: Any) -> bool:
 
 
 def stale_keys(run: Run) -> list[str]:
-    """``key: had -> wanted`` for each result-deciding config entry of a finished run that disagrees."""
+    """``key: had -> wanted`` for each result-deciding config entry of the run folder that disagrees."""
     try:
         config = yaml.safe_load((run.folder / "config.yaml").read_text())
     except (OSError, yaml.YAMLError):
@@ -446,11 +411,11 @@ def action_for(run: Run, status: dict, overwrite: bool) -> str:
     (a folder with logs but no checkpoint: the run died in its first epoch) or ``new``."""
     if overwrite:
         return "new"
+    bad = stale_keys(run)
+    if bad:
+        raise UsageError(f"{run.folder} holds a run of another comparison ({'; '.join(bad)}); "
+                         f"use another --output, or --overwrite to retrain it")
     if is_finished(run.folder):
-        bad = stale_keys(run)
-        if bad:
-            raise UsageError(f"{run.folder} is a finished run of another comparison ({'; '.join(bad)}); "
-                             f"use another --output, or --overwrite to retrain it")
         return "done"
     if status.get(run.name) == "diverged":
         return "diverged"
@@ -538,7 +503,9 @@ def execute(todo: list[tuple[Run, str]], jobs: int, gpus: list[str], logs: Path,
                 log = open(log_path, "a")
                 log.write(f"$ {shlex.join(cmd)}\n")
                 log.flush()
-                proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+                # A session of its own: Ctrl-C reaches only this process, which passes exactly one SIGINT on
+                # (train treats a second one as "stop now" and would lose the epoch in progress).
+                proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
                 where = f" on GPU {env['CUDA_VISIBLE_DEVICES']}" if gpus else ""
                 print(f"[{index}/{total}] {'resume' if action == 'resume' else 'start '} {run.name}{where}",
                       flush=True)
@@ -562,6 +529,9 @@ def execute(todo: list[tuple[Run, str]], jobs: int, gpus: list[str], logs: Path,
                     print(f"[{index}/{total}] done   {run.name}  {_result_text(run.folder)}  "
                           f"({_fmt_duration(elapsed)}{eta})", flush=True)
                     status.pop(run.name, None)
+                elif rc == 130:
+                    print(f"[{index}/{total}] stopped {run.name}; last.pt kept, it resumes on the next run",
+                          flush=True)
                 elif rc == 3:
                     print(f"[{index}/{total}] DIVERGED {run.name} after {_fmt_duration(elapsed)} (exit 3); "
                           f"see {logs / (run.name + '.log')}", flush=True)
@@ -576,19 +546,38 @@ def execute(todo: list[tuple[Run, str]], jobs: int, gpus: list[str], logs: Path,
                             other.terminate()
                 _write_json(status_path, status)
     except KeyboardInterrupt:
-        for proc, *_ in active.values():
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGINT)
-        for proc, *_ in active.values():
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+        procs = [proc for proc, *_ in active.values()]
+        if procs:
+            print("\nstopping: each running run finishes its step and writes last.pt (Ctrl-C again: at once)",
+                  file=sys.stderr, flush=True)
+        _stop(procs)
         raise
     if abort:
         raise UsageError("a train run rejected its arguments (exit 2, shown above); fix the flags or recipe "
                          "and rerun: finished runs are kept")
     return codes
+
+
+def _stop(procs: list[subprocess.Popen]) -> None:
+    for proc in procs:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGINT)
+    try:
+        for proc in procs:
+            proc.wait(timeout=600)
+    except (KeyboardInterrupt, subprocess.TimeoutExpired):
+        for proc in procs:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGINT)  # the second signal: train stops without finishing the step
+        for proc in procs:
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+
+def _raise_interrupt(signum, frame):
+    raise KeyboardInterrupt
 
 
 def _write_json(path: Path, obj: Any) -> None:
@@ -798,7 +787,11 @@ def _pm(row: dict, key: str) -> str:
     if not np.isfinite(mean):
         return "–"
     text = _fmt(mean, DIGITS[key])
-    return text + (f" ± {_fmt(std, DIGITS[key])}" if np.isfinite(std) else "")
+    if not np.isfinite(std):
+        return text
+    # The spread to the same decimal place as the mean, so the two columns of digits line up in meaning.
+    decimals = len(text.split(".")[1]) if "." in text and "e" not in text else None
+    return f"{text} ± {std:.{decimals}f}" if decimals is not None else f"{text} ± {std:.2g}"
 
 
 def markdown(rows: list[dict], records: list[dict], s: Settings, status: dict) -> str:
@@ -809,7 +802,7 @@ def markdown(rows: list[dict], records: list[dict], s: Settings, status: dict) -
         lines.append("| " + " | ".join([row["optimizer"], row["train_opt"], f"{row['finished']}/{row['runs']}",
                                         *[_pm(row, k) for k in keys]]) + " |")
     table = "\n".join(lines)
-    notes = [f"Mean ± {STD_NOTE}; runs = finished/planned."]
+    notes = [f"Mean ± {STD_NOTE}; runs = finished/planned; s/epoch = training time per epoch (without evaluation)."]
     if s.hessian:
         notes.append(f"λ_max (Lanczos) and trace (Hutchinson) of the training-loss Hessian of the final model "
                      f"(last.pt), on {s.hessian_samples} fixed un-augmented training examples, BatchNorm in eval mode.")
@@ -867,6 +860,8 @@ def _colors(rows: list[dict]) -> dict[tuple, Any]:
     out = {}
     for opt, cmap in CMAPS.items():
         sps = sorted(r["sparsity"] for r in rows if r["opt"] == opt and r["sparsity"] is not None)
+        if len(sps) < 2:
+            continue  # one line per optimizer: its own colour reads better than a pale shade
         for i, sp in enumerate(sps):
             # Darker means sparser; the range avoids the near-white start of the colormap.
             out[(opt, sp)] = matplotlib.colormaps[cmap](0.45 + 0.5 * (i / max(1, len(sps) - 1)))
@@ -879,6 +874,7 @@ def plot_curves(path: Path, rows: list[dict], records: list[dict]) -> bool:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter, MaxNLocator
 
     colors = _colors(rows)
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
@@ -910,7 +906,9 @@ def plot_curves(path: Path, rows: list[dict], records: list[dict]) -> bool:
     lo, hi = lo_hi["train_loss"]
     if 0 < lo and hi / lo > 10:
         axes[1].set_yscale("log")
-    from matplotlib.ticker import MaxNLocator
+        plain = FuncFormatter(lambda v, _: f"{v:g}")
+        axes[1].yaxis.set_major_formatter(plain)
+        axes[1].yaxis.set_minor_formatter(plain)
     for ax in axes:
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     for ax in axes:
@@ -1023,6 +1021,46 @@ def report(s: Settings, runs: list[Run], status: dict) -> list[dict]:
     return rows
 
 
+def _train_grid(s: Settings, runs: list[Run], actions: list[tuple[Run, str]], status: dict,
+                status_path: Path) -> dict[str, int] | None:
+    """Train what is not finished; each run's exit code, or None when interrupted."""
+    (s.output / "compare.yaml").write_text(yaml.safe_dump({
+        "command": s.command, "opts": s.opts, "seeds": s.seeds, "sparsity": s.sparsities, "base": s.base,
+        "train": s.train_values, "per_opt": s.per_opt, "passthrough": s.passthrough,
+        "runs": {r.name: ["ssam", "train", *r.flags] for r in runs}}, sort_keys=False))
+    for r, a in actions:
+        if a in ("done", "diverged"):
+            print(f"skip   {r.name}: " + (_result_text(r.folder) if a == "done" else
+                                          f"diverged earlier (delete {r.folder} to retry)"), flush=True)
+    todo = [(r, a) for r, a in actions if a in ("new", "resume", "restart")]
+    if not todo:
+        return {}
+    gpus = _gpu_ids(runs[0].config.get("device", "auto"))
+    jobs = s.jobs or (len(gpus) if gpus else 1)
+    print(f"{len(todo)} run(s) to train, {jobs} at a time; logs in {s.output / 'logs'}", flush=True)
+    # SIGTERM (a scheduler, `kill`) stops the runs as cleanly as Ctrl-C does.
+    previous = signal.signal(signal.SIGTERM, _raise_interrupt)
+    try:
+        return execute(todo, jobs, gpus, s.output / "logs", status, status_path, s.overwrite)
+    except KeyboardInterrupt:
+        print("interrupted: run the same command again to resume", file=sys.stderr, flush=True)
+        return None
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _hessians(s: Settings, runs: list[Run]) -> None:
+    import torch
+
+    device = "cuda" if torch.cuda.is_available() and runs[0].config.get("device") != "cpu" else "cpu"
+    data_cache: dict = {}
+    for r in runs:
+        if is_finished(r.folder) and (r.folder / "last.pt").is_file():
+            h = hessian_of_run(r.folder, s.hessian_samples, data_cache, device)
+            print(f"hessian {r.name}: λ_max {h['lambda_max']:.4g}  trace {h['trace']:.4g} "
+                  f"± {h['trace_stderr']:.2g}", flush=True)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     s = resolve(sys.argv[1:] if argv is None else argv)
     runs = plan_runs(s)
@@ -1030,7 +1068,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     status = _read_json(status_path) if status_path.is_file() else {}
     status = status if isinstance(status, dict) else {}
     actions = [(r, action_for(r, status, s.overwrite)) for r in runs]
-    todo = [(r, a) for r, a in actions if a in ("new", "resume", "restart")]
 
     if s.dry_run:
         for r, a in actions:
@@ -1042,35 +1079,14 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     s.output.mkdir(parents=True, exist_ok=True)
     codes: dict[str, int] = {}
-    with _Lock(s.output):
-        if not s.report_only:
-            (s.output / "compare.yaml").write_text(yaml.safe_dump({
-                "command": s.command, "opts": s.opts, "seeds": s.seeds, "sparsity": s.sparsities, "base": s.base,
-                "train": s.train_values, "per_opt": s.per_opt, "passthrough": s.passthrough,
-                "runs": {r.name: ["ssam", "train", *r.flags] for r in runs}}, sort_keys=False))
-            skipped = [(r, a) for r, a in actions if a in ("done", "diverged")]
-            for r, a in skipped:
-                print(f"skip   {r.name}: " + (_result_text(r.folder) if a == "done" else
-                                              f"diverged earlier (delete {r.folder} to retry)"), flush=True)
-            if todo:
-                gpus = _gpu_ids(runs[0].config.get("device", "auto"))
-                jobs = s.jobs or (len(gpus) if gpus else 1)
-                print(f"{len(todo)} run(s) to train, {jobs} at a time; logs in {s.output / 'logs'}", flush=True)
-                try:
-                    codes = execute(todo, jobs, gpus, s.output / "logs", status, status_path, s.overwrite)
-                except KeyboardInterrupt:
-                    print("\ninterrupted: run the same command again to resume", file=sys.stderr, flush=True)
-                    return 130
-        if s.hessian:
-            import torch
-            device = ("cuda" if torch.cuda.is_available() and runs[0].config.get("device") != "cpu" else "cpu")
-            data_cache: dict = {}
-            for r in runs:
-                if is_finished(r.folder) and (r.folder / "last.pt").is_file():
-                    h = hessian_of_run(r.folder, s.hessian_samples, data_cache, device)
-                    print(f"hessian {r.name}: λ_max {h['lambda_max']:.4g}  trace {h['trace']:.4g} "
-                          f"± {h['trace_stderr']:.2g}", flush=True)
-        report(s, runs, status)
+    if not s.report_only:
+        with _Lock(s.output):
+            codes = _train_grid(s, runs, actions, status, status_path)
+            if codes is None:
+                return 130
+    if s.hessian:
+        _hessians(s, runs)
+    report(s, runs, status)
     failed = [n for n, c in codes.items() if c not in (0, 3)]
     diverged = [r.name for r in runs if status.get(r.name) == "diverged" and not is_finished(r.folder)]
     if failed:
