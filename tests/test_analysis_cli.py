@@ -18,13 +18,7 @@ from ssam.train.checkpoint import save_atomic
 MODEL = "cnn_small"
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny models gain nothing from threads, and on a shared 2-core machine contention makes them 100x slower.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make_checkpoint(path, seed, best_acc1=0.0):

@@ -14,13 +14,7 @@ from ssam.errors import UsageError
 BATCH_SIZES = (5, 7, 4)  # unequal on purpose: the weighting by size must matter
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny models gain nothing from threads, and on a shared 2-core machine contention makes them 100x slower.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class MLP(nn.Module):

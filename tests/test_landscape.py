@@ -12,13 +12,7 @@ from ssam.analysis import (evaluate, evaluate_grid, interpolation_direction, los
 from ssam.errors import UsageError
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny models gain nothing from threads, and on a shared 2-core machine contention makes them 100x slower.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class Net(nn.Module):

@@ -17,7 +17,6 @@ import math
 import os
 import re
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -27,6 +26,7 @@ import torch
 from torch import nn
 
 from ..errors import UsageError
+from ..train.checkpoint import write_atomic
 from .hessian import hessian_density, hessian_eigenvalues, hessian_trace, per_layer, resolve_params
 from .landscape import evaluate_grid, interpolation_direction, random_direction
 from .sharpness import TABLE_COLUMNS, markdown_table, summarize_run
@@ -197,24 +197,8 @@ def _plain(obj: Any) -> Any:
     return obj
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-
-
 def _write_json(path: Path, obj: Any) -> None:
-    _write_atomic(path, (json.dumps(_plain(obj), indent=2, allow_nan=False) + "\n").encode())
+    write_atomic(path, (json.dumps(_plain(obj), indent=2, allow_nan=False) + "\n").encode())
 
 
 def _write_csv(path: Path, rows: list[dict], columns: list[str]) -> None:
@@ -223,7 +207,7 @@ def _write_csv(path: Path, rows: list[dict], columns: list[str]) -> None:
     w.writeheader()
     for r in rows:
         w.writerow({c: ("" if r.get(c) is None else r.get(c)) for c in columns})
-    _write_atomic(path, buf.getvalue().encode())
+    write_atomic(path, buf.getvalue().encode())
 
 
 def _bar(args: argparse.Namespace, desc: str, total: int | None = None, unit: str = "hvp"):
@@ -355,7 +339,7 @@ def add_landscape_args(parser: argparse.ArgumentParser) -> None:
 def _save_npz(path: Path, **arrays: Any) -> None:
     buf = io.BytesIO()
     np.savez(buf, **arrays)
-    _write_atomic(path, buf.getvalue())
+    write_atomic(path, buf.getvalue())
 
 
 def run_landscape(args: argparse.Namespace) -> int:
@@ -552,6 +536,6 @@ def run_sharpness(args: argparse.Namespace) -> int:
     extra = ["trace_samples", "radius", "acc_source", "checkpoint"]
     _write_csv(out / "sharpness.csv", rows, columns + extra)
     _write_json(out / "sharpness.json", {"settings": _settings(args), "rows": rows})
-    _write_atomic(out / "sharpness.md", (table + "\n").encode())
+    write_atomic(out / "sharpness.md", (table + "\n").encode())
     print(f"wrote {out / 'sharpness.csv'}, sharpness.json, sharpness.md")
     return 0

@@ -20,7 +20,8 @@ import pickle
 import tempfile
 import zipfile
 from pathlib import Path
-from typing import Any
+from collections.abc import Callable
+from typing import Any, BinaryIO
 
 import torch
 
@@ -30,13 +31,24 @@ VERSION = 1
 
 
 def save_atomic(obj: Any, path: str | os.PathLike) -> None:
-    """Write ``obj`` to ``path`` so that a reader sees the old file or the complete new one, never a torn one."""
+    """``torch.save`` that a kill at any instant cannot tear (see ``write_atomic``)."""
+    write_atomic(path, lambda f: torch.save(obj, f))
+
+
+def write_atomic(path: str | os.PathLike, data: bytes | Callable[[BinaryIO], None]) -> None:
+    """Write ``path`` so that a reader sees the old file or the complete new one, never a torn one.
+
+    ``data`` is the bytes, or a function writing them to a binary file.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
+            if callable(data):
+                data(f)
+            else:
+                f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)

@@ -32,7 +32,7 @@ from ..errors import UsageError
 from ..models import build_model
 from ..optim import SAM, SSAMD, SSAMF, TwoPassScaler, empirical_fisher, frozen_bn_stats
 from .builders import EpochLR, build_optimizer, eval_loader, train_loader
-from .checkpoint import VERSION, load_checkpoint, save_atomic
+from .checkpoint import VERSION, load_checkpoint, save_atomic, write_atomic
 from .config import parse_opt, to_plain
 
 
@@ -141,10 +141,7 @@ class RunDir:
 
     def write_text(self, name: str, text: str) -> None:
         if self.main:
-            self.path.mkdir(parents=True, exist_ok=True)
-            tmp = self.path / f".{name}.tmp"
-            tmp.write_text(text)
-            os.replace(tmp, self.path / name)
+            write_atomic(self.path / name, text.encode())
 
     def append(self, name: str, line: str) -> None:
         if self.main:
