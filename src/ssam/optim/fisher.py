@@ -4,10 +4,10 @@ Three ways to get per-example gradients, giving the same numbers (tests compare 
 - ``loop``: one forward + backward per example. Works for any model; the slowest.
 - ``vmap``: ``torch.func.vmap(grad)`` over chunks of examples. Works for any functional model.
 - ``hooks``: one batched forward + backward per chunk; module hooks catch each layer's input and output gradient
-  and form the per-example weight gradients themselves (Linear, Conv2d, BatchNorm2d). Parameter gradients are
-  never formed by autograd, so the pass costs about one ordinary training step of the chunk. Needs every Fisher
-  parameter to sit in one of those layers, each called once per forward.
-``auto`` takes ``hooks`` where the model allows it and ``vmap`` otherwise (see ``BENCHMARKS.md``).
+  and form the per-example weight gradients themselves (Linear, Conv2d, BatchNorm2d). Autograd never forms the
+  parameter gradients, so the pass costs a training step of the chunk with the weight-gradient products done per
+  example. Needs every Fisher parameter to sit in one of those layers, each called once per forward.
+``auto``: on a CPU ``hooks`` where the model allows it, else ``loop``; on a GPU ``vmap`` (see ``auto_method``).
 
 In training mode each example is its own BatchNorm batch in every method (the paper's code uses batch size 1):
 ``hooks`` gets there in one batched pass because BatchNorm over a batch of one is instance normalisation. The
@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["empirical_fisher", "frozen_bn_stats", "hook_plan", "iter_examples"]
+__all__ = ["auto_method", "empirical_fisher", "frozen_bn_stats", "hook_plan", "iter_examples"]
 
 FISHER_METHODS = ("auto", "loop", "vmap", "hooks")
 
@@ -105,7 +105,7 @@ def empirical_fisher(
 
     Leaves no trace: the model's mode, every buffer (BatchNorm statistics) and every ``.grad`` are as before, and
     gradients already in ``.grad`` do not enter the sum. ``chunk_size``: examples per batched pass (``vmap`` and
-    ``hooks``; default 32 and 64).
+    ``hooks``; default 32, and 64 on a CPU or 128 on a GPU).
     """
     if mode not in ("train", "eval"):
         raise ValueError(f"fisher_mode: got {mode!r}; allowed: 'train', 'eval'")
@@ -113,16 +113,14 @@ def empirical_fisher(
         raise ValueError(f"fisher_method: got {method!r}; allowed: {', '.join(FISHER_METHODS)}")
     loss_fn = loss_fn or F.cross_entropy
     device = params[0].device
-    plan = None
-    if method in ("auto", "hooks"):
-        plan, why = hook_plan(model, params, mode)
-        if plan is None and method == "hooks":
-            raise ValueError(f"fisher_method: 'hooks' cannot handle this model: {why}; use 'auto', 'vmap' or 'loop'")
-        if plan is not None:
-            method = "hooks"
-    fallback = _fallback_method(device)
     if method == "auto":
-        method = fallback
+        method = auto_method(model, params, mode)
+    plan = None
+    if method == "hooks":
+        plan, why = hook_plan(model, params, mode)
+        if plan is None:
+            raise ValueError(f"fisher_method: 'hooks' cannot handle this model: {why}; use 'auto', 'vmap' or 'loop'")
+    fallback = _fallback_method(device)
 
     was_training = model.training
     saved_grads = [p.grad for p in params]
@@ -132,7 +130,9 @@ def empirical_fisher(
         model.train(mode == "train")
         with frozen_bn_stats(model):
             if method == "hooks":
-                rest = _fisher_hooks(model, plan, examples, loss_fn, device, fisher, chunk_size or 64)
+                # Larger chunks pay on a GPU; on a CPU the per-example work dominates and 64 keeps memory modest.
+                chunk = chunk_size or (64 if device.type == "cpu" else 128)
+                rest = _fisher_hooks(model, plan, examples, loss_fn, device, fisher, chunk)
                 # Whatever the batched pass could not take (see _Unsupported) is done the general way.
                 if rest is not None:
                     method, examples = fallback, rest
@@ -147,9 +147,20 @@ def empirical_fisher(
     return fisher
 
 
+def auto_method(model: nn.Module, params: list[Tensor], mode: str = "train") -> str:
+    """The method ``method="auto"`` runs: on a CPU ``hooks`` where the model allows it (measured fastest there,
+    BENCHMARKS.md), else ``loop``; elsewhere ``vmap``, the earlier default, until ``ssam bench`` has timed the
+    three on that kind of device."""
+    device = params[0].device
+    if device.type == "cpu" and hook_plan(model, params, mode)[0] is not None:
+        return "hooks"
+    return _fallback_method(device)
+
+
 def _fallback_method(device: torch.device) -> str:
-    # Measured (BENCHMARKS.md): vmap beats the loop on both a 2-core CPU and a GPU, by several times.
-    return "vmap"
+    # On a 2-core CPU vmap's batched per-example convolutions took twice the loop's time (BENCHMARKS.md); on a GPU
+    # the loop's batch-of-one passes are bound by kernel launches, which vmap's batching removes.
+    return "loop" if device.type == "cpu" else "vmap"
 
 
 def _fisher_loop(model, params, examples, loss_fn, device, fisher) -> None:
@@ -190,8 +201,14 @@ def _fisher_vmap(model, params, examples, loss_fn, device, fisher, chunk_size) -
 
 # ---------------------------------------------------------------------------------------------- hooks
 _HOOKABLE = (nn.Linear, nn.Conv2d, nn.BatchNorm2d)
-# Elements (of U and G below) one conv layer may hold at a time: a few MB, so the products stay in cache.
-_CONV_BUDGET = 1 << 21
+# Elements of input patches that the CPU path of _conv_fisher holds at a time (sized for a last-level cache), and
+# of patches or per-example gradients a GPU chunk may hold (large: there each launch should carry much work).
+_PATCH_BUDGET = 1 << 22
+_DEVICE_BUDGET = 1 << 26
+# Stride-1 convs at least this wide take _conv_fisher_shifted (the widened rows cost (W + 2p) / W more products),
+# this many examples at a time.
+_SHIFT_MIN_WIDTH = 16
+_SHIFT_STEP = 4
 
 
 class _Unsupported(Exception):
@@ -204,6 +221,8 @@ def hook_plan(model: nn.Module, params: list[Tensor], mode: str) -> tuple[dict |
     Examples stay independent in one batched pass when every module that normalises with batch statistics is a
     BatchNorm2d (replaced by its batch-of-one equivalent) and every Fisher parameter is the weight or bias of a
     Linear, Conv2d (zero padding, one group) or BatchNorm2d. Exact types only: a subclass may change forward.
+    What the plan cannot see: a model whose own forward code mixes the examples of a batch (no ordinary
+    classifier does) would get wrong numbers; pass ``method="loop"`` for such a model.
     """
     slot = {id(p): i for i, p in enumerate(params)}
     plan: dict[nn.Module, dict[str, int]] = {}
@@ -232,16 +251,15 @@ def hook_plan(model: nn.Module, params: list[Tensor], mode: str) -> tuple[dict |
 
 
 @contextlib.contextmanager
-def _batch_of_one_bn(model: nn.Module) -> Iterator[None]:
-    """Make each BatchNorm2d that would use batch statistics normalise every example on its own."""
+def _batch_of_one_bn(model: nn.Module) -> Iterator[set]:
+    """Make each BatchNorm2d that would use batch statistics normalise every example on its own; yields them."""
     patched = []
     for mod in model.modules():
         if type(mod) is nn.BatchNorm2d and (mod.training or mod.running_mean is None):
             patched.append((mod, mod.__dict__.get("forward")))
-            # BatchNorm over a batch of one is instance normalisation with the same affine map.
-            mod.forward = functools.partial(_instance_norm, mod)
+            mod.forward = functools.partial(_batch_of_one, mod)
     try:
-        yield
+        yield {mod for mod, _ in patched}
     finally:
         for mod, old in patched:
             del mod.forward
@@ -249,11 +267,14 @@ def _batch_of_one_bn(model: nn.Module) -> Iterator[None]:
                 mod.forward = old
 
 
-def _instance_norm(mod: nn.BatchNorm2d, x: Tensor) -> Tensor:
+def _batch_of_one(mod: nn.BatchNorm2d, x: Tensor) -> Tensor:
+    # BatchNorm over a batch of one is instance normalisation with the same affine map.
     return F.instance_norm(x, None, None, mod.weight, mod.bias, True, 0.0, mod.eps)
 
 
 def _normalized(mod: nn.BatchNorm2d, x: Tensor, per_example: bool) -> Tensor:
+    """BatchNorm's input normalised as its forward did (the factor of its weight's gradient), recomputed: cheaper
+    than keeping it from the forward, which would cost a separate affine step there."""
     if per_example:
         return F.instance_norm(x, eps=mod.eps)
     shape = (1, -1, 1, 1)
@@ -275,7 +296,8 @@ def _hooked_pass(model, plan, xs, ys, loss_fn, fisher) -> None:
     if not xs.is_floating_point():
         raise _Unsupported("integer inputs cannot carry the gradient that drives the hooks")
     seen: dict[nn.Module, tuple[Tensor, int]] = {}
-    per_example_bn = {m for m in plan if type(m) is nn.BatchNorm2d and (m.training or m.running_mean is None)}
+    scratch: dict[str, Tensor] = {}
+    per_example: set = set()
 
     def on_output(mod, args, out):
         a = args[0] if args else None
@@ -284,9 +306,16 @@ def _hooked_pass(model, plan, xs, ys, loss_fn, fisher) -> None:
             # come from the examples would leave the layer off the backward pass to them.
             raise _Unsupported(mod)
         seen[mod] = (a, a._version)
-        if out._is_view():
-            # A hook on a view is lost if the view is later changed in place (instance_norm returns a view).
-            out = out.clone()
+        if not out._is_view():
+            out.register_hook(functools.partial(on_grad, mod))
+            return None
+        # A hook on a view is lost if the view is later changed in place (instance_norm returns a view); one on
+        # its base is not, and gets the same numbers when the view is the whole base, reshaped.
+        base = out._base
+        if base is not None and base.numel() == out.numel() and base.is_contiguous() and out.is_contiguous():
+            base.register_hook(lambda g, mod=mod, shape=out.shape: on_grad(mod, g.view(shape)))
+            return None
+        out = out.clone()
         out.register_hook(functools.partial(on_grad, mod))
         return out
 
@@ -296,23 +325,27 @@ def _hooked_pass(model, plan, xs, ys, loss_fn, fisher) -> None:
         fw = fisher[slots["weight"]] if "weight" in slots else None
         fb = fisher[slots["bias"]] if "bias" in slots else None
         if isinstance(mod, nn.Conv2d):
-            _conv_fisher(mod, a, d, fw, fb)
+            _conv_fisher(mod, a, d, fw, fb, scratch)
         elif isinstance(mod, nn.Linear):
             _linear_fisher(a, d, fw, fb)
         else:
-            _bn_fisher(mod, a, d, fw, fb, mod in per_example_bn)
+            _bn_fisher(d, _normalized(mod, a, mod in per_example) if fw is not None else None, fw, fb)
         seen[mod] = (None, 0)  # let the activation go as soon as autograd is done with it
 
     handles = [m.register_forward_hook(on_output) for m in plan]
     try:
         x = xs.detach().requires_grad_(True)
-        with _batch_of_one_bn(model):
+        with _batch_of_one_bn(model) as patched:
+            per_example.update(patched)
             out = model(x)
         if not isinstance(out, Tensor) or out.shape[:1] != xs.shape[:1]:
             raise _Unsupported("the model's output is not one tensor with a row per example")
         if any(a._version != v for a, v in seen.values()):
             raise _Unsupported("a layer input was changed in place after the layer read it")
-        total = sum(loss_fn(out[i:i + 1], ys[i:i + 1]) for i in range(len(ys)))
+        if loss_fn is F.cross_entropy:
+            total = F.cross_entropy(out, ys, reduction="sum")  # the sum of the batch-of-one means, in one call
+        else:
+            total = sum(loss_fn(out[i:i + 1], ys[i:i + 1]) for i in range(len(ys)))
         # The gradient with respect to the input: it runs the backward through every layer (firing the hooks)
         # but never forms a parameter gradient, which the hooks form per example instead.
         torch.autograd.grad(total, [x])
@@ -337,27 +370,118 @@ def _linear_fisher(a, d, fw, fb) -> None:
         fb.add_(d.sum(1).square_().sum(0))
 
 
-def _conv_fisher(mod, a, d, fw, fb) -> None:
-    b, o = d.shape[:2]
-    d = d.reshape(b, o, -1)
+def _conv_fisher(mod, a, d, fw, fb, scratch) -> None:
+    b, o, ho, wo = d.shape
+    d = d.reshape(b, o, ho * wo)
     if fb is not None:
         fb.add_(d.sum(2).square_().sum(0))
     if fw is None:
         return
-    padding = 0 if mod.padding == "valid" else mod.padding
+    # Per-example gradients G_i = d_i U_i^T (U_i: example i's input patches) take the products of one weight
+    # gradient, but each G_i is as large as the weight: they are squared and summed a few at a time, never kept.
+    if a.device.type != "cpu":
+        _conv_fisher_unfold(mod, a, d, fw, _DEVICE_BUDGET)
+        return
+    (kh, kw), c = mod.kernel_size, fw.shape[1]
+    if mod.stride == (1, 1) and wo >= _SHIFT_MIN_WIDTH:
+        acc = torch.zeros(kh, kw, o, c, dtype=fw.dtype, device=fw.device)
+        _conv_fisher_shifted(mod, a, d.view(b, o, ho, wo), acc)
+        fw.add_(acc.permute(2, 3, 0, 1))
+    else:
+        acc = torch.zeros(o, kh, kw, c, dtype=fw.dtype, device=fw.device)
+        step = max(1, min(b, _PATCH_BUDGET // (fw[0].numel() * ho * wo)))
+        _conv_fisher_patches(mod, a, d, acc.view(o, -1), scratch, step)
+        fw.add_(acc.permute(0, 3, 1, 2))
+
+
+def _conv_fisher_unfold(mod, a, d, fw, budget: int) -> None:
+    """GPU: F.unfold and batched products over chunks of examples and output channels, ``budget`` elements each."""
+    b, o, length = d.shape
     ckk = fw[0].numel()
-    step = max(1, _CONV_BUDGET // (ckk * (d.shape[2] + o)))
     acc = fw.view(o, ckk) if fw.is_contiguous() else torch.zeros(o, ckk, dtype=fw.dtype, device=fw.device)
+    step = max(1, min(b, budget // (ckk * length)))
+    rows = max(1, min(o, budget // (step * ckk)))
+    padding = 0 if mod.padding == "valid" else mod.padding
     for i in range(0, b, step):
-        u = F.unfold(a[i:i + step], mod.kernel_size, mod.dilation, padding, mod.stride)
-        g = torch.bmm(d[i:i + step], u.transpose(1, 2))
-        acc.add_(g.square_().sum(0))
+        u = F.unfold(a[i:i + step], mod.kernel_size, mod.dilation, padding, mod.stride).transpose(1, 2)
+        di = d[i:i + step]
+        for r in range(0, o, rows):
+            acc[r:r + rows].add_(torch.bmm(di[:, r:r + rows], u).square_().sum(0))
     if acc.data_ptr() != fw.data_ptr():
         fw.add_(acc.view(fw.shape))
 
 
-def _bn_fisher(mod, a, d, fw, fb, per_example) -> None:
+def _conv_fisher_patches(mod, a, d, acc, scratch, step) -> None:
+    """CPU: one matrix product per example over patches laid out (L, kh*kw*C), which strided copies build fast;
+    on a CPU that beats batched products over F.unfold by several times (BENCHMARKS.md)."""
+    g = _scratch(scratch, "grad", acc.numel(), acc).view(acc.shape)
+    for i in range(0, d.shape[0], step):
+        u = _patches_last(mod, a[i:i + step], scratch)
+        for j in range(u.shape[0]):
+            torch.mm(d[i + j], u[j], out=g)
+            acc.addcmul_(g, g)
+
+
+def _conv_fisher_shifted(mod, a, d, acc) -> None:
+    """CPU, stride 1: no patches at all. In a zero-padded channels-last image, the inputs that kernel tap (y, x)
+    meets form a plain strided (rows, C) matrix if the output rows are taken as wide as the padded image; the
+    extra output columns get a zero gradient, so they add nothing. Each tap is then one product, per example."""
+    kh, kw, o, c = acc.shape
+    b, _, h, w = a.shape
+    (dh, dw), (ph, pw) = mod.dilation, ((0, 0) if mod.padding == "valid" else mod.padding)
+    ho, wo = d.shape[2:]
+    hp, wp = h + 2 * ph, w + 2 * pw
+    k = ho * wp
+    for i in range(0, d.shape[0], _SHIFT_STEP):
+        n = min(_SHIFT_STEP, b - i)
+        # One spare row: the windows of the widened last output row run past the image's end.
+        src = a.new_zeros(n, hp + 1, wp, c)
+        src[:, ph:ph + h, pw:pw + w].copy_(a[i:i + n].permute(0, 2, 3, 1))
+        dp = a.new_zeros(n, o, ho, wp)
+        dp[..., :wo].copy_(d[i:i + n])
+        dp = dp.view(n, o, k)
+        g = a.new_empty(kh, kw, n, o, c)
+        for y in range(kh):
+            for x in range(kw):
+                tap = src.as_strided((n, k, c), ((hp + 1) * wp * c, c, 1),
+                                     src.storage_offset() + (y * dh * wp + x * dw) * c)
+                torch.bmm(dp, tap, out=g[y, x])
+        acc.add_(g.square_().sum(2))
+
+
+def _scratch(scratch: dict, key: str, numel: int, like: Tensor) -> Tensor:
+    """A flat buffer of at least ``numel`` elements kept for the whole Fisher pass: fresh large allocations on a
+    CPU are fresh pages, and touching them for the first time costs more than the copies written into them."""
+    buf = scratch.get(key)
+    if buf is None or buf.numel() < numel or buf.dtype != like.dtype:
+        buf = torch.empty(numel, dtype=like.dtype, device=like.device)
+        scratch[key] = buf
+    return buf[:numel]
+
+
+def _patches_last(mod: nn.Conv2d, a: Tensor, scratch: dict) -> Tensor:
+    """The conv's input patches as (b, L, kh*kw*C): F.unfold's entries, transposed, in (kh, kw, C) order."""
+    b, c, h, w = a.shape
+    kh, kw = mod.kernel_size
+    (sh, sw), (dh, dw) = mod.stride, mod.dilation
+    ph, pw = (0, 0) if mod.padding == "valid" else mod.padding
+    ho = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1
+    wo = (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+    src = a.permute(0, 2, 3, 1)
+    if ph or pw:
+        padded = a.new_zeros(b, h + 2 * ph, w + 2 * pw, c)
+        padded[:, ph:ph + h, pw:pw + w].copy_(src)
+        src = padded
+    out = _scratch(scratch, "patches", b * ho * wo * kh * kw * c, a).view(b, ho, wo, kh, kw, c)
+    for y in range(kh):
+        for x in range(kw):
+            # In channels-last order each copied row is W*C contiguous numbers, not W.
+            out[:, :, :, y, x].copy_(src[:, y * dh:y * dh + sh * (ho - 1) + 1:sh, x * dw:x * dw + sw * (wo - 1) + 1:sw])
+    return out.view(b, ho * wo, kh * kw * c)
+
+
+def _bn_fisher(d, xhat, fw, fb) -> None:
     if fw is not None:
-        fw.add_((d * _normalized(mod, a, per_example)).sum((2, 3)).square_().sum(0))
+        fw.add_((d * xhat).sum((2, 3)).square_().sum(0))
     if fb is not None:
         fb.add_(d.sum((2, 3)).square_().sum(0))

@@ -159,6 +159,7 @@ class SAM(torch.optim.Optimizer):
 
         perturbed_p: list[Tensor] = []
         perturbed_w: list[Tensor] = []
+        on_cpu = all(p.device.type == "cpu" for p in all_p)
         for group, ps, gs in by_group:
             if group["rho"] == 0:
                 continue
@@ -166,7 +167,9 @@ class SAM(torch.optim.Optimizer):
             # Keep w itself, not e: restoring by copy is exact, w + e - e is not.
             saved = [self._buffer(p) for p in ps]
             masks = [self._mask_for(p) for p in ps]
-            if self.foreach:
+            if on_cpu:
+                self._perturb_cpu(ps, gs, saved, masks, float(scale), group["adaptive"])
+            elif self.foreach:
                 torch._foreach_copy_(saved, ps)
                 es = torch._foreach_mul(gs, scale.to(gs[0].device))
                 if group["adaptive"]:
@@ -189,6 +192,30 @@ class SAM(torch.optim.Optimizer):
         self._perturbed = (perturbed_p, perturbed_w)
         if zero_grad:
             self.zero_grad()
+
+    def _perturb_cpu(self, ps: list[Tensor], gs: list[Tensor], saved: list[Tensor], masks: list[Tensor | None],
+                     scale: float, adaptive: bool) -> None:
+        """w <- w + scale * g (* w^2) (* mask), one tensor at a time: a CPU has no multi-tensor kernels (foreach is a
+        loop of the same ops there), so fusing the scale into the add and reusing one scratch buffer saves passes
+        over memory and fresh allocations. The masked product g * m is exact, so a full mask reproduces dense SAM
+        bit for bit."""
+        scratch = None
+        for p, g, w, m in zip(ps, gs, saved, masks):
+            w.copy_(p)
+            if m is None and not adaptive:
+                p.add_(g, alpha=scale)
+                continue
+            if scratch is None or scratch.numel() < p.numel() or scratch.dtype != g.dtype:
+                scratch = torch.empty(max(q.numel() for q in ps), dtype=g.dtype)
+            e = scratch[:p.numel()].view_as(g)
+            # A bool mask read as uint8 takes the vectorised mixed-type kernel; as bool it does not.
+            if m is not None:
+                torch.mul(g, m.view(torch.uint8), out=e)
+                if adaptive:
+                    e.mul_(p).mul_(p)
+            else:
+                torch.mul(g, p, out=e).mul_(p)
+            p.add_(e, alpha=scale)
 
     def _buffer(self, p: Tensor) -> Tensor:
         """The persistent copy of w kept during a step (reused every step, so it is allocated once)."""

@@ -14,6 +14,7 @@ import math
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -23,19 +24,35 @@ from .sam import SAM
 __all__ = ["SSAMF", "SSAMD", "top_k_mask", "STRATEGIES"]
 
 STRATEGIES = ("weight", "gradient", "random")
+_NUMPY_FLOATS = (torch.float16, torch.float32, torch.float64)
 
 
 def top_k_mask(score: Tensor, k: int) -> Tensor:
     """Boolean mask with exactly ``k`` True entries at the ``k`` largest scores of a 1-D tensor.
 
     A k-th value threshold (linear-time selection) instead of a sort; ties at the threshold are broken by position
-    so the count is exact. Runs on the score's device without a host round trip.
+    so the count is exact. Runs on the score's device without a host round trip (on a CPU, where there is no such
+    thing, the selection is numpy's, several times faster than torch.kthvalue, and ties are looked for only when
+    the threshold is shared).
     """
     n = score.numel()
     if k <= 0:
         return torch.zeros(n, dtype=torch.bool, device=score.device)
     if k >= n:
         return torch.ones(n, dtype=torch.bool, device=score.device)
+    if score.device.type == "cpu":
+        values = score.detach()
+        if values.dtype not in (torch.float16, torch.float32, torch.float64):
+            values = values.float()
+        # kthvalue also sorts indices along and copies in torch's layout; a partition of the values is enough.
+        thr = np.partition(values.numpy(), n - k)[n - k].item()
+        kept = score >= thr
+        if int(kept.count_nonzero()) == k:
+            return kept
+        above = score > thr
+        need = k - int(above.count_nonzero())
+        at = score == thr
+        return above | (at & (torch.cumsum(at, 0) <= need))
     thr = torch.kthvalue(score, n - k + 1).values
     above = score > thr
     at = score == thr
@@ -216,13 +233,68 @@ class SSAMD(_SparseSAM):
         t = min(max(epoch - self.T_start, 0), self.T_end - self.T_start)
         return self.drop_rate * (1 + math.cos(math.pi * t / (self.T_end - self.T_start))) / 2
 
-    def _scores(self, strategy: str, params: list[Tensor]) -> Tensor:
-        if strategy == "weight":
-            return self._flat([p.detach().abs() for p in params]).float()
-        if strategy == "gradient":
-            return self._flat([(p.grad.abs() if p.grad is not None else torch.zeros_like(p)) for p in params]).float()
+    def _scores(self, strategy: str, params: list[Tensor], among: Tensor | None = None) -> Tensor:
+        """A fresh flat float32 score per entry, written in place into one buffer. With ``among`` (CPU only), the
+        entries outside it score 0, folded into the same pass (scores are >= 0, so 0 never outranks a member)."""
         n = sum(p.numel() for p in params)
-        return torch.rand(n, generator=self._generator, device=self._generator.device)
+        device = self._generator.device
+        if strategy == "random":
+            return torch.rand(n, generator=self._generator, device=device)
+        out = torch.empty(n, dtype=torch.float32, device=device)
+        keep = among.numpy().view(np.uint8) if among is not None else None
+        offset = 0
+        for p in params:
+            src = p.detach() if strategy == "weight" else p.grad
+            view = out[offset:offset + p.numel()]
+            if src is None:
+                view.zero_()
+            elif keep is not None and src.dtype in _NUMPY_FLOATS:
+                # numpy's float-by-uint8 product is vectorised; torch's mixed-type one is not.
+                np.multiply(src.reshape(-1).numpy(), keep[offset:offset + p.numel()], out=view.numpy())
+            else:
+                view.copy_(src.reshape(-1))
+                if keep is not None:
+                    view.mul_(among[offset:offset + p.numel()])
+            offset += p.numel()
+        return out.abs_()
+
+    def _top_within_cpu(self, strategy: str, params: list[Tensor], among: Tensor, m: int) -> Tensor:
+        """Exactly ``m`` of the entries in ``among``: those ``strategy`` scores highest (ties: first positions)."""
+        if m <= 0:
+            return torch.zeros_like(among)
+        if strategy == "random":
+            return self._random_subset_cpu(among, m)
+        score = self._scores(strategy, params, among).numpy()
+        # Outsiders score 0 <= every member, so the m-th largest score overall is the m-th largest member's.
+        thr = np.partition(score, score.size - m)[score.size - m]
+        chosen = score >= thr
+        if thr > 0 and np.count_nonzero(chosen) == m:
+            return torch.from_numpy(chosen)
+        above = score > thr
+        at = (score == thr) & among.numpy()
+        need = m - int(np.count_nonzero(above))
+        return torch.from_numpy(above | (at & (np.cumsum(at) <= need)))
+
+    def _random_subset_cpu(self, among: Tensor, m: int) -> Tensor:
+        """A uniformly random ``m``-subset of ``among``: each member kept with probability about m / |among|
+        (16 random bits apiece, not a float), then members added or dropped uniformly at random to make the
+        count exact. Given its size, a Bernoulli subset is uniform, and so is a uniform trim or fill of it."""
+        rng = np.random.default_rng(int(torch.randint(0, 2**62, (1,), generator=self._generator)))
+        pool = among.numpy()
+        size = int(np.count_nonzero(pool))
+        if m >= size:
+            return among.clone()
+        words = (pool.size + 3) // 4
+        bits = rng.bit_generator.random_raw(words).view(np.uint16)[:pool.size]
+        chosen = (bits < min(65535, round(65536 * m / size))) & pool
+        have = int(np.count_nonzero(chosen))
+        if have > m:
+            idx = np.flatnonzero(chosen)
+            chosen[idx[rng.choice(idx.size, have - m, replace=False)]] = False
+        elif have < m:
+            idx = np.flatnonzero(pool & ~chosen)
+            chosen[idx[rng.choice(idx.size, m - have, replace=False)]] = True
+        return torch.from_numpy(chosen)
 
     @torch.no_grad()
     def update_mask(self, epoch: int) -> None:
@@ -232,12 +304,17 @@ class SSAMD(_SparseSAM):
         n, k = live.numel(), self.num_live
         # As many survive as the paper's int(L * (1 - death rate)); no more can die than there are places to regrow.
         n_die = min(k - int(k * (1 - self.death_rate(epoch))), n - k)
-        neg_inf = torch.tensor(float("-inf"), device=live.device)
-        death = self._scores(self.drop_strategy, params)
-        survivors = top_k_mask(torch.where(live, death, neg_inf), k - n_die)
-        growth = self._scores(self.growth_strategy, params)
-        grown = top_k_mask(torch.where(live, neg_inf, growth), n_die)
-        self._set_flat_mask(survivors | grown)
+        # Only the live compete to survive and only the dead (before this update) to grow.
+        if live.device.type == "cpu":
+            survivors = self._top_within_cpu(self.drop_strategy, params, live, k - n_die)
+            grown = self._top_within_cpu(self.growth_strategy, params, ~live, n_die)
+        else:
+            death = self._scores(self.drop_strategy, params).masked_fill_(~live, float("-inf"))
+            survivors = top_k_mask(death, k - n_die)
+            del death
+            growth = self._scores(self.growth_strategy, params).masked_fill_(live, float("-inf"))
+            grown = top_k_mask(growth, n_die)
+        self._set_flat_mask(survivors.logical_or_(grown))
         self.num_updates += 1
         self.last_update_epoch = epoch
 
