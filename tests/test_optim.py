@@ -358,7 +358,7 @@ def reference_fisher(model, xs, ys):
     return total
 
 
-@pytest.mark.parametrize("method", ["loop", "vmap"])
+@pytest.mark.parametrize("method", ["loop", "vmap", "hooks"])
 def test_fisher_matches_per_example_definition_without_side_effects(method):
     x, y = batch(n=12)
     m = tiny_net()

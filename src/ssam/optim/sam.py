@@ -61,7 +61,8 @@ class SAM(torch.optim.Optimizer):
         rho: radius of the perturbation (>= 0). ``rho=0`` reproduces the base optimizer exactly.
         adaptive: ASAM (Kwon et al., 2021): scale the perturbation element-wise by |w|.
         eps: added to the gradient norm; 1e-7 as in the SSAM paper's code.
-        foreach: use the multi-tensor ``torch._foreach_*`` kernels (default) or a per-tensor loop.
+        foreach: ``True`` for the multi-tensor ``torch._foreach_*`` kernels, ``False`` for a per-tensor loop; ``None``
+            (default) picks foreach on accelerators and the loop on the CPU, as torch.optim does.
     """
 
     def __init__(
@@ -82,7 +83,7 @@ class SAM(torch.optim.Optimizer):
         defaults = dict(rho=float(rho), adaptive=bool(adaptive))
         super().__init__(groups, defaults)
         self.eps = float(eps)
-        self.foreach = True if foreach is None else bool(foreach)
+        self.foreach = None if foreach is None else bool(foreach)
 
         if isinstance(base_optimizer, torch.optim.Optimizer):
             if base_kwargs:
@@ -123,14 +124,18 @@ class SAM(torch.optim.Optimizer):
         """Raise if the optimizer cannot perturb yet (SSAM-F before its first mask)."""
 
     # ------------------------------------------------------------------ the two passes
+    def _use_foreach(self, tensors: list[Tensor]) -> bool:
+        return self.foreach if self.foreach is not None else any(t.device.type != "cpu" for t in tensors)
+
     def _grad_norm(self, params: list[Tensor], grads: list[Tensor], adaptive: bool) -> Tensor:
+        foreach = self._use_foreach(params)
         if adaptive:
-            scaled = torch._foreach_mul(grads, torch._foreach_abs(params)) if self.foreach else [
+            scaled = torch._foreach_mul(grads, torch._foreach_abs(params)) if foreach else [
                 g * p.abs() for p, g in zip(params, grads)
             ]
         else:
             scaled = grads
-        norms = torch._foreach_norm(scaled) if self.foreach else [torch.linalg.vector_norm(g) for g in scaled]
+        norms = torch._foreach_norm(scaled) if foreach else [torch.linalg.vector_norm(g) for g in scaled]
         device = norms[0].device
         # Stays a device tensor: no host synchronisation inside the step.
         return torch.linalg.vector_norm(torch.stack([n.to(device) for n in norms]))
@@ -159,7 +164,9 @@ class SAM(torch.optim.Optimizer):
 
         perturbed_p: list[Tensor] = []
         perturbed_w: list[Tensor] = []
-        on_cpu = all(p.device.type == "cpu" for p in all_p)
+        # As torch.optim does: multi-tensor kernels on accelerators, a per-tensor loop on the CPU (where foreach
+        # kernels are loops of the same ops, and the loop can fuse the scale into the add).
+        use_foreach = self._use_foreach(all_p)
         for group, ps, gs in by_group:
             if group["rho"] == 0:
                 continue
@@ -167,9 +174,7 @@ class SAM(torch.optim.Optimizer):
             # Keep w itself, not e: restoring by copy is exact, w + e - e is not.
             saved = [self._buffer(p) for p in ps]
             masks = [self._mask_for(p) for p in ps]
-            if on_cpu:
-                self._perturb_cpu(ps, gs, saved, masks, float(scale), group["adaptive"])
-            elif self.foreach:
+            if use_foreach:
                 torch._foreach_copy_(saved, ps)
                 es = torch._foreach_mul(gs, scale.to(gs[0].device))
                 if group["adaptive"]:
@@ -179,43 +184,42 @@ class SAM(torch.optim.Optimizer):
                     torch._foreach_mul_([e for e, _ in masked], [m for _, m in masked])
                 torch._foreach_add_(ps, es)
             else:
-                for p, g, w, m in zip(ps, gs, saved, masks):
-                    w.copy_(p)
-                    e = g * scale.to(g.device)
-                    if group["adaptive"]:
-                        e.mul_(p * p)
-                    if m is not None:
-                        e.mul_(m)
-                    p.add_(e)
+                self._perturb_single(ps, gs, saved, masks, scale, group["adaptive"])
             perturbed_p.extend(ps)
             perturbed_w.extend(saved)
         self._perturbed = (perturbed_p, perturbed_w)
         if zero_grad:
             self.zero_grad()
 
-    def _perturb_cpu(self, ps: list[Tensor], gs: list[Tensor], saved: list[Tensor], masks: list[Tensor | None],
-                     scale: float, adaptive: bool) -> None:
-        """w <- w + scale * g (* w^2) (* mask), one tensor at a time: a CPU has no multi-tensor kernels (foreach is a
-        loop of the same ops there), so fusing the scale into the add and reusing one scratch buffer saves passes
-        over memory and fresh allocations. The masked product g * m is exact, so a full mask reproduces dense SAM
-        bit for bit."""
+    def _perturb_single(self, ps: list[Tensor], gs: list[Tensor], saved: list[Tensor], masks: list[Tensor | None],
+                        scale: Tensor, adaptive: bool) -> None:
+        """w <- w + scale * g (* w^2) (* mask), one tensor at a time, reusing one scratch buffer.
+
+        On a CPU the scale becomes a Python number (no device to wait for) and fuses into the add; elsewhere it stays
+        a device tensor so nothing synchronises. The masked product g * m is exact, so a full mask reproduces dense
+        SAM bit for bit.
+        """
+        host = scale.device.type == "cpu"
+        alpha = float(scale) if host else 1.0
         scratch = None
         for p, g, w, m in zip(ps, gs, saved, masks):
             w.copy_(p)
-            if m is None and not adaptive:
-                p.add_(g, alpha=scale)
+            if m is None and not adaptive and host:
+                p.add_(g, alpha=alpha)
                 continue
-            if scratch is None or scratch.numel() < p.numel() or scratch.dtype != g.dtype:
-                scratch = torch.empty(max(q.numel() for q in ps), dtype=g.dtype)
+            if scratch is None or scratch.numel() < p.numel() or scratch.dtype != g.dtype or scratch.device != g.device:
+                scratch = torch.empty(max(q.numel() for q in ps), dtype=g.dtype, device=g.device)
             e = scratch[:p.numel()].view_as(g)
-            # A bool mask read as uint8 takes the vectorised mixed-type kernel; as bool it does not.
             if m is not None:
+                # A bool mask read as uint8 takes the vectorised mixed-type kernel; as bool it does not.
                 torch.mul(g, m.view(torch.uint8), out=e)
-                if adaptive:
-                    e.mul_(p).mul_(p)
             else:
-                torch.mul(g, p, out=e).mul_(p)
-            p.add_(e, alpha=scale)
+                e.copy_(g)
+            if adaptive:
+                e.mul_(p).mul_(p)
+            if not host:
+                e.mul_(scale.to(e.device))
+            p.add_(e, alpha=alpha)
 
     def _buffer(self, p: Tensor) -> Tensor:
         """The persistent copy of w kept during a step (reused every step, so it is allocated once)."""
@@ -233,7 +237,7 @@ class SAM(torch.optim.Optimizer):
             return
         ps, saved = self._perturbed
         if ps:
-            if self.foreach:
+            if self._use_foreach(ps):
                 torch._foreach_copy_(ps, saved)
             else:
                 for p, w in zip(ps, saved):

@@ -20,6 +20,7 @@ from torch import Tensor, nn
 
 from .fisher import FISHER_METHODS, empirical_fisher
 from .sam import SAM
+from .select import radix_top_k_mask
 
 __all__ = ["SSAMF", "SSAMD", "top_k_mask", "STRATEGIES"]
 
@@ -31,9 +32,8 @@ def top_k_mask(score: Tensor, k: int) -> Tensor:
     """Boolean mask with exactly ``k`` True entries at the ``k`` largest scores of a 1-D tensor.
 
     A k-th value threshold (linear-time selection) instead of a sort; ties at the threshold are broken by position
-    so the count is exact. Runs on the score's device without a host round trip (on a CPU, where there is no such
-    thing, the selection is numpy's, several times faster than torch.kthvalue, and ties are looked for only when
-    the threshold is shared).
+    so the count is exact. On a CPU the selection is numpy's partition, several times faster than torch.kthvalue;
+    on an accelerator it is a radix select (``ssam.optim.select``) that runs without a host round trip.
     """
     n = score.numel()
     if k <= 0:
@@ -53,11 +53,8 @@ def top_k_mask(score: Tensor, k: int) -> Tensor:
         need = k - int(above.count_nonzero())
         at = score == thr
         return above | (at & (torch.cumsum(at, 0) <= need))
-    thr = torch.kthvalue(score, n - k + 1).values
-    above = score > thr
-    at = score == thr
-    need = k - above.sum()
-    return above | (at & (torch.cumsum(at, 0) <= need))
+    # On accelerators kthvalue/topk sort; a radix select is a few histogram passes and never waits on the host.
+    return radix_top_k_mask(score, k)
 
 
 class _SparseSAM(SAM):
@@ -137,7 +134,7 @@ class _SparseSAM(SAM):
         if self.renormalize:
             # Normalising by the masked gradient's norm puts the masked perturbation back on the rho-sphere.
             masks = [self.state[p]["mask"] for p in params]
-            grads = torch._foreach_mul(grads, masks) if self.foreach else [g * m for g, m in zip(grads, masks)]
+            grads = torch._foreach_mul(grads, masks) if self._use_foreach(params) else [g * m for g, m in zip(grads, masks)]
         return super()._grad_norm(params, grads, adaptive)
 
 

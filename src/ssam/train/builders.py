@@ -94,6 +94,7 @@ def build_optimizer(cfg: Namespace, model: torch.nn.Module) -> torch.optim.Optim
     sparse = dict(sparsity=cfg.sparsity, update_freq=cfg.update_freq, renormalize=cfg.renormalize)
     if wrapper == "ssamf":
         return SSAMF(params, BASE_OPTIMIZERS[base], num_samples=cfg.num_samples, fisher_mode=cfg.fisher_mode,
+                     fisher_method=cfg.fisher_method,
                      **common, **sparse, **kw)
     return SSAMD(params, BASE_OPTIMIZERS[base], drop_rate=cfg.drop_rate, drop_strategy=cfg.drop_strategy,
                  growth_strategy=cfg.growth_strategy, T_start=0, T_end=cfg.epochs, seed=cfg.seed,

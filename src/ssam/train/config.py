@@ -61,6 +61,8 @@ def build_parser(prog: str = "ssam train") -> argparse.ArgumentParser:
     g.add_argument("--update_freq", type=int, default=5, help="epochs between mask updates (SSAM)")
     g.add_argument("--num_samples", type=int, default=1024, help="examples for the Fisher (SSAM-F)")
     g.add_argument("--fisher_mode", default="train", choices=("train", "eval"), help="model mode for the Fisher")
+    g.add_argument("--fisher_method", default="auto", choices=("auto", "loop", "vmap", "hooks"),
+                   help="per-example gradients for the Fisher (same values; auto = fastest for the device)")
     g.add_argument("--drop_rate", type=float, default=0.5, help="SSAM-D initial death rate")
     g.add_argument("--drop_strategy", default="gradient", help="SSAM-D death score: weight, gradient, random")
     g.add_argument("--growth_strategy", default="random", help="SSAM-D growth score: weight, gradient, random")
