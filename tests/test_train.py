@@ -86,6 +86,15 @@ def test_yaml_config_and_flags_override(tmp_path):
     assert saved["opt"] == "sam-sgd" and saved["rho"] == 0.2 and saved["lr"] == 0.03
 
 
+def test_saved_config_reproduces_the_run(tmp_path):
+    args = ["--epochs", "1", "--quiet", "--limit_train_batches", "2", "--opt", "ssamf-sgd", "--num_samples", "8"]
+    assert train(tmp_path, *args, name="a") == 0
+    assert train(tmp_path, "--config", str(run_dir(tmp_path, "a") / "config.yaml"), "--output_name", "b") == 0
+    wa = load_checkpoint(run_dir(tmp_path, "a") / "last.pt")["model"]
+    wb = load_checkpoint(run_dir(tmp_path, "b") / "last.pt")["model"]
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
 def test_finished_run_is_refused_resumed_or_overwritten(tmp_path, capsys):
     args = ["--epochs", "1", "--quiet", "--limit_train_batches", "2"]
     assert train(tmp_path, *args) == 0

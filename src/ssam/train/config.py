@@ -282,4 +282,5 @@ def validate(cfg: argparse.Namespace) -> None:
 
 def to_plain(cfg: argparse.Namespace) -> dict[str, Any]:
     """The configuration as YAML/JSON-safe values (what the run folder saves)."""
-    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in sorted(vars(cfg).items())}
+    # Only flags: the saved file must load back with --config.
+    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in sorted(vars(cfg).items()) if k not in ("sparsity_given", "config")}
