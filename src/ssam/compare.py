@@ -1099,9 +1099,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except UsageError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+if __name__ == "__main__":  # `python -m ssam.compare`: the same error handling and exit codes as `ssam compare`
+    from .cli import main as cli_main
+
+    sys.exit(cli_main(["compare", *sys.argv[1:]]))
