@@ -268,3 +268,41 @@ def test_ddp_rank_death_stops_the_job_and_max_restarts_resumes(tmp_path):
     got = load_checkpoint(last)["model"]
     for k in want:
         assert torch.equal(want[k], got[k]), k
+
+
+def _mask_worker(rank, world, port, queue):
+    import torch.distributed as dist
+
+    from ssam import SSAMD
+    from ssam.train.loop import check_masks_agree
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    torch.manual_seed(0)
+    model = torch.nn.Linear(20, 5)
+    opt = SSAMD(model.parameters(), torch.optim.SGD, lr=0.1, sparsity=0.5, seed=rank)  # ranks disagree on purpose
+    try:
+        check_masks_agree(opt, world, epoch=7)
+        queue.put((rank, "agreed"))
+    except RuntimeError as e:
+        queue.put((rank, str(e)))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_mask_mismatch_across_ranks_is_a_clear_error():
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    procs = [ctx.Process(target=_mask_worker, args=(r, 2, port, queue)) for r in range(2)]
+    for p in procs:
+        p.start()
+    results = dict(queue.get(timeout=120) for _ in procs)
+    for p in procs:
+        p.join(timeout=60)
+    assert all("masks differ across ranks after the update at epoch 7" in msg for msg in results.values()), results
