@@ -69,6 +69,18 @@ def test_paper_commands_on_tiny_real_format_cifar(tmp_path):
     assert rec["mask_density"] == pytest.approx(0.5, abs=1e-6)
 
 
+def test_worker_count_does_not_change_the_run(tmp_path):
+    # Augmentation is drawn from (seed, epoch, index), so DataLoader workers cannot change what is trained.
+    make_cifar10(tmp_path / "data", n=16)
+    args = ["--dataset", "CIFAR10_cutout", "--datadir", str(tmp_path / "data"), "--model", "resnet8", "--epochs", "2",
+            "--batch_size", "16", "--opt", "ssamf-sgd", "--num_samples", "8", "--update_freq", "1", "--quiet"]
+    for workers in ("0", "2"):
+        assert train(tmp_path / "runs", *args, "--num_workers", workers, name=f"w{workers}") == 0
+    a = load_checkpoint(tmp_path / "runs" / "w0" / "last.pt")["model"]
+    b = load_checkpoint(tmp_path / "runs" / "w2" / "last.pt")["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_imagenet_folders(tmp_path):
     make_imagefolder(tmp_path / "in")
     assert train(tmp_path / "runs", "--dataset", "ImageNet_base", "--datadir", str(tmp_path / "in"), "--model",
