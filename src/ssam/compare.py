@@ -581,9 +581,9 @@ def _raise_interrupt(signum, frame):
 
 
 def _write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=1, sort_keys=True))
-    os.replace(tmp, path)
+    from .train.checkpoint import write_atomic
+
+    write_atomic(path, json.dumps(obj, indent=1, sort_keys=True).encode())
 
 
 class _Lock:
@@ -630,18 +630,12 @@ def _alive(pid: int) -> bool:
 # ------------------------------------------------------------------------------------------------- Hessian
 
 def _hessian_batches(dataset: str, datadir: str | None, samples: int) -> list:
-    import torch
+    from .analysis.data import subset_batches
     from .data import build_datasets
 
-    train, _, _ = build_datasets(dataset, datadir, download=False, augment=False)
-    n = min(samples, len(train))
     # A fixed seed and no augmentation: every run of the comparison is measured on the same examples.
-    idx = torch.randperm(len(train), generator=torch.Generator().manual_seed(0))[:n].sort().values.tolist()
-    batches = []
-    for start in range(0, n, HESSIAN_BATCH):
-        items = [train[i] for i in idx[start:start + HESSIAN_BATCH]]
-        batches.append((torch.stack([x for x, _ in items]), torch.tensor([int(y) for _, y in items])))
-    return batches
+    train, _, _ = build_datasets(dataset, datadir, download=False, augment=False)
+    return subset_batches(train, samples, HESSIAN_BATCH, seed=0)
 
 
 def hessian_of_run(run_folder: Path, samples: int, data_cache: dict, device: str) -> dict:
@@ -650,8 +644,7 @@ def hessian_of_run(run_folder: Path, samples: int, data_cache: dict, device: str
     from torch import nn
 
     from .analysis import hessian_eigenvalues, hessian_trace
-    from .models import build_model
-    from .train.checkpoint import load_checkpoint
+    from .train.checkpoint import load_checkpoint, model_from_checkpoint
 
     ckpt_path = run_folder / "last.pt"
     st = ckpt_path.stat()
@@ -662,13 +655,10 @@ def hessian_of_run(run_folder: Path, samples: int, data_cache: dict, device: str
     if isinstance(cached, dict) and all(cached.get(k) == v for k, v in key.items()):
         return cached
     ckpt = load_checkpoint(ckpt_path)
-    margs = ckpt.get("model_args") or {}
     config = ckpt.get("config") or {}
-    if "name" not in margs or "dataset" not in config:
-        raise UsageError(f"{ckpt_path} lacks model_args or config.dataset; cannot rebuild its model for the Hessian")
-    model = build_model(margs["name"], int(margs["num_classes"]), int(margs.get("in_channels", 3)),
-                        int(margs.get("image_size", 32)))
-    model.load_state_dict(ckpt["model"])
+    if "dataset" not in config:
+        raise UsageError(f"{ckpt_path} lacks config.dataset; cannot pick the data for its Hessian")
+    model = model_from_checkpoint(ckpt, ckpt_path)
     data_key = (config["dataset"], config.get("datadir"))
     if data_key not in data_cache:
         data_cache[data_key] = _hessian_batches(config["dataset"], config.get("datadir"), samples)

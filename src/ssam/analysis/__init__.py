@@ -5,12 +5,14 @@ Every function takes a model, a loss function returning the batch mean, and a li
 ``ssam landscape`` / ``ssam sharpness``.  Plotting lives in :mod:`ssam.analysis.plots` (not imported
 here, so that importing the analysis does not pull in matplotlib).
 """
+from .data import subset_batches
 from .hessian import (HessianOperator, analysis_mode, hessian_density, hessian_eigenvalues, hessian_trace,
                       per_layer, prepare_batches, resolve_params, select_params)
 from .landscape import evaluate, evaluate_grid, interpolation_direction, random_direction
 from .sharpness import TABLE_COLUMNS, loss_increase, markdown_table, summarize_run
 
 __all__ = [
+    "subset_batches",
     "HessianOperator", "TABLE_COLUMNS", "analysis_mode", "evaluate", "evaluate_grid", "hessian_density",
     "hessian_eigenvalues", "hessian_trace", "interpolation_direction", "loss_increase", "markdown_table",
     "per_layer", "prepare_batches", "random_direction", "resolve_params", "select_params", "summarize_run",

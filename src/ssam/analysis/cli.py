@@ -27,6 +27,7 @@ from torch import nn
 
 from ..errors import UsageError
 from ..train.checkpoint import write_atomic
+from .data import subset_batches
 from .hessian import hessian_density, hessian_eigenvalues, hessian_trace, per_layer, resolve_params
 from .landscape import evaluate_grid, interpolation_direction, random_direction
 from .sharpness import TABLE_COLUMNS, markdown_table, summarize_run
@@ -139,44 +140,27 @@ class _Loader:
         return dataset, datadir
 
     def load(self, path: str) -> tuple[nn.Module, dict, tuple[str, str | None]]:
-        from ..models import build_model
-        from ..train.checkpoint import load_checkpoint
+        from ..train.checkpoint import load_checkpoint, model_from_checkpoint
 
         ckpt = load_checkpoint(path)
         dataset, datadir = self.spec(ckpt, path)
-        margs = dict(ckpt.get("model_args") or {})
-        name = self.args.model or margs.get("name") or (ckpt.get("config") or {}).get("model")
-        if not name:
-            raise UsageError(f"{path}: the checkpoint records no architecture; pass --model")
+        margs = ckpt.get("model_args") or {}
+        fallback = None
         if not all(k in margs for k in ("num_classes", "in_channels", "image_size")):
             info = self.datasets(dataset, datadir)[2]
-            margs.setdefault("num_classes", info.num_classes)
-            margs.setdefault("in_channels", info.in_channels)
-            margs.setdefault("image_size", info.image_size)
-        model = build_model(name, int(margs["num_classes"]), in_channels=int(margs["in_channels"]),
-                            image_size=int(margs["image_size"]))
-        try:
-            model.load_state_dict(ckpt["model"], strict=True)
-        except (RuntimeError, KeyError, TypeError) as e:
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise UsageError(f"{path}: its weights do not fit model {name!r} ({first[:200]})") from None
-        return model, ckpt, (dataset, datadir)
+            fallback = {"num_classes": info.num_classes, "in_channels": info.in_channels,
+                        "image_size": info.image_size}
+        return model_from_checkpoint(ckpt, path, name=self.args.model, fallback=fallback), ckpt, (dataset, datadir)
 
     def batches(self, dataset: str, datadir: str | None) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        from torch.utils.data import DataLoader, Subset
-
         key = (dataset, datadir, "batches")
         if key in self._data:
             return self._data[key]
         train = self.datasets(dataset, datadir)[0]
-        n = min(self.args.num_samples, len(train))
-        if n < self.args.num_samples:
+        if len(train) < self.args.num_samples:
             print(f"ssam: note: --num_samples {self.args.num_samples} exceeds the {len(train)} training examples "
                   f"of {dataset}; using all of them", file=sys.stderr)
-        perm = torch.randperm(len(train), generator=torch.Generator().manual_seed(self.args.data_seed))[:n]
-        loader = DataLoader(Subset(train, perm.tolist()), batch_size=self.args.batch_size, shuffle=False,
-                            num_workers=0)
-        self._data[key] = [(x, y) for x, y in loader]
+        self._data[key] = subset_batches(train, self.args.num_samples, self.args.batch_size, self.args.data_seed)
         return self._data[key]
 
 

@@ -85,3 +85,25 @@ def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict:
     if not isinstance(obj, dict) or "model" not in obj:
         raise UsageError(f"{path} is not an ssam checkpoint (no 'model' entry)")
     return obj
+
+
+def model_from_checkpoint(ckpt: dict, path: str | os.PathLike, name: str | None = None,
+                          fallback: dict | None = None) -> "torch.nn.Module":
+    """Rebuild the checkpoint's model (``model_args``; ``fallback`` fills missing entries) and load its weights."""
+    from ..models import build_model
+
+    margs = {**(fallback or {}), **(ckpt.get("model_args") or {})}
+    name = name or margs.get("name") or (ckpt.get("config") or {}).get("model")
+    if not name:
+        raise UsageError(f"{path}: the checkpoint records no architecture; pass --model")
+    missing = [k for k in ("num_classes", "in_channels", "image_size") if k not in margs]
+    if missing:
+        raise UsageError(f"{path}: the checkpoint records no {', '.join(missing)}; pass --dataset")
+    model = build_model(name, int(margs["num_classes"]), in_channels=int(margs["in_channels"]),
+                        image_size=int(margs["image_size"]))
+    try:
+        model.load_state_dict(ckpt["model"], strict=True)
+    except (RuntimeError, KeyError, TypeError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UsageError(f"{path}: its weights do not fit model {name!r} ({first[:200]})") from None
+    return model
