@@ -258,6 +258,10 @@ class Trainer:
         self.sched = EpochLR(self.opt, cfg)
         self.scaler = TwoPassScaler(enabled=cfg.amp == "fp16")
         self.autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.amp)
+        # On a CPU, freed gradients come back as fresh pages to fault in on every backward (two per SAM step):
+        # zeroing them in place measured ~3% faster for ResNet-18. Every parameter of these models gets a gradient
+        # in every pass, so zeros and None step the same.
+        self._grads_to_none = self.device.type != "cpu"
 
         self.start_epoch, self.start_step, self.best_acc1, self.elapsed = cfg.start_epoch, 0, 0.0, 0.0
         self.partial: dict | None = None
@@ -406,12 +410,14 @@ class Trainer:
                 if cfg.sam_first_pass == "local":
                     broadcast_masks(self.opt, self.world)
                 check_masks_agree(self.opt, self.world, epoch)
-            if self.scaler.first_step(self.opt, zero_grad=True):
+            if self.scaler.first_step(self.opt, zero_grad=False):
+                self.opt.zero_grad(set_to_none=self._grads_to_none)
                 self._forward_backward(xs, ys, sync_last=True, second=True)
-                self.scaler.second_step(self.opt, zero_grad=True)
+                self.scaler.second_step(self.opt, zero_grad=False)
+            self.opt.zero_grad(set_to_none=self._grads_to_none)
         else:
             self.scaler.step(self.opt)
-            self.opt.zero_grad(set_to_none=True)
+            self.opt.zero_grad(set_to_none=self._grads_to_none)
         self.scaler.update()
         out = torch.cat(outs)
         top5 = out.topk(min(5, out.shape[1]), dim=1).indices
