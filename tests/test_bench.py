@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ssam import SAM, SSAMD, SSAMF
+from ssam import SSAMD, SSAMF
 from ssam.bench import OPTIMIZERS, main, state_bytes
 from ssam.optim import empirical_fisher
 from ssam.optim.fisher import auto_method, hook_plan

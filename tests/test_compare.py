@@ -5,7 +5,6 @@ import math
 import os
 import random
 import statistics
-import sys
 from pathlib import Path
 
 import pytest

@@ -4,7 +4,6 @@ import pickle
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from ssam.data import (CIFAR_MEAN, CIFAR_STD, DATASETS, Cutout, DataInfo, GPULoader,
                        build_datasets, cutout)

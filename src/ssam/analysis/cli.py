@@ -14,7 +14,6 @@ import csv
 import io
 import json
 import math
-import os
 import re
 import sys
 import time

@@ -25,7 +25,6 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 import yaml
-from torch.utils.data import Subset
 
 from ..data import GPULoader, build_datasets
 from ..errors import UsageError
