@@ -352,7 +352,7 @@ class _Setup:
 
     def prepare_masks(self) -> None:
         """Masks the timed steps need: SSAM-F's from the Fisher (unless already set), SSAM-D's exists already."""
-        if "SSAM-F" in self.opts and not self.opts["SSAM-F"]._has_masks():
+        if "SSAM-F" in self.opts and not self.opts["SSAM-F"].has_masks():
             self.opts["SSAM-F"].update_mask(self.raw["SSAM-F"], self.fisher_data)
 
     def first_steps(self, warmup: int) -> Exception | None:
@@ -404,7 +404,7 @@ def _time_fisher(setup: _Setup, args, device) -> dict:
     """One SSAM-F mask update per Fisher method (``sgd_steps`` is filled in once SGD's step is known)."""
     opt: SSAMF = setup.opts["SSAM-F"]
     model = setup.raw["SSAM-F"]
-    plan, why = hook_plan(model, opt._params(), opt.fisher_mode)
+    plan, why = hook_plan(model, opt.mask_params(), opt.fisher_mode)
     out: dict = {"num_samples": args.num_samples, "fisher_mode": opt.fisher_mode}
     warm = [(x[: min(4, len(x))], y[: min(4, len(y))]) for x, y in setup.fisher_data]
     saved = opt.num_samples
@@ -419,7 +419,7 @@ def _time_fisher(setup: _Setup, args, device) -> dict:
         t = _timed(lambda: opt.update_mask(model, setup.fisher_data), device)
         out[method] = {"seconds": t, "sgd_steps": float("nan")}
     opt.fisher_method = "auto"
-    out["auto"] = auto_method(model, opt._params(), opt.fisher_mode)
+    out["auto"] = auto_method(model, opt.mask_params(), opt.fisher_mode)
     opt.update_mask(model, setup.fisher_data)  # the mask the timed steps use comes from method="auto"
     return out
 

@@ -72,24 +72,24 @@ class _SparseSAM(SAM):
         self.renormalize = bool(renormalize)
 
     # --------------------------------------------------------------- mask plumbing
-    def _params(self) -> list[Tensor]:
+    def mask_params(self) -> list[Tensor]:
         return [p for g in self.param_groups for p in g["params"]]
 
     @property
     def num_live(self) -> int:
         """Entries perturbed: ``int(N * (1 - sparsity))`` of the N entries of all parameters."""
-        n = sum(p.numel() for p in self._params())
+        n = sum(p.numel() for p in self.mask_params())
         return int(n * (1 - self.sparsity))
 
     def _mask_for(self, p: Tensor) -> Tensor | None:
         return self.state[p].get("mask")
 
-    def _has_masks(self) -> bool:
-        return all("mask" in self.state[p] for p in self._params())
+    def has_masks(self) -> bool:
+        return all("mask" in self.state[p] for p in self.mask_params())
 
-    def _set_flat_mask(self, flat: Tensor) -> None:
+    def set_flat_mask(self, flat: Tensor) -> None:
         offset = 0
-        for p in self._params():
+        for p in self.mask_params():
             m = flat[offset:offset + p.numel()].view_as(p)
             offset += p.numel()
             st = self.state[p]
@@ -103,7 +103,7 @@ class _SparseSAM(SAM):
         return torch.cat([t.reshape(-1).to(device) for t in tensors])
 
     def flat_mask(self) -> Tensor:
-        return self._flat([self.state[p]["mask"] for p in self._params()])
+        return self._flat([self.state[p]["mask"] for p in self.mask_params()])
 
     def should_update(self, epoch: int) -> bool:
         """Whether the mask is refreshed at the start of ``epoch`` (every ``update_freq`` epochs, from 0)."""
@@ -111,15 +111,15 @@ class _SparseSAM(SAM):
 
     def mask_density(self) -> float:
         """Fraction of all entries that are perturbed (a host sync: not for the inner loop)."""
-        if not self._has_masks():
+        if not self.has_masks():
             return float("nan")
-        live = sum(int(self.state[p]["mask"].sum()) for p in self._params())
-        return live / max(1, sum(p.numel() for p in self._params()))
+        live = sum(int(self.state[p]["mask"].sum()) for p in self.mask_params())
+        return live / max(1, sum(p.numel() for p in self.mask_params()))
 
     def mask_stats(self) -> list[dict]:
         """Per parameter tensor: name (when named parameters were given), numel, live fraction."""
         rows = []
-        for i, p in enumerate(self._params()):
+        for i, p in enumerate(self.mask_params()):
             m = self.state[p].get("mask")
             rows.append({
                 "name": self.param_name(p, i),
@@ -161,7 +161,7 @@ class SSAMF(_SparseSAM):
         self.num_updates = 0
 
     def _check_ready(self) -> None:
-        if not self._has_masks():
+        if not self.has_masks():
             raise RuntimeError(
                 "SSAMF has no mask yet: call opt.update_mask(model, train_data) before the first step "
                 "(and again whenever opt.should_update(epoch))"
@@ -169,19 +169,23 @@ class SSAMF(_SparseSAM):
 
     @torch.no_grad()
     def update_mask(self, model: nn.Module, data: Any, loss_fn: Callable[[Tensor, Tensor], Tensor] | None = None,
-                    generator: torch.Generator | None = None) -> None:
-        """Recompute the mask from the Fisher of ``num_samples`` examples of ``data`` (a Dataset or batches)."""
-        params = self._params()
+                    generator: torch.Generator | None = None,
+                    reduce: Callable[[list[Tensor]], list[Tensor]] | None = None) -> None:
+        """Recompute the mask from the Fisher of ``num_samples`` examples of ``data`` (a Dataset or batches).
+
+        ``reduce`` (distributed training) turns this process's Fisher into the sum over all processes, so that each
+        can measure its own share of the examples and every one still builds the same mask.
+        """
         with torch.enable_grad():
-            fisher = empirical_fisher(model, params, data, self.num_samples, loss_fn, mode=self.fisher_mode,
-                                      method=self.fisher_method, generator=generator)
-        self.set_mask_from_scores(fisher)
-        self.num_updates += 1
+            fisher = empirical_fisher(model, self.mask_params(), data, self.num_samples, loss_fn,
+                                      mode=self.fisher_mode, method=self.fisher_method, generator=generator)
+        self.set_mask_from_scores(reduce(fisher) if reduce is not None else fisher)
 
     @torch.no_grad()
     def set_mask_from_scores(self, scores: list[Tensor]) -> None:
         """Keep the ``num_live`` entries with the highest scores (one tensor per parameter, in group order)."""
-        self._set_flat_mask(top_k_mask(self._flat(scores).float(), self.num_live))
+        self.set_flat_mask(top_k_mask(self._flat(scores).float(), self.num_live))
+        self.num_updates += 1
 
     def _extra_state(self) -> dict:
         return {"num_updates": self.num_updates}
@@ -216,14 +220,14 @@ class SSAMD(_SparseSAM):
         self.T_start, self.T_end = int(T_start), int(T_end)
         self.num_updates = 0
         self.last_update_epoch: int | None = None
-        device = self._params()[0].device
+        device = self.mask_params()[0].device
         if seed is None:
             # Drawn from the global generator so torch.manual_seed makes runs (and DDP ranks) agree.
             seed = int(torch.randint(0, 2**62, (1,)).item())
         self._generator = torch.Generator(device=device)
         self._generator.manual_seed(seed)
-        n = sum(p.numel() for p in self._params())
-        self._set_flat_mask(top_k_mask(torch.rand(n, generator=self._generator, device=device), self.num_live))
+        n = sum(p.numel() for p in self.mask_params())
+        self.set_flat_mask(top_k_mask(torch.rand(n, generator=self._generator, device=device), self.num_live))
 
     def death_rate(self, epoch: int) -> float:
         """drop_rate * (1 + cos(pi * (epoch - T_start) / (T_end - T_start))) / 2, clamped to the schedule."""
@@ -296,7 +300,7 @@ class SSAMD(_SparseSAM):
     @torch.no_grad()
     def update_mask(self, epoch: int) -> None:
         """Drop the lowest-scored ``death_rate(epoch)`` fraction of live entries and regrow as many dead ones."""
-        params = self._params()
+        params = self.mask_params()
         live = self.flat_mask()
         n, k = live.numel(), self.num_live
         # As many survive as the paper's int(L * (1 - death rate)); no more can die than there are places to regrow.
@@ -311,7 +315,7 @@ class SSAMD(_SparseSAM):
             del death
             growth = self._scores(self.growth_strategy, params).masked_fill_(live, float("-inf"))
             grown = top_k_mask(growth, n_die)
-        self._set_flat_mask(survivors.logical_or_(grown))
+        self.set_flat_mask(survivors.logical_or_(grown))
         self.num_updates += 1
         self.last_update_epoch = epoch
 

@@ -29,7 +29,7 @@ import yaml
 from ..data import GPULoader, build_datasets
 from ..errors import UsageError
 from ..models import build_model
-from ..optim import SAM, SSAMD, SSAMF, TwoPassScaler, empirical_fisher, frozen_bn_stats
+from ..optim import SAM, SSAMD, SSAMF, TwoPassScaler, frozen_bn_stats
 from .builders import EpochLR, build_optimizer, eval_loader, train_loader
 from .checkpoint import VERSION, load_checkpoint, save_atomic, write_atomic
 from .config import parse_opt, to_plain
@@ -211,22 +211,32 @@ def mask_hash(opt: SAM) -> torch.Tensor:
     return torch.stack([(idx * flat).sum(), ((idx * 2654435761) % 1000000007 * flat).sum()])
 
 
-def check_masks_agree(opt: SAM, world: int, epoch: int) -> None:
+def same_on_all_ranks(value: torch.Tensor, world: int) -> bool:
     if world <= 1:
-        return
-    h = mask_hash(opt)
-    gathered = [torch.zeros_like(h) for _ in range(world)]
-    dist.all_gather(gathered, h)
-    if any(not torch.equal(g, gathered[0]) for g in gathered):
+        return True
+    gathered = [torch.zeros_like(value) for _ in range(world)]
+    dist.all_gather(gathered, value)
+    return all(torch.equal(g, gathered[0]) for g in gathered)
+
+
+def check_masks_agree(opt: SAM, world: int, epoch: int) -> None:
+    if not same_on_all_ranks(mask_hash(opt), world):
         raise RuntimeError(f"SSAM masks differ across ranks after the update at epoch {epoch}; "
                            "refusing to train with inconsistent perturbations")
+
+
+def _all_reduce_sum(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Sum per-parameter tensors over ranks with one collective."""
+    flat = torch.cat([t.reshape(-1) for t in tensors])
+    dist.all_reduce(flat)
+    return [f.view_as(t) for f, t in zip(torch.split(flat, [t.numel() for t in tensors]), tensors)]
 
 
 def broadcast_masks(opt: SAM, world: int) -> None:
     if world > 1:
         flat = opt.flat_mask().to(torch.uint8)
         dist.broadcast(flat, 0)
-        opt._set_flat_mask(flat.bool())
+        opt.set_flat_mask(flat.bool())
 
 
 # ------------------------------------------------------------------------------------------ the run
@@ -398,7 +408,7 @@ class Trainer:
         sam = self.wrapper is not None
 
         # A run started at --start_epoch off the update grid still needs a first mask.
-        if isinstance(self.opt, SSAMF) and ((step == 0 and self.opt.should_update(epoch)) or not self.opt._has_masks()):
+        if isinstance(self.opt, SSAMF) and ((step == 0 and self.opt.should_update(epoch)) or not self.opt.has_masks()):
             self.update_fisher_mask(epoch)
         outs, loss_sum = self._forward_backward(xs, ys, sync_last=not (sam and cfg.sam_first_pass == "local"),
                                                 second=False)
@@ -433,17 +443,8 @@ class Trainer:
             src.epoch = epoch
         chosen = torch.randperm(len(src), generator=g)[: opt.num_samples].tolist()
         shard = chosen[self.rank::self.world]  # each rank measures its share; the sum is all-reduced
-        params = opt._params()
-        with torch.enable_grad():
-            fisher = empirical_fisher(unwrap(self.model), params, [_as_batch(src, shard)], len(shard),
-                                      mode=opt.fisher_mode, method=opt.fisher_method)
-        if self.world > 1:
-            flat = torch.cat([f.reshape(-1) for f in fisher])
-            dist.all_reduce(flat)
-            fisher = list(torch.split(flat, [p.numel() for p in params]))
-            fisher = [f.view_as(p) for f, p in zip(fisher, params)]
-        opt.set_mask_from_scores(fisher)
-        opt.num_updates += 1
+        opt.update_mask(unwrap(self.model), [_as_batch(src, shard)],
+                        reduce=_all_reduce_sum if self.world > 1 else None)
         check_masks_agree(opt, self.world, epoch)
 
     # ---------------------------------------------------------------- epochs
@@ -620,14 +621,9 @@ class Trainer:
     def _weights_agree(self) -> bool:
         flat = torch.cat([p.detach().reshape(-1).double() for p in self.model.parameters()])
         h = torch.stack([flat.sum(), (flat * torch.arange(flat.numel(), device=flat.device)).sum()])
-        gathered = [torch.zeros_like(h) for _ in range(self.world)]
-        dist.all_gather(gathered, h)
-        ok = all(torch.equal(g, gathered[0]) for g in gathered)
+        ok = same_on_all_ranks(h, self.world)
         if isinstance(self.opt, (SSAMF, SSAMD)):
-            mh = mask_hash(self.opt)
-            gm = [torch.zeros_like(mh) for _ in range(self.world)]
-            dist.all_gather(gm, mh)
-            ok = ok and all(torch.equal(g, gm[0]) for g in gm)
+            ok = same_on_all_ranks(mask_hash(self.opt), self.world) and ok
         return ok
 
 
