@@ -88,8 +88,11 @@ def seed_everything(seed: int) -> None:
 
 
 def rng_state() -> dict:
-    st = {"torch": torch.get_rng_state(), "python": repr(random.getstate()),
-          "numpy": repr(np.random.get_state(legacy=True)[1].tolist())}
+    """Every generator's state as tensors and plain values, so it loads with weights_only=True."""
+    _, keys, pos, has_gauss, gauss = np.random.get_state(legacy=True)
+    st = {"torch": torch.get_rng_state(), "python": random.getstate(),
+          "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos), "has_gauss": int(has_gauss),
+                    "gauss": float(gauss)}}
     if torch.cuda.is_available():
         st["cuda"] = torch.cuda.get_rng_state_all()
     return st
@@ -99,10 +102,10 @@ def set_rng_state(st: dict) -> None:
     torch.set_rng_state(st["torch"].cpu())
     if "cuda" in st and torch.cuda.is_available():
         torch.cuda.set_rng_state_all([s.cpu() for s in st["cuda"]])
-    import ast
-    random.setstate(ast.literal_eval(st["python"]))
-    state = np.random.get_state(legacy=True)
-    np.random.set_state((state[0], np.array(ast.literal_eval(st["numpy"]), dtype=np.uint32), *state[2:]))
+    version, internal, gauss = st["python"]
+    random.setstate((version, tuple(internal), gauss))
+    n = st["numpy"]
+    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
@@ -314,11 +317,11 @@ class Trainer:
                 if self.run.holds_run():
                     raise UsageError(f"--resume: no checkpoint at {path}; the folder holds a run that never "
                                      "finished an epoch: pass --overwrite to start again")
-                return self._no_ckpt(path)
+                raise UsageError(f"--resume: no checkpoint at {path}")
         else:
             return None
         if not path.exists():
-            return self._no_ckpt(path)
+            raise UsageError(f"--resume: no checkpoint at {path}")
         ckpt = load_checkpoint(path, map_location=self.device)
         saved = ckpt.get("config", {})
         for key in ("model", "opt", "dataset"):
@@ -330,9 +333,6 @@ class Trainer:
     def _allow_fresh_resume(self) -> bool:
         # `ssam compare` resumes every run folder it manages; an empty one simply starts.
         return os.environ.get("SSAM_RESUME_OR_START") == "1" or elastic_restart()
-
-    def _no_ckpt(self, path: Path):
-        raise UsageError(f"--resume: no checkpoint at {path}")
 
     def _restore(self, ckpt: dict) -> None:
         try:
@@ -612,6 +612,7 @@ class Trainer:
                    "skipped_steps": self.skipped_total}
         if self.world > 1:
             summary["ranks_agree"] = self._weights_agree()
+        # A resume with no epoch left keeps the summary of the run that trained them.
         if last or not (run.path / "summary.json").exists():
             run.write_text("summary.json", json.dumps(summary, indent=1))
         if self.trackers:
