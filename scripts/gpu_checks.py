@@ -14,6 +14,7 @@ from ssam import SAM, SSAMD, SSAMF
 from ssam.data import GPULoader, build_datasets
 from ssam.models import build_model
 from ssam.optim import empirical_fisher
+from ssam.optim.ssam import top_k_mask
 
 assert torch.cuda.is_available(), "no CUDA device"
 dev = torch.device("cuda")
@@ -36,12 +37,54 @@ f_cpu = empirical_fisher(m_cpu, list(m_cpu.parameters()), [(x, y)], 24, method="
 f_gpu = empirical_fisher(m_gpu, list(m_gpu.parameters()), [(x.to(dev), y.to(dev))], 24, method="vmap")
 err = max(((a - b.cpu()).abs().max() / a.abs().max().clamp_min(1e-30)).item() for a, b in zip(f_cpu, f_gpu))
 check("fisher vmap(cuda) == loop(cpu)", err < 1e-9, f"max rel err {err:.2e}")
+# The hooks method on CUDA (unfold path, per-example BatchNorm) against the same CPU loop.
+f_hk = empirical_fisher(m_gpu, list(m_gpu.parameters()), [(x.to(dev), y.to(dev))], 24, method="hooks")
+err = max(((a - b.cpu()).abs().max() / a.abs().max().clamp_min(1e-30)).item() for a, b in zip(f_cpu, f_hk))
+check("fisher hooks(cuda) == loop(cpu)", err < 1e-9, f"max rel err {err:.2e}")
+
+# 1b. Radix select on CUDA: same entries as the CPU path, no host sync, and its time against sorting selections.
+g = torch.Generator().manual_seed(1)
+n = 11_173_962
+for label, s in (("normal", torch.randn(n, generator=g)),
+                 ("ties", torch.randint(0, 50, (n,), generator=g).float() * (torch.rand(n, generator=g) < 0.7))):
+    k = n // 2
+    s_dev = s.to(dev)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        m_dev = top_k_mask(s_dev, k)
+        sync_ok = True
+    except RuntimeError:
+        sync_ok = False
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    check(f"top_k_mask cuda {label}: no host sync", sync_ok)
+    check(f"top_k_mask cuda {label}: same mask as cpu", torch.equal(top_k_mask(s_dev, k).cpu(), top_k_mask(s, k)))
+
+
+def cuda_ms(fn, n=20):
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(n):
+        fn()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - t) / n * 1e3
+
+
+s_dev = torch.randn(n, device=dev)
+print(f"INFO select k=n/2 of {n}: radix {cuda_ms(lambda: top_k_mask(s_dev, n // 2)):.3f} ms, "
+      f"kthvalue {cuda_ms(lambda: torch.kthvalue(s_dev, n // 2)):.3f} ms, "
+      f"topk {cuda_ms(lambda: torch.topk(s_dev, n // 2, sorted=False)):.3f} ms", flush=True)
 
 # 2. No host synchronisation inside first_step / second_step / SSAM-D update on CUDA.
 model = build_model("resnet18", 10, 3, 32).to(dev)
 xb, yb = torch.randn(128, 3, 32, 32, device=dev), torch.randint(0, 10, (128,), device=dev)
-for cls, kw in ((SAM, {}), (SSAMD, dict(sparsity=0.5))):
+for cls, kw in ((SAM, {}), (SSAMD, dict(sparsity=0.5)), (SSAMF, dict(sparsity=0.5))):
     opt = cls(model.parameters(), torch.optim.SGD, lr=0.01, momentum=0.9, rho=0.1, **kw)
+    if cls is SSAMF:
+        opt.update_mask(model, [(xb[:16], yb[:16])])
     F.cross_entropy(model(xb), yb).backward()
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")

@@ -14,7 +14,8 @@ __all__ = ["radix_top_k_mask"]
 
 def _ordered_key(score: Tensor) -> Tensor:
     """Map float32 to int64 in [0, 2^32) so that integer order is float order (-inf lowest)."""
-    bits = score.float().contiguous().view(torch.int32).to(torch.int64)
+    # + 0.0 turns -0.0 into +0.0: the two compare equal as floats, so they must tie here too (as on the CPU path).
+    bits = (score.float() + 0.0).contiguous().view(torch.int32).to(torch.int64)
     # Negative floats order backwards as integers: flipping their 31 low bits puts them right.
     flipped = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
     return flipped + 2**31
