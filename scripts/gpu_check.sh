@@ -16,7 +16,7 @@ $PY -c "import torch, torchvision; print('torch', torch.__version__, 'torchvisio
 status=0
 run() { echo "== $*"; "$@" || { echo "FAILED ($?): $*"; status=1; }; }
 # logged NAME CMD...: run CMD, its output also in $OUT/NAME.log.
-logged() { local name=$1; shift; echo "== $*"; "$@" 2>&1 | tee "$OUT/$name.log"
+logged() { local name=$1; shift; echo "== $(date +%T) $*"; "$@" 2>&1 | tee "$OUT/$name.log"
            [[ ${PIPESTATUS[0]} == 0 ]] || { echo "FAILED: $*"; status=1; }; }
 B="$PY -m ssam.bench --device cuda --model resnet18 --dataset CIFAR10"
 

@@ -74,7 +74,7 @@ def cuda_ms(fn, n=20):
 
 
 s_dev = torch.randn(n, device=dev)
-print(f"INFO select k=n/2 of {n}: radix {cuda_ms(lambda: top_k_mask(s_dev, n // 2)):.3f} ms, "
+print(f"INFO select k=n/2 of {n}: top_k_mask {cuda_ms(lambda: top_k_mask(s_dev, n // 2)):.3f} ms, "
       f"kthvalue {cuda_ms(lambda: torch.kthvalue(s_dev, n // 2)):.3f} ms, "
       f"topk {cuda_ms(lambda: torch.topk(s_dev, n // 2, sorted=False)):.3f} ms", flush=True)
 
@@ -130,6 +130,14 @@ F.cross_entropy(model(xb), yb).backward()
 t_upd = timed(lambda: opt.update_mask(1))
 live = int(opt.flat_mask().sum())
 check("SSAM-D update keeps the live count on CUDA", live == opt.num_live, f"{live} vs {opt.num_live}")
+try:  # where the update's time goes (informational: a profiler failure is not a check failure)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
+                                            torch.profiler.ProfilerActivity.CUDA]) as prof:
+        opt.update_mask(2)
+        torch.cuda.synchronize()
+    print(prof.key_averages().table(sort_by="device_time_total", row_limit=12, max_name_column_width=40))
+except Exception as e:  # noqa: BLE001
+    print(f"INFO profiler failed: {e}")
 print(f"INFO resnet18 b128: SGD step {t_sgd * 1e3:.2f} ms, SSAM-D update {t_upd * 1e3:.2f} ms "
       f"({t_upd / t_sgd:.3f} SGD steps)")
 

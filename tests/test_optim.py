@@ -210,6 +210,112 @@ def test_foreach_and_per_tensor_paths_agree(kind):
         assert torch.allclose(a, b, rtol=0, atol=1e-14)
 
 
+@pytest.mark.parametrize("adaptive", [False, True])
+@pytest.mark.parametrize("renormalize", [False, True])
+@pytest.mark.parametrize("kind", ["ssamf", "ssamd"])
+def test_flat_mask_path_equals_per_tensor_masking(kind, renormalize, adaptive):
+    """The multi-tensor path masks one concatenated perturbation against the flat mask buffer; it must give exactly
+    the weights of masking tensor by tensor, also after a state_dict round trip (which rebuilds the buffer)."""
+    x, y = batch()
+    outs, taken = [], []
+    for flat in (True, False):
+        m = tiny_net()
+        kw = dict(rho=0.2, foreach=True, sparsity=0.6, renormalize=renormalize, adaptive=adaptive)
+        if kind == "ssamd":
+            kw["seed"] = 3
+        opt = make_opt(kind, m, **kw)
+        if kind == "ssamf":
+            opt.update_mask(m, [(x, y)])
+        if not flat:
+            opt._mask_segment = lambda masks, gs: None
+        sam_step(m, opt, x, y, update=(lambda: opt.update_mask(1)) if kind == "ssamd" else None)
+        fresh = make_opt(kind, m, **kw)
+        fresh.load_state_dict(copy.deepcopy(opt.state_dict()))
+        if not flat:
+            fresh._mask_segment = lambda masks, gs: None
+        assert torch.equal(fresh.flat_mask(), opt.flat_mask())
+        masks = [fresh.state[p]["mask"] for p in m.parameters()]
+        taken.append(fresh._mask_segment(masks, [p.detach() for p in m.parameters()]) is not None)
+        for _ in range(2):
+            sam_step(m, fresh, x, y, update=(lambda: fresh.update_mask(2)) if kind == "ssamd" else None)
+        outs.append(params_of(m))
+    assert taken == [True, False]
+    assert_same(*outs)
+
+
+@pytest.mark.parametrize("kind", ["ssamf", "ssamd"])
+def test_flat_mask_path_with_channels_last_parameters(kind):
+    """channels_last weights: masks are laid out as their parameters, the flat path is taken, and the masks and the
+    weights are those of masking tensor by tensor (masks compared in logical order)."""
+    x, y = batch()
+    x = x.expand(-1, 3, -1, -1).contiguous(memory_format=torch.channels_last)
+    outs, masks_seen, taken = [], [], []
+    for flat in (True, False):
+        torch.manual_seed(0)
+        m = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 5, 1), nn.Flatten(),
+                          nn.Linear(5 * 6 * 6, 3)).double().to(memory_format=torch.channels_last)
+        kw = dict(rho=0.2, foreach=True, sparsity=0.5)
+        if kind == "ssamd":
+            kw["seed"] = 4
+        opt = make_opt(kind, m, **kw)
+        if kind == "ssamf":
+            opt.update_mask(m, [(x, y)])
+        if not flat:
+            opt._mask_segment = lambda masks, gs: None
+        F.cross_entropy(m(x), y).backward()
+        masks = [opt.state[p]["mask"] for p in m.parameters()]
+        taken.append(opt._mask_segment(masks, [p.grad for p in m.parameters()]) is not None)
+        opt.zero_grad()
+        for _ in range(2):
+            sam_step(m, opt, x, y, update=(lambda: opt.update_mask(1)) if kind == "ssamd" else None)
+        masks_seen.append(opt.flat_mask())
+        outs.append(params_of(m))
+    assert taken == [True, False]
+    assert m[0].weight.is_contiguous(memory_format=torch.channels_last) and not m[0].weight.is_contiguous()
+    assert torch.equal(*masks_seen)
+    assert_same(*outs)
+
+
+def test_set_flat_mask_round_trips_in_logical_order_for_any_layout():
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Conv2d(4, 2, 1), nn.Flatten(), nn.Linear(2 * 4 * 4, 3))
+    m[0].to(memory_format=torch.channels_last)  # one channels_last weight among contiguous ones
+    opt = make_opt("ssamd", m, sparsity=0.5)
+    n = sum(p.numel() for p in m.parameters())
+    ref = torch.rand(n, generator=torch.Generator().manual_seed(2)) < 0.3
+    opt.set_flat_mask(ref)
+    assert torch.equal(opt.flat_mask(), ref)
+    offset = 0
+    for p in m.parameters():
+        assert torch.equal(opt.state[p]["mask"], ref[offset:offset + p.numel()].view(p.shape))
+        assert opt.state[p]["mask"].stride() == p.stride()
+        offset += p.numel()
+
+
+def test_flat_mask_path_skips_parameters_without_gradients():
+    """A parameter left out of the backward breaks the masks' tiling of the buffer: the general path takes over."""
+    x, y = batch()
+    outs = []
+    for foreach in (True, False):
+        m = tiny_net()
+        m[1].weight.requires_grad_(False)  # BatchNorm scale: no gradient, in the middle of the parameter list
+        opt = make_opt("ssamf", m, rho=0.2, foreach=foreach, sparsity=0.5)
+        opt.update_mask(m, [(x, y)])
+        for _ in range(2):
+            sam_step(m, opt, x, y)
+        outs.append(params_of(m))
+    for a, b in zip(*outs):
+        assert torch.allclose(a, b, rtol=0, atol=1e-14)
+
+
+def test_set_flat_mask_rejects_a_wrong_length():
+    m = tiny_net()
+    opt = make_opt("ssamd", m, sparsity=0.5)
+    n = sum(p.numel() for p in m.parameters())
+    with pytest.raises(ValueError, match=f"got {n - 1} entries.*exactly {n}"):
+        opt.set_flat_mask(torch.ones(n - 1, dtype=torch.bool))
+
+
 @pytest.mark.parametrize("kind", ["sam", "ssamf", "ssamd"])
 def test_state_dict_round_trip_mid_training(kind):
     x, y = batch()

@@ -2,14 +2,14 @@
 import pytest
 import torch
 
-from ssam.optim.select import radix_top_k_mask
+from ssam.optim.select import device_top_k_mask
 from ssam.optim.ssam import top_k_mask
 
 KINDS = ["normal", "ties", "masked", "negative", "zeros"]
 
 
 @pytest.mark.parametrize("kind", KINDS)
-def test_radix_top_k_matches_sorting(kind):
+def test_device_top_k_matches_sorting(kind):
     g = torch.Generator().manual_seed(KINDS.index(kind))
     for _ in range(40):
         n = int(torch.randint(1, 400, (1,), generator=g))
@@ -22,15 +22,15 @@ def test_radix_top_k_matches_sorting(kind):
             "zeros": lambda: torch.zeros(n),
         }[kind]()
         k = int(torch.randint(0, n + 1, (1,), generator=g))
-        m = radix_top_k_mask(s, k)
+        m = device_top_k_mask(s, k)
         assert m.dtype == torch.bool and int(m.sum()) == k
         expected = torch.sort(s, descending=True).values
         if 0 < k:
             assert torch.equal(torch.sort(s[m], descending=True).values, expected[:k])
 
 
-def test_radix_and_cpu_selection_pick_the_same_entries():
-    """The accelerator path (radix) and the CPU path (numpy partition) break ties alike, by position, with -0.0 and
+def test_device_and_cpu_selection_pick_the_same_entries():
+    """The accelerator path (topk threshold) and the CPU path (numpy partition) break ties alike, by position, with -0.0 and
     +0.0 equal: a mask does not depend on the device it was computed on."""
     g = torch.Generator().manual_seed(7)
     for _ in range(30):
@@ -38,4 +38,4 @@ def test_radix_and_cpu_selection_pick_the_same_entries():
         s = torch.randint(-2, 3, (n,), generator=g).float() * torch.rand(n, generator=g).round()
         s = torch.where(torch.rand(n, generator=g) < 0.3, -s, s)  # many exact zeros of both signs
         k = int(torch.randint(0, n + 1, (1,), generator=g))
-        assert torch.equal(radix_top_k_mask(s, k), top_k_mask(s, k))
+        assert torch.equal(device_top_k_mask(s, k), top_k_mask(s, k))

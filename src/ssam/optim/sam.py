@@ -175,14 +175,7 @@ class SAM(torch.optim.Optimizer):
             saved = [self._buffer(p) for p in ps]
             masks = [self._mask_for(p) for p in ps]
             if use_foreach:
-                torch._foreach_copy_(saved, ps)
-                es = torch._foreach_mul(gs, scale.to(gs[0].device))
-                if group["adaptive"]:
-                    torch._foreach_mul_(es, torch._foreach_mul(ps, ps))
-                masked = [(e, m) for e, m in zip(es, masks) if m is not None]
-                if masked:
-                    torch._foreach_mul_([e for e, _ in masked], [m for _, m in masked])
-                torch._foreach_add_(ps, es)
+                self._perturb_foreach(ps, gs, saved, masks, scale.to(gs[0].device), group["adaptive"])
             else:
                 self._perturb_single(ps, gs, saved, masks, scale, group["adaptive"])
             perturbed_p.extend(ps)
@@ -190,6 +183,19 @@ class SAM(torch.optim.Optimizer):
         self._perturbed = (perturbed_p, perturbed_w)
         if zero_grad:
             self.zero_grad()
+
+    def _perturb_foreach(self, ps: list[Tensor], gs: list[Tensor], saved: list[Tensor], masks: list[Tensor | None],
+                         scale: Tensor, adaptive: bool) -> None:
+        """w <- w + scale * g (* w^2) (* mask) with multi-tensor kernels; the scale stays on the device."""
+        torch._foreach_copy_(saved, ps)
+        es = torch._foreach_mul(gs, scale)
+        if adaptive:
+            torch._foreach_mul_(es, torch._foreach_mul(ps, ps))
+        masked = [(e, m) for e, m in zip(es, masks) if m is not None]
+        if masked:
+            # Float times bool lists are not one dtype, so foreach falls back to one kernel per tensor here.
+            torch._foreach_mul_([e for e, _ in masked], [m for _, m in masked])
+        torch._foreach_add_(ps, es)
 
     def _perturb_single(self, ps: list[Tensor], gs: list[Tensor], saved: list[Tensor], masks: list[Tensor | None],
                         scale: Tensor, adaptive: bool) -> None:

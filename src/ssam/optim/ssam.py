@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from .fisher import FISHER_METHODS, empirical_fisher
 from .sam import SAM
-from .select import radix_top_k_mask
+from .select import device_top_k_mask
 
 __all__ = ["SSAMF", "SSAMD", "top_k_mask", "STRATEGIES"]
 
@@ -28,12 +28,22 @@ STRATEGIES = ("weight", "gradient", "random")
 _NUMPY_FLOATS = (torch.float16, torch.float32, torch.float64)
 
 
+def _dense(t: Tensor) -> bool:
+    """Whether t covers one gap-free stretch of memory (contiguous or channels_last), so it can be read flat."""
+    return t.is_contiguous() or (t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last))
+
+
+def _memory_order(t: Tensor) -> Tensor:
+    """A dense tensor's entries as a flat view, in the order they lie in memory (no copy)."""
+    return t.as_strided((t.numel(),), (1,))
+
+
 def top_k_mask(score: Tensor, k: int) -> Tensor:
     """Boolean mask with exactly ``k`` True entries at the ``k`` largest scores of a 1-D tensor.
 
     A k-th value threshold (linear-time selection) instead of a sort; ties at the threshold are broken by position
     so the count is exact. On a CPU the selection is numpy's partition, several times faster than torch.kthvalue;
-    on an accelerator it is a radix select (``ssam.optim.select``) that runs without a host round trip.
+    on an accelerator it is a topk threshold (``ssam.optim.select``) that runs without a host round trip.
     """
     n = score.numel()
     if k <= 0:
@@ -53,8 +63,7 @@ def top_k_mask(score: Tensor, k: int) -> Tensor:
         need = k - int(above.count_nonzero())
         at = score == thr
         return above | (at & (torch.cumsum(at, 0) <= need))
-    # On accelerators kthvalue/topk sort; a radix select is a few histogram passes and never waits on the host.
-    return radix_top_k_mask(score, k)
+    return device_top_k_mask(score, k)
 
 
 class _SparseSAM(SAM):
@@ -70,6 +79,9 @@ class _SparseSAM(SAM):
         self.sparsity = float(sparsity)
         self.update_freq = update_freq
         self.renormalize = bool(renormalize)
+        # All masks live in one flat bool tensor (when the parameters share a device); state[p]["mask"] are views
+        # of it. One buffer lets first_step mask every perturbation with one kernel instead of one per tensor.
+        self._mask_buffer: Tensor | None = None
 
     # --------------------------------------------------------------- mask plumbing
     def mask_params(self) -> list[Tensor]:
@@ -88,15 +100,78 @@ class _SparseSAM(SAM):
         return all("mask" in self.state[p] for p in self.mask_params())
 
     def set_flat_mask(self, flat: Tensor) -> None:
+        """Set every mask from one flat tensor over all entries, in param-group order."""
+        params = self.mask_params()
+        flat = flat.reshape(-1)
+        total = sum(p.numel() for p in params)
+        if flat.numel() != total:
+            raise ValueError(f"flat mask: got {flat.numel()} entries; allowed: exactly {total}, one per parameter entry")
+        if len({p.device for p in params}) > 1:  # parameters spread over devices: one mask tensor each
+            self._mask_buffer = None
+            offset = 0
+            for p in params:
+                self.state[p]["mask"] = flat[offset:offset + p.numel()].to(p.device, torch.bool).view(p.shape).clone()
+                offset += p.numel()
+            return
+        buf = self._mask_buffer
+        if buf is None or buf.numel() != total or buf.device != params[0].device:
+            buf = self._mask_buffer = torch.empty(total, dtype=torch.bool, device=params[0].device)
+        all_contiguous = all(p.is_contiguous() for p in params)
+        if all_contiguous:
+            buf.copy_(flat)
+        # Each mask is laid out in memory as its parameter is (channels_last included), so that the buffer and the
+        # gradients, both read in memory order, line up entry for entry in _perturb_foreach.
         offset = 0
-        for p in self.mask_params():
-            m = flat[offset:offset + p.numel()].view_as(p)
-            offset += p.numel()
-            st = self.state[p]
-            if "mask" in st and st["mask"].shape == p.shape:
-                st["mask"].copy_(m)
+        for p in params:
+            n = p.numel()
+            if _dense(p):
+                view = buf[offset:offset + n].as_strided(p.shape, p.stride())
+                if not all_contiguous:
+                    view.copy_(flat[offset:offset + n].view(p.shape))
             else:
-                st["mask"] = m.clone().to(p.device)
+                view = buf[offset:offset + n].view(p.shape)
+                view.copy_(flat[offset:offset + n].view(p.shape))
+            self.state[p]["mask"] = view
+            offset += n
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        super().load_state_dict(state_dict)
+        self._mask_buffer = None
+        if self.has_masks():  # loaded masks are separate tensors: gather them into one buffer again
+            self.set_flat_mask(self.flat_mask())
+
+    def _mask_segment(self, masks: list[Tensor | None], gs: list[Tensor]) -> Tensor | None:
+        """The stretch of the mask buffer that ``masks`` tile in order, if they do and each gradient is laid out in
+        memory as its mask (dense, same strides, one dtype, the buffer's device); else None."""
+        buf = self._mask_buffer
+        if buf is None or not masks or any(m is None for m in masks) or gs[0].device != buf.device:
+            return None
+        base = buf.data_ptr()
+        start = masks[0].data_ptr() - base
+        offset = start
+        dtype = gs[0].dtype
+        for m, g in zip(masks, gs):
+            if m.data_ptr() - base != offset or m.stride() != g.stride() or g.dtype != dtype or not _dense(g):
+                return None
+            offset += m.numel()
+        if offset > buf.numel():
+            return None
+        return buf[start:offset]
+
+    def _perturb_foreach(self, ps: list[Tensor], gs: list[Tensor], saved: list[Tensor], masks: list[Tensor | None],
+                         scale: Tensor, adaptive: bool) -> None:
+        seg = self._mask_segment(masks, gs)
+        if seg is None or any(p.stride() != g.stride() for p, g in zip(ps, gs)):
+            return super()._perturb_foreach(ps, gs, saved, masks, scale, adaptive)
+        # On an accelerator a step is bound by kernel launches: one concatenation and two flat products replace a
+        # product per tensor (foreach cannot multiply float by bool lists in one kernel). Same values: g * m * scale
+        # is g * scale where m is 1 and 0 where it is 0. Everything is read in memory order (see set_flat_mask).
+        torch._foreach_copy_(saved, ps)
+        flat = torch.cat([_memory_order(g) for g in gs]).mul_(seg).mul_(scale)
+        es = [e.as_strided(p.shape, p.stride()) for e, p in zip(flat.split([p.numel() for p in ps]), ps)]
+        if adaptive:
+            torch._foreach_mul_(es, torch._foreach_mul(ps, ps))
+        torch._foreach_add_(ps, es)
 
     def _flat(self, tensors: list[Tensor]) -> Tensor:
         device = tensors[0].device
@@ -134,7 +209,14 @@ class _SparseSAM(SAM):
         if self.renormalize:
             # Normalising by the masked gradient's norm puts the masked perturbation back on the rho-sphere.
             masks = [self.state[p]["mask"] for p in params]
-            grads = torch._foreach_mul(grads, masks) if self._use_foreach(params) else [g * m for g, m in zip(grads, masks)]
+            seg = self._mask_segment(masks, grads) if self._use_foreach(params) and not adaptive else None
+            if seg is not None:  # the masked gradients as pieces of one flat product (see _perturb_foreach)
+                flat = torch.cat([_memory_order(g) for g in grads]).mul_(seg)
+                grads = list(flat.split([g.numel() for g in grads]))
+            elif self._use_foreach(params):
+                grads = torch._foreach_mul(grads, masks)
+            else:
+                grads = [g * m for g, m in zip(grads, masks)]
         return super()._grad_norm(params, grads, adaptive)
 
 
@@ -241,6 +323,10 @@ class SSAMD(_SparseSAM):
         device = self._generator.device
         if strategy == "random":
             return torch.rand(n, generator=self._generator, device=device)
+        srcs = [p.detach() if strategy == "weight" else p.grad for p in params]
+        if among is None and all(t is not None for t in srcs):
+            # One concatenation instead of a copy per tensor: on an accelerator, launches are the cost.
+            return torch.cat([t.reshape(-1) for t in srcs]).to(device, torch.float32).abs_()
         out = torch.empty(n, dtype=torch.float32, device=device)
         keep = among.numpy().view(np.uint8) if among is not None else None
         offset = 0
