@@ -24,8 +24,11 @@ def device_top_k_mask(score: Tensor, k: int) -> Tensor:
     if k >= n:
         return torch.ones(n, dtype=torch.bool, device=score.device)
     score = score.reshape(-1)
-    threshold = torch.topk(score, k, sorted=False).values.min()
-    above = score > threshold
+    top = torch.topk(score, k, sorted=False).values
+    threshold = top.min()
+    # topk kept every entry above the threshold and as many tied ones as fit: count those among its k values, not
+    # among all n entries.
+    need = (top == threshold).sum()
     at = score == threshold
-    need = k - above.sum()  # how many of the tied entries are kept, as a device tensor
-    return above.logical_or_(at.logical_and_(torch.cumsum(at, 0) <= need))
+    rank = torch.cumsum(at, 0, dtype=torch.int32 if n < 2**31 else torch.int64)
+    return (score > threshold).logical_or_(at.logical_and_(rank <= need))

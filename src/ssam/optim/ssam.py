@@ -82,6 +82,9 @@ class _SparseSAM(SAM):
         # All masks live in one flat bool tensor (when the parameters share a device); state[p]["mask"] are views
         # of it. One buffer lets first_step mask every perturbation with one kernel instead of one per tensor.
         self._mask_buffer: Tensor | None = None
+        self._mask_index: dict[int, int] = {}
+        self._mask_ptrs: list[int] = []
+        self._mask_dense = False
 
     # --------------------------------------------------------------- mask plumbing
     def mask_params(self) -> list[Tensor]:
@@ -122,7 +125,8 @@ class _SparseSAM(SAM):
         # Each mask is laid out in memory as its parameter is (channels_last included), so that the buffer and the
         # gradients, both read in memory order, line up entry for entry in _perturb_foreach.
         offset = 0
-        for p in params:
+        self._mask_index = {}  # mask data pointer -> position, for _mask_segment's check
+        for i, p in enumerate(params):
             n = p.numel()
             if _dense(p):
                 view = buf[offset:offset + n].as_strided(p.shape, p.stride())
@@ -132,7 +136,10 @@ class _SparseSAM(SAM):
                 view = buf[offset:offset + n].view(p.shape)
                 view.copy_(flat[offset:offset + n].view(p.shape))
             self.state[p]["mask"] = view
+            self._mask_index[view.data_ptr()] = i
             offset += n
+        self._mask_ptrs = list(self._mask_index)
+        self._mask_dense = all(_dense(p) for p in params)
 
     def load_state_dict(self, state_dict: dict) -> None:
         super().load_state_dict(state_dict)
@@ -142,21 +149,23 @@ class _SparseSAM(SAM):
 
     def _mask_segment(self, masks: list[Tensor | None], gs: list[Tensor]) -> Tensor | None:
         """The stretch of the mask buffer that ``masks`` tile in order, if they do and each gradient is laid out in
-        memory as its mask (dense, same strides, one dtype, the buffer's device); else None."""
+        memory as its mask (same strides, one dtype, the buffer's device); else None. Runs every step, where the
+        host's time is the step's time on an accelerator: list comparisons, no per-tensor branching."""
         buf = self._mask_buffer
-        if buf is None or not masks or any(m is None for m in masks) or gs[0].device != buf.device:
+        if buf is None or not self._mask_dense or not masks or masks[0] is None or gs[0].device != buf.device:
             return None
-        base = buf.data_ptr()
-        start = masks[0].data_ptr() - base
-        offset = start
-        dtype = gs[0].dtype
-        for m, g in zip(masks, gs):
-            if m.data_ptr() - base != offset or m.stride() != g.stride() or g.dtype != dtype or not _dense(g):
-                return None
-            offset += m.numel()
-        if offset > buf.numel():
+        try:
+            ptrs = [m.data_ptr() for m in masks]
+        except AttributeError:  # a parameter without a mask
             return None
-        return buf[start:offset]
+        first = self._mask_index.get(ptrs[0])
+        if first is None or ptrs != self._mask_ptrs[first:first + len(ptrs)]:
+            return None
+        # Every mask view is dense (set_flat_mask), so a gradient with its strides is dense too.
+        if [m.stride() for m in masks] != [g.stride() for g in gs] or len({g.dtype for g in gs}) != 1:
+            return None
+        start = ptrs[0] - buf.data_ptr()
+        return buf[start:start + sum(m.numel() for m in masks)]
 
     def _perturb_foreach(self, ps: list[Tensor], gs: list[Tensor], saved: list[Tensor], masks: list[Tensor | None],
                          scale: Tensor, adaptive: bool) -> None:
@@ -178,7 +187,11 @@ class _SparseSAM(SAM):
         return torch.cat([t.reshape(-1).to(device) for t in tensors])
 
     def flat_mask(self) -> Tensor:
-        return self._flat([self.state[p]["mask"] for p in self.mask_params()])
+        masks = [self.state[p]["mask"] for p in self.mask_params()]
+        buf = self._mask_buffer
+        if buf is not None and all(m.is_contiguous() for m in masks) and [m.data_ptr() for m in masks] == self._mask_ptrs:
+            return buf.clone()  # the buffer is already the flat mask, in order
+        return self._flat(masks)
 
     def should_update(self, epoch: int) -> bool:
         """Whether the mask is refreshed at the start of ``epoch`` (every ``update_freq`` epochs, from 0)."""
