@@ -27,6 +27,18 @@ def check(name, ok, detail=""):
         failures.append(name)
 
 
+def timed(fn, n=20):
+    """Seconds per call of fn on the GPU, after 3 untimed calls."""
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(n):
+        fn()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - t) / n
+
+
 torch.manual_seed(0)
 # 1. Fisher: vmap on CUDA equals the per-example loop on the CPU (float64).
 m_cpu = build_model("resnet8", 10, 3, 32).double()
@@ -62,21 +74,10 @@ for label, s in (("normal", torch.randn(n, generator=g)),
     check(f"top_k_mask cuda {label}: same mask as cpu", torch.equal(top_k_mask(s_dev, k).cpu(), top_k_mask(s, k)))
 
 
-def cuda_ms(fn, n=20):
-    for _ in range(3):
-        fn()
-    torch.cuda.synchronize()
-    t = time.perf_counter()
-    for _ in range(n):
-        fn()
-    torch.cuda.synchronize()
-    return (time.perf_counter() - t) / n * 1e3
-
-
 s_dev = torch.randn(n, device=dev)
-print(f"INFO select k=n/2 of {n}: top_k_mask {cuda_ms(lambda: top_k_mask(s_dev, n // 2)):.3f} ms, "
-      f"kthvalue {cuda_ms(lambda: torch.kthvalue(s_dev, n // 2)):.3f} ms, "
-      f"topk {cuda_ms(lambda: torch.topk(s_dev, n // 2, sorted=False)):.3f} ms", flush=True)
+print(f"INFO select k=n/2 of {n}: top_k_mask {1e3 * timed(lambda: top_k_mask(s_dev, n // 2)):.3f} ms, "
+      f"kthvalue {1e3 * timed(lambda: torch.kthvalue(s_dev, n // 2)):.3f} ms, "
+      f"topk {1e3 * timed(lambda: torch.topk(s_dev, n // 2, sorted=False)):.3f} ms", flush=True)
 
 # 2. No host synchronisation inside first_step / second_step / SSAM-D update on CUDA.
 model = build_model("resnet18", 10, 3, 32).to(dev)
@@ -112,17 +113,6 @@ def sgd_step():
     F.cross_entropy(model(xb), yb).backward()
     sgd.step()
     sgd.zero_grad()
-
-
-def timed(fn, n=20):
-    for _ in range(3):
-        fn()
-    torch.cuda.synchronize()
-    t = time.perf_counter()
-    for _ in range(n):
-        fn()
-    torch.cuda.synchronize()
-    return (time.perf_counter() - t) / n
 
 
 t_sgd = timed(sgd_step)

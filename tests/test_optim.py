@@ -210,6 +210,17 @@ def test_foreach_and_per_tensor_paths_agree(kind):
         assert torch.allclose(a, b, rtol=0, atol=1e-14)
 
 
+def sparse_opt(kind, m, x, y, flat, seed, **kw):
+    """An SSAM-F (mask from (x, y)) or SSAM-D optimizer on the multi-tensor path; ``flat=False`` turns the flat mask
+    path off, leaving masking tensor by tensor."""
+    opt = make_opt(kind, m, foreach=True, **kw, **({"seed": seed} if kind == "ssamd" else {}))
+    if kind == "ssamf":
+        opt.update_mask(m, [(x, y)])
+    if not flat:
+        opt._mask_segment = lambda masks, gs: None
+    return opt
+
+
 @pytest.mark.parametrize("adaptive", [False, True])
 @pytest.mark.parametrize("renormalize", [False, True])
 @pytest.mark.parametrize("kind", ["ssamf", "ssamd"])
@@ -220,16 +231,10 @@ def test_flat_mask_path_equals_per_tensor_masking(kind, renormalize, adaptive):
     outs, taken = [], []
     for flat in (True, False):
         m = tiny_net()
-        kw = dict(rho=0.2, foreach=True, sparsity=0.6, renormalize=renormalize, adaptive=adaptive)
-        if kind == "ssamd":
-            kw["seed"] = 3
-        opt = make_opt(kind, m, **kw)
-        if kind == "ssamf":
-            opt.update_mask(m, [(x, y)])
-        if not flat:
-            opt._mask_segment = lambda masks, gs: None
+        kw = dict(rho=0.2, sparsity=0.6, renormalize=renormalize, adaptive=adaptive)
+        opt = sparse_opt(kind, m, x, y, flat, 3, **kw)
         sam_step(m, opt, x, y, update=(lambda: opt.update_mask(1)) if kind == "ssamd" else None)
-        fresh = make_opt(kind, m, **kw)
+        fresh = make_opt(kind, m, foreach=True, **kw, **({"seed": 3} if kind == "ssamd" else {}))
         fresh.load_state_dict(copy.deepcopy(opt.state_dict()))
         if not flat:
             fresh._mask_segment = lambda masks, gs: None
@@ -254,14 +259,7 @@ def test_flat_mask_path_with_channels_last_parameters(kind):
         torch.manual_seed(0)
         m = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 5, 1), nn.Flatten(),
                           nn.Linear(5 * 6 * 6, 3)).double().to(memory_format=torch.channels_last)
-        kw = dict(rho=0.2, foreach=True, sparsity=0.5)
-        if kind == "ssamd":
-            kw["seed"] = 4
-        opt = make_opt(kind, m, **kw)
-        if kind == "ssamf":
-            opt.update_mask(m, [(x, y)])
-        if not flat:
-            opt._mask_segment = lambda masks, gs: None
+        opt = sparse_opt(kind, m, x, y, flat, 4, rho=0.2, sparsity=0.5)
         F.cross_entropy(m(x), y).backward()
         masks = [opt.state[p]["mask"] for p in m.parameters()]
         taken.append(opt._mask_segment(masks, [p.grad for p in m.parameters()]) is not None)
