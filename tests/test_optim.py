@@ -217,7 +217,7 @@ def sparse_opt(kind, m, x, y, flat, seed, **kw):
     if kind == "ssamf":
         opt.update_mask(m, [(x, y)])
     if not flat:
-        opt._mask_segment = lambda masks, gs: None
+        opt._mask_segment = lambda ps, masks, gs: None
     return opt
 
 
@@ -237,10 +237,10 @@ def test_flat_mask_path_equals_per_tensor_masking(kind, renormalize, adaptive):
         fresh = make_opt(kind, m, foreach=True, **kw, **({"seed": 3} if kind == "ssamd" else {}))
         fresh.load_state_dict(copy.deepcopy(opt.state_dict()))
         if not flat:
-            fresh._mask_segment = lambda masks, gs: None
+            fresh._mask_segment = lambda ps, masks, gs: None
         assert torch.equal(fresh.flat_mask(), opt.flat_mask())
         masks = [fresh.state[p]["mask"] for p in m.parameters()]
-        taken.append(fresh._mask_segment(masks, [p.detach() for p in m.parameters()]) is not None)
+        taken.append(fresh._mask_segment(list(m.parameters()), masks, [p.detach() for p in m.parameters()]) is not None)
         for _ in range(2):
             sam_step(m, fresh, x, y, update=(lambda: fresh.update_mask(2)) if kind == "ssamd" else None)
         outs.append(params_of(m))
@@ -262,7 +262,7 @@ def test_flat_mask_path_with_channels_last_parameters(kind):
         opt = sparse_opt(kind, m, x, y, flat, 4, rho=0.2, sparsity=0.5)
         F.cross_entropy(m(x), y).backward()
         masks = [opt.state[p]["mask"] for p in m.parameters()]
-        taken.append(opt._mask_segment(masks, [p.grad for p in m.parameters()]) is not None)
+        taken.append(opt._mask_segment(list(m.parameters()), masks, [p.grad for p in m.parameters()]) is not None)
         opt.zero_grad()
         for _ in range(2):
             sam_step(m, opt, x, y, update=(lambda: opt.update_mask(1)) if kind == "ssamd" else None)

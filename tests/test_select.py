@@ -30,8 +30,8 @@ def test_device_top_k_matches_sorting(kind):
 
 
 def test_device_and_cpu_selection_pick_the_same_entries():
-    """The accelerator path (topk threshold) and the CPU path (numpy partition) break ties alike, by position, with -0.0 and
-    +0.0 equal: a mask does not depend on the device it was computed on."""
+    """The accelerator path (topk threshold) and the CPU path (numpy partition) break ties alike, by position, with
+    -0.0 and +0.0 equal: a mask does not depend on the device it was computed on."""
     g = torch.Generator().manual_seed(7)
     for _ in range(30):
         n = int(torch.randint(1, 2000, (1,), generator=g))

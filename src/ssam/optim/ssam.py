@@ -38,6 +38,11 @@ def _memory_order(t: Tensor) -> Tensor:
     return t.as_strided((t.numel(),), (1,))
 
 
+def _masked_flat(tensors: list[Tensor], mask: Tensor) -> Tensor:
+    """The tensors, read in memory order, concatenated and multiplied by a flat mask laid out the same way."""
+    return torch.cat([_memory_order(t) for t in tensors]).mul_(mask)
+
+
 def top_k_mask(score: Tensor, k: int) -> Tensor:
     """Boolean mask with exactly ``k`` True entries at the ``k`` largest scores of a 1-D tensor.
 
@@ -108,7 +113,8 @@ class _SparseSAM(SAM):
         flat = flat.reshape(-1)
         total = sum(p.numel() for p in params)
         if flat.numel() != total:
-            raise ValueError(f"flat mask: got {flat.numel()} entries; allowed: exactly {total}, one per parameter entry")
+            raise ValueError(f"flat mask: got {flat.numel()} entries; allowed: exactly {total}, one per parameter "
+                             "entry")
         if len({p.device for p in params}) > 1:  # parameters spread over devices: one mask tensor each
             self._mask_buffer = None
             offset = 0
@@ -147,10 +153,10 @@ class _SparseSAM(SAM):
         if self.has_masks():  # loaded masks are separate tensors: gather them into one buffer again
             self.set_flat_mask(self.flat_mask())
 
-    def _mask_segment(self, masks: list[Tensor | None], gs: list[Tensor]) -> Tensor | None:
-        """The stretch of the mask buffer that ``masks`` tile in order, if they do and each gradient is laid out in
-        memory as its mask (same strides, one dtype, the buffer's device); else None. Runs every step, where the
-        host's time is the step's time on an accelerator: list comparisons, no per-tensor branching."""
+    def _mask_segment(self, ps: list[Tensor], masks: list[Tensor | None], gs: list[Tensor]) -> Tensor | None:
+        """The stretch of the mask buffer that ``masks`` tile in order, if they do and each parameter and gradient
+        is laid out in memory as its mask (same strides, one dtype, the buffer's device); else None. Runs every step,
+        where the host's time is the step's time on an accelerator: list comparisons, no per-tensor branching."""
         buf = self._mask_buffer
         if buf is None or not self._mask_dense or not masks or masks[0] is None or gs[0].device != buf.device:
             return None
@@ -162,21 +168,24 @@ class _SparseSAM(SAM):
         if first is None or ptrs != self._mask_ptrs[first:first + len(ptrs)]:
             return None
         # Every mask view is dense (set_flat_mask), so a gradient with its strides is dense too.
-        if [m.stride() for m in masks] != [g.stride() for g in gs] or len({g.dtype for g in gs}) != 1:
+        strides = [m.stride() for m in masks]
+        if strides != [g.stride() for g in gs] or strides != [p.stride() for p in ps]:
+            return None
+        if len({g.dtype for g in gs}) != 1:
             return None
         start = ptrs[0] - buf.data_ptr()
         return buf[start:start + sum(m.numel() for m in masks)]
 
     def _perturb_foreach(self, ps: list[Tensor], gs: list[Tensor], saved: list[Tensor], masks: list[Tensor | None],
                          scale: Tensor, adaptive: bool) -> None:
-        seg = self._mask_segment(masks, gs)
-        if seg is None or any(p.stride() != g.stride() for p, g in zip(ps, gs)):
+        seg = self._mask_segment(ps, masks, gs)
+        if seg is None:
             return super()._perturb_foreach(ps, gs, saved, masks, scale, adaptive)
         # On an accelerator a step is bound by kernel launches: one concatenation and two flat products replace a
         # product per tensor (foreach cannot multiply float by bool lists in one kernel). Same values: g * m * scale
         # is g * scale where m is 1 and 0 where it is 0. Everything is read in memory order (see set_flat_mask).
         torch._foreach_copy_(saved, ps)
-        flat = torch.cat([_memory_order(g) for g in gs]).mul_(seg).mul_(scale)
+        flat = _masked_flat(gs, seg).mul_(scale)
         es = [e.as_strided(p.shape, p.stride()) for e, p in zip(flat.split([p.numel() for p in ps]), ps)]
         if adaptive:
             torch._foreach_mul_(es, torch._foreach_mul(ps, ps))
@@ -189,7 +198,8 @@ class _SparseSAM(SAM):
     def flat_mask(self) -> Tensor:
         masks = [self.state[p]["mask"] for p in self.mask_params()]
         buf = self._mask_buffer
-        if buf is not None and all(m.is_contiguous() for m in masks) and [m.data_ptr() for m in masks] == self._mask_ptrs:
+        in_order = buf is not None and [m.data_ptr() for m in masks] == self._mask_ptrs
+        if in_order and all(m.is_contiguous() for m in masks):
             return buf.clone()  # the buffer is already the flat mask, in order
         return self._flat(masks)
 
@@ -222,10 +232,9 @@ class _SparseSAM(SAM):
         if self.renormalize:
             # Normalising by the masked gradient's norm puts the masked perturbation back on the rho-sphere.
             masks = [self.state[p]["mask"] for p in params]
-            seg = self._mask_segment(masks, grads) if self._use_foreach(params) and not adaptive else None
+            seg = self._mask_segment(params, masks, grads) if self._use_foreach(params) and not adaptive else None
             if seg is not None:  # the masked gradients as pieces of one flat product (see _perturb_foreach)
-                flat = torch.cat([_memory_order(g) for g in grads]).mul_(seg)
-                grads = list(flat.split([g.numel() for g in grads]))
+                grads = list(_masked_flat(grads, seg).split([g.numel() for g in grads]))
             elif self._use_foreach(params):
                 grads = torch._foreach_mul(grads, masks)
             else:
@@ -343,8 +352,7 @@ class SSAMD(_SparseSAM):
         out = torch.empty(n, dtype=torch.float32, device=device)
         keep = among.numpy().view(np.uint8) if among is not None else None
         offset = 0
-        for p in params:
-            src = p.detach() if strategy == "weight" else p.grad
+        for p, src in zip(params, srcs):
             view = out[offset:offset + p.numel()]
             if src is None:
                 view.zero_()
