@@ -290,6 +290,27 @@ def test_set_flat_mask_round_trips_in_logical_order_for_any_layout():
         offset += p.numel()
 
 
+def test_flat_mask_path_with_a_non_contiguous_gradient():
+    """Contiguous parameters put the mask buffer in plain order; a gradient set by hand in another layout (here a
+    transposed one) is then read in plain order too, and the step equals masking tensor by tensor."""
+    outs = []
+    for flat in (True, False):
+        torch.manual_seed(0)
+        w, b = nn.Parameter(torch.randn(5, 7, dtype=torch.float64)), nn.Parameter(torch.randn(7, dtype=torch.float64))
+        opt = SSAMD([w, b], torch.optim.SGD, lr=0.1, rho=0.3, sparsity=0.5, foreach=True, seed=2)
+        if not flat:
+            opt._mask_segment = lambda ps, masks, gs: None
+        w.grad = torch.randn(7, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(1)).t()
+        b.grad = torch.randn(7, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+        assert not w.grad.is_contiguous()
+        if flat:
+            assert opt._mask_segment([w, b], [opt.state[w]["mask"], opt.state[b]["mask"]], [w.grad, b.grad]) is not None
+        opt.first_step()
+        outs.append([w.detach().clone(), b.detach().clone()])
+        opt.restore()
+    assert_same(*outs)
+
+
 def test_flat_mask_path_skips_parameters_without_gradients():
     """A parameter left out of the backward breaks the masks' tiling of the buffer: the general path takes over."""
     x, y = batch()

@@ -38,8 +38,13 @@ def _memory_order(t: Tensor) -> Tensor:
     return t.as_strided((t.numel(),), (1,))
 
 
-def _masked_flat(tensors: list[Tensor], mask: Tensor) -> Tensor:
-    """The tensors, read in memory order, concatenated and multiplied by a flat mask laid out the same way."""
+def _masked_flat(tensors: list[Tensor], mask: Tensor, contiguous: bool = False) -> Tensor:
+    """The tensors concatenated (a new tensor) and multiplied by a flat mask laid out the same way: in plain order
+    with ``contiguous`` (a mask buffer in plain order; made in one C++ call), else each in memory order."""
+    if contiguous and len(tensors) > 1:  # (for one tensor _flatten_dense_tensors returns a view of it, not a copy)
+        return torch._utils._flatten_dense_tensors(tensors).mul_(mask)
+    if contiguous:
+        return tensors[0].reshape(-1).mul(mask)
     return torch.cat([_memory_order(t) for t in tensors]).mul_(mask)
 
 
@@ -90,6 +95,7 @@ class _SparseSAM(SAM):
         self._mask_index: dict[int, int] = {}
         self._mask_ptrs: list[int] = []
         self._mask_dense = False
+        self._mask_contiguous = False
 
     # --------------------------------------------------------------- mask plumbing
     def mask_params(self) -> list[Tensor]:
@@ -146,6 +152,7 @@ class _SparseSAM(SAM):
             offset += n
         self._mask_ptrs = list(self._mask_index)
         self._mask_dense = all(_dense(p) for p in params)
+        self._mask_contiguous = all_contiguous
 
     def load_state_dict(self, state_dict: dict) -> None:
         super().load_state_dict(state_dict)
@@ -154,9 +161,10 @@ class _SparseSAM(SAM):
             self.set_flat_mask(self.flat_mask())
 
     def _mask_segment(self, ps: list[Tensor], masks: list[Tensor | None], gs: list[Tensor]) -> Tensor | None:
-        """The stretch of the mask buffer that ``masks`` tile in order, if they do and each parameter and gradient
-        is laid out in memory as its mask (same strides, one dtype, the buffer's device); else None. Runs every step,
-        where the host's time is the step's time on an accelerator: list comparisons, no per-tensor branching."""
+        """The stretch of the mask buffer that ``masks`` tile in order, if they do, the gradients share one dtype and
+        the buffer's device, and (unless the buffer is in plain order) each parameter and gradient is laid out in
+        memory as its mask; else None. Runs every step, where the host's time is the step's time on an accelerator:
+        list comparisons, no per-tensor branching."""
         buf = self._mask_buffer
         if buf is None or not self._mask_dense or not masks or masks[0] is None or gs[0].device != buf.device:
             return None
@@ -167,11 +175,14 @@ class _SparseSAM(SAM):
         first = self._mask_index.get(ptrs[0])
         if first is None or ptrs != self._mask_ptrs[first:first + len(ptrs)]:
             return None
-        # Every mask view is dense (set_flat_mask), so a gradient with its strides is dense too.
-        strides = [m.stride() for m in masks]
-        if strides != [g.stride() for g in gs] or strides != [p.stride() for p in ps]:
-            return None
-        if len({g.dtype for g in gs}) != 1:
+        # With every parameter contiguous the buffer is in plain order and the gradients are read in plain order
+        # whatever their layout (see _masked_flat). Otherwise they are read in memory order and must be laid out as
+        # their masks; every mask view is dense (set_flat_mask), so a gradient with its strides is dense too.
+        if not self._mask_contiguous:
+            strides = [m.stride() for m in masks]
+            if strides != [g.stride() for g in gs] or strides != [p.stride() for p in ps]:
+                return None
+        if len({g.dtype for g in gs}) != 1:  # one concatenation must not promote some gradients' precision
             return None
         start = ptrs[0] - buf.data_ptr()
         return buf[start:start + sum(m.numel() for m in masks)]
@@ -185,8 +196,11 @@ class _SparseSAM(SAM):
         # product per tensor (foreach cannot multiply float by bool lists in one kernel). Same values: g * m * scale
         # is g * scale where m is 1 and 0 where it is 0. Everything is read in memory order (see set_flat_mask).
         torch._foreach_copy_(saved, ps)
-        flat = _masked_flat(gs, seg).mul_(scale)
-        es = [e.as_strided(p.shape, p.stride()) for e, p in zip(flat.split([p.numel() for p in ps]), ps)]
+        flat = _masked_flat(gs, seg, self._mask_contiguous).mul_(scale)
+        if self._mask_contiguous:  # memory order is plain order: the views are made in C++, not one by one here
+            es = torch._utils._unflatten_dense_tensors(flat, ps)
+        else:
+            es = [e.as_strided(p.shape, p.stride()) for e, p in zip(flat.split([p.numel() for p in ps]), ps)]
         if adaptive:
             torch._foreach_mul_(es, torch._foreach_mul(ps, ps))
         torch._foreach_add_(ps, es)
@@ -234,7 +248,7 @@ class _SparseSAM(SAM):
             masks = [self.state[p]["mask"] for p in params]
             seg = self._mask_segment(params, masks, grads) if self._use_foreach(params) and not adaptive else None
             if seg is not None:  # the masked gradients as pieces of one flat product (see _perturb_foreach)
-                grads = list(_masked_flat(grads, seg).split([g.numel() for g in grads]))
+                grads = list(_masked_flat(grads, seg, self._mask_contiguous).split([g.numel() for g in grads]))
             elif self._use_foreach(params):
                 grads = torch._foreach_mul(grads, masks)
             else:
