@@ -860,6 +860,14 @@ def _colors(rows: list[dict]) -> dict[tuple, Any]:
     return out
 
 
+def _save_figure(fig, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def plot_curves(path: Path, rows: list[dict], records: list[dict]) -> bool:
     import matplotlib
     matplotlib.use("Agg")
@@ -905,9 +913,7 @@ def plot_curves(path: Path, rows: list[dict], records: list[dict]) -> bool:
         ax.grid(alpha=0.3)
     if drawn:
         axes[0].legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _save_figure(fig, path)
     return drawn
 
 
@@ -941,9 +947,7 @@ def plot_sparsity(path: Path, rows: list[dict], sparsities: list[float], base: s
            title="Accuracy vs sparsity (mean ± std over seeds)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _save_figure(fig, path)
     return drawn
 
 
@@ -983,9 +987,7 @@ def plot_masks(path: Path, rows: list[dict], records: list[dict]) -> bool:
            title="Final SSAM masks per parameter tensor (dotted: 1 − sparsity)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _save_figure(fig, path)
     return True
 
 
