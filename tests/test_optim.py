@@ -610,3 +610,23 @@ def test_two_pass_scaler_equals_unscaled_and_skips_overflow():
     scaler.update()
     assert_same(params_of(m2), w)
     assert scaler.get_scale() == 2.0**9 and scaler.skipped_steps == 1
+
+
+def test_ssamd_update_with_nan_gradients_keeps_the_live_count():
+    """A NaN gradient scores 0, the lowest a live entry can score: the live count stays exact and no survivor scores
+    below an entry that died."""
+    m = tiny_net()
+    opt = make_opt("ssamd", m, sparsity=0.5, seed=1, drop_strategy="gradient")
+    x, y = batch()
+    F.cross_entropy(m(x), y).backward()
+    m[0].weight.grad[0] = float("nan")  # one whole filter
+    score = torch.cat([p.grad.reshape(-1) for p in m.parameters()]).abs().nan_to_num(nan=0.0)
+    before = opt.flat_mask()
+    opt.update_mask(1)
+    after = opt.flat_mask()
+    assert int(after.sum()) == opt.num_live
+    died, survived = before & ~after, before & after
+    assert died.any() and score[survived].min() >= score[died].max()
+    nan_live = before.clone()
+    nan_live[m[0].weight.numel() // m[0].weight.shape[0]:] = False
+    assert nan_live.any() and not (after & nan_live).any()  # the threshold is above 0 here: all of them died

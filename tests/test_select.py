@@ -39,3 +39,23 @@ def test_device_and_cpu_selection_pick_the_same_entries():
         s = torch.where(torch.rand(n, generator=g) < 0.3, -s, s)  # many exact zeros of both signs
         k = int(torch.randint(0, n + 1, (1,), generator=g))
         assert torch.equal(device_top_k_mask(s, k), top_k_mask(s, k))
+
+
+def test_nan_scores_rank_lowest_on_both_paths():
+    """A NaN score (from a NaN gradient) must not break the exact count: it ranks lowest, tied with -inf, on the CPU
+    path and the accelerator path alike."""
+    g = torch.Generator().manual_seed(11)
+    for _ in range(30):
+        n = int(torch.randint(2, 500, (1,), generator=g))
+        s = torch.randn(n, generator=g)
+        s[torch.rand(n, generator=g) < 0.3] = float("nan")
+        s[torch.rand(n, generator=g) < 0.05] = float("-inf")
+        k = int(torch.randint(0, n + 1, (1,), generator=g))
+        cpu, dev = top_k_mask(s, k), device_top_k_mask(s, k)
+        assert int(cpu.sum()) == k and torch.equal(cpu, dev)
+        low = torch.isnan(s) | (s == float("-inf"))
+        # Every number above -inf is kept before any NaN is (NaN and -inf tie, by position).
+        if k <= int((~low).sum()):
+            assert not (cpu & low).any()
+        else:
+            assert cpu[~low].all()

@@ -7,6 +7,8 @@ a mask does not depend on the device it was computed on. Every count stays a dev
 """
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -16,7 +18,7 @@ __all__ = ["device_top_k_mask"]
 def device_top_k_mask(score: Tensor, k: int) -> Tensor:
     """Boolean mask with exactly ``k`` True entries at the largest scores of a 1-D tensor (ties: first positions).
 
-    ``-0.0`` and ``+0.0`` are equal here, as they are to ``>=``.
+    ``-0.0`` and ``+0.0`` are equal here, as they are to ``>=``; NaN ranks lowest, tied with ``-inf``.
     """
     n = score.numel()
     if k <= 0:
@@ -24,6 +26,9 @@ def device_top_k_mask(score: Tensor, k: int) -> Tensor:
     if k >= n:
         return torch.ones(n, dtype=torch.bool, device=score.device)
     score = score.reshape(-1)
+    if score.is_floating_point():
+        # topk ranks NaN highest and a NaN threshold would keep nothing: NaN ranks lowest, tied with -inf.
+        score = torch.nan_to_num(score, nan=-math.inf, posinf=math.inf, neginf=-math.inf)
     top = torch.topk(score, k, sorted=False).values
     threshold = top.min()
     # topk kept every entry above the threshold and as many tied ones as fit: count those among its k values, not

@@ -52,7 +52,7 @@ def top_k_mask(score: Tensor, k: int) -> Tensor:
     """Boolean mask with exactly ``k`` True entries at the ``k`` largest scores of a 1-D tensor.
 
     A k-th value threshold (linear-time selection) instead of a sort; ties at the threshold are broken by position
-    so the count is exact. On a CPU the selection is numpy's partition, several times faster than torch.kthvalue;
+    so the count is exact, and NaN scores rank lowest. On a CPU the selection is numpy's partition, several times faster than torch.kthvalue;
     on an accelerator it is a topk threshold (``ssam.optim.select``) that runs without a host round trip.
     """
     n = score.numel()
@@ -69,6 +69,9 @@ def top_k_mask(score: Tensor, k: int) -> Tensor:
         kept = score >= thr
         if int(kept.count_nonzero()) == k:
             return kept
+        if values.is_floating_point() and bool(torch.isnan(values).any()):
+            # numpy ranks NaN highest and no comparison keeps it: NaN ranks lowest instead, as on the device path.
+            return top_k_mask(torch.nan_to_num(values, nan=-math.inf, posinf=math.inf, neginf=-math.inf), k)
         above = score > thr
         need = k - int(above.count_nonzero())
         at = score == thr
@@ -362,7 +365,9 @@ class SSAMD(_SparseSAM):
         srcs = [p.detach() if strategy == "weight" else p.grad for p in params]
         if among is None and all(t is not None for t in srcs):
             # One concatenation instead of a copy per tensor: on an accelerator, launches are the cost.
-            return torch.cat([t.reshape(-1) for t in srcs]).to(device, torch.float32).abs_()
+            # A NaN gradient scores 0, the lowest a member can score (ssam.optim.select ranks NaN below -inf).
+            return torch.cat([t.reshape(-1) for t in srcs]).to(device, torch.float32).abs_().nan_to_num_(
+                nan=0.0, posinf=math.inf)
         out = torch.empty(n, dtype=torch.float32, device=device)
         keep = among.numpy().view(np.uint8) if among is not None else None
         offset = 0
@@ -392,6 +397,9 @@ class SSAMD(_SparseSAM):
         chosen = score >= thr
         if thr > 0 and np.count_nonzero(chosen) == m:
             return torch.from_numpy(chosen)
+        if np.isnan(thr) or np.isnan(score).any():  # a NaN gradient scores 0, as on the device path
+            np.nan_to_num(score, copy=False, nan=0.0, posinf=np.inf)
+            thr = np.partition(score, score.size - m)[score.size - m]
         above = score > thr
         at = (score == thr) & among.numpy()
         need = m - int(np.count_nonzero(above))
