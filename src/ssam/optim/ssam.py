@@ -143,12 +143,9 @@ class _SparseSAM(SAM):
         self._mask_index = {}  # mask data pointer -> position, for _mask_segment's check
         for i, p in enumerate(params):
             n = p.numel()
-            if _dense(p):
-                view = buf[offset:offset + n].as_strided(p.shape, p.stride())
-                if not all_contiguous:
-                    view.copy_(flat[offset:offset + n].view(p.shape))
-            else:
-                view = buf[offset:offset + n].view(p.shape)
+            piece = buf[offset:offset + n]
+            view = piece.as_strided(p.shape, p.stride()) if _dense(p) else piece.view(p.shape)
+            if not all_contiguous:  # (else the one copy above already put every entry in place)
                 view.copy_(flat[offset:offset + n].view(p.shape))
             self.state[p]["mask"] = view
             self._mask_index[view.data_ptr()] = i
@@ -249,10 +246,11 @@ class _SparseSAM(SAM):
         if self.renormalize:
             # Normalising by the masked gradient's norm puts the masked perturbation back on the rho-sphere.
             masks = [self.state[p]["mask"] for p in params]
-            seg = self._mask_segment(params, masks, grads) if self._use_foreach(params) and not adaptive else None
+            foreach = self._use_foreach(params)
+            seg = self._mask_segment(params, masks, grads) if foreach and not adaptive else None
             if seg is not None:  # the masked gradients as pieces of one flat product (see _perturb_foreach)
                 grads = list(_masked_flat(grads, seg, self._mask_contiguous).split([g.numel() for g in grads]))
-            elif self._use_foreach(params):
+            elif foreach:
                 grads = torch._foreach_mul(grads, masks)
             else:
                 grads = [g * m for g, m in zip(grads, masks)]
