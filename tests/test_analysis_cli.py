@@ -13,7 +13,7 @@ from ssam.analysis.cli import (add_hessian_args, add_landscape_args, add_sharpne
 from ssam.data import build_datasets
 from ssam.errors import UsageError
 from ssam.models import build_model
-from ssam.train.checkpoint import save_atomic
+from ssam.io import save_torch as save_atomic
 
 MODEL = "cnn_small"
 

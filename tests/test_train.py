@@ -13,7 +13,7 @@ import yaml
 
 from fakedata import make_cifar10, make_imagefolder
 from ssam.cli import main
-from ssam.train.checkpoint import load_checkpoint
+from ssam.checkpoint import load_checkpoint
 
 QUICK = ["--epochs", "2", "--quiet", "--num_workers", "0"]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}

@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import UsageError
+from .errors import ArgumentParser, UsageError
 from .models import MODELS, build_model
 from .optim import SAM, SSAMD, SSAMF, frozen_bn_stats
 from .optim.fisher import auto_method, hook_plan
@@ -54,7 +54,7 @@ LOADER_IMAGES = 10_000
 
 # ---------------------------------------------------------------------------------------------- arguments
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="ssam bench", description=__doc__.split("\n\n")[0])
+    p = ArgumentParser(prog="ssam bench", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default=None, help=f"one of {', '.join(MODELS)} (default resnet18)")
     p.add_argument("--dataset", default="CIFAR10",
                    help="input shape: CIFAR10, CIFAR100 (3x32x32), ImageNet (3x224x224), digits (1x8x8)")
@@ -78,7 +78,6 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
                    help="DataLoader worker processes for the loader comparison")
     p.add_argument("--seed", type=int, default=0)
-    p.error = lambda msg: (_ for _ in ()).throw(UsageError(f"ssam bench: {msg}"))  # type: ignore[method-assign]
     return p
 
 

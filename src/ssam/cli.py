@@ -8,7 +8,7 @@ from __future__ import annotations
 import sys
 import traceback
 
-from .errors import UsageError
+from .errors import EXIT_CODES, ArgumentParser, Diverged, Interrupted, UsageError
 
 USAGE = """usage: ssam <command> [flags]   (ssam <command> --help for its flags)
 
@@ -23,14 +23,11 @@ commands:
 
 def _analysis(name: str):
     def run(argv: list[str]) -> int:
-        import argparse
-
         from .analysis import cli as acli
 
-        parser = argparse.ArgumentParser(prog=f"ssam {name}")
+        parser = ArgumentParser(prog=f"ssam {name}")
         getattr(acli, f"add_{name}_args")(parser)
         parser.add_argument("--debug", action="store_true", help="show Python tracebacks")
-        parser.error = lambda msg: (_ for _ in ()).throw(UsageError(f"ssam {name}: {msg}"))  # type: ignore
         return int(getattr(acli, f"run_{name}")(parser.parse_args(argv)) or 0)
     return run
 
@@ -76,29 +73,23 @@ def main(argv: list[str] | None = None) -> int:
     debug = "--debug" in rest
     try:
         return COMMANDS[cmd](rest)
-    except UsageError as e:
+    except (Exception, KeyboardInterrupt) as e:  # noqa: BLE001 - the point is one line and an exit code per kind
         if debug:
             traceback.print_exc()
-        print(f"ssam {cmd}: error: {e}", file=sys.stderr)
-        return 2
-    except Exception as e:  # noqa: BLE001 - the point is a clean exit code per failure kind
-        from .train.loop import Diverged, Interrupted
-        if debug:
-            traceback.print_exc()
-        if isinstance(e, Diverged):
+        code = next((c for t, c in EXIT_CODES.items() if isinstance(e, t)), 1)
+        if isinstance(e, UsageError):
+            print(f"ssam {cmd}: error: {e}", file=sys.stderr)
+        elif isinstance(e, Diverged):
             print(f"ssam {cmd}: diverged: {e}", file=sys.stderr)
-            return 3
-        if isinstance(e, Interrupted):
+        elif isinstance(e, Interrupted):
             print(f"ssam {cmd}: {e}", file=sys.stderr)
-            return 130
-        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        print(f"ssam {cmd}: error: {type(e).__name__}: {first[:300]} (run with --debug for the traceback)",
-              file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print(f"ssam {cmd}: interrupted", file=sys.stderr)
-        return 130
-
+        elif isinstance(e, KeyboardInterrupt):
+            print(f"ssam {cmd}: interrupted", file=sys.stderr)
+        else:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+            print(f"ssam {cmd}: error: {type(e).__name__}: {first[:300]} (run with --debug for the traceback)",
+                  file=sys.stderr)
+        return code
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -12,7 +12,6 @@ runs), ``compare.yaml`` (the resolved grid, for the record), ``logs/<run>.log`` 
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import math
 import os
@@ -30,7 +29,8 @@ from typing import Any
 import numpy as np
 import yaml
 
-from .errors import UsageError
+from .errors import ArgumentParser, UsageError
+from .io import write_csv, write_json as _write_json
 
 __all__ = ["main", "build_parser", "plan_runs", "load_run", "aggregate", "mean_std", "seed_list"]
 
@@ -70,14 +70,9 @@ SMALL_MODEL = 1_000_000
 STD_NOTE = "sample standard deviation over seeds (n-1 in the denominator)"
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # argparse would exit(2) itself; the CLI maps UsageError to exit code 2
-        raise UsageError(message)
-
-
 def build_parser() -> argparse.ArgumentParser:
     # allow_abbrev=False: otherwise the train flag --seed would be taken as an abbreviation of --seeds.
-    p = _Parser(prog="ssam compare", allow_abbrev=False,
+    p = ArgumentParser(prog="ssam compare", allow_abbrev=False,
                 description="Train several optimizers over seeds (and SSAM sparsities) and compare them. "
                             "Flags not listed here are passed to every `ssam train` run.")
     p.add_argument("--opts", help="comma list of sgd, sam, ssamf, ssamd (default: all four)")
@@ -580,12 +575,6 @@ def _raise_interrupt(signum, frame):
     raise KeyboardInterrupt
 
 
-def _write_json(path: Path, obj: Any) -> None:
-    from .train.checkpoint import write_atomic
-
-    write_atomic(path, json.dumps(obj, indent=1, sort_keys=True).encode())
-
-
 class _Lock:
     """One comparison per output folder: two would start the same run folders twice."""
 
@@ -644,7 +633,7 @@ def hessian_of_run(run_folder: Path, samples: int, data_cache: dict, device: str
     from torch import nn
 
     from .analysis import hessian_eigenvalues, hessian_trace
-    from .train.checkpoint import load_checkpoint, model_from_checkpoint
+    from .checkpoint import load_checkpoint, model_from_checkpoint
 
     ckpt_path = run_folder / "last.pt"
     st = ckpt_path.stat()
@@ -816,15 +805,6 @@ def markdown(rows: list[dict], records: list[dict], s: Settings, status: dict) -
         "", table, "", *notes, "", "## Runs", "", *per_run, "",
         "Plots: curves.png" + (", sparsity.png" if s.sparsities and len(s.sparsities) > 1 else "")
         + (", masks.png" if any(r["masks"] for r in records) else "") + ".", ""])
-
-
-def write_csv(path: Path, rows: list[dict], columns: Sequence[str]) -> None:
-    with open(path, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(columns)
-        for row in rows:
-            w.writerow(["" if row.get(c) is None or (isinstance(row.get(c), float) and not np.isfinite(row[c]))
-                        else row[c] for c in columns])
 
 
 GROUP_COLUMNS = ["optimizer", "opt", "train_opt", "sparsity", "runs", "finished", "seeds",

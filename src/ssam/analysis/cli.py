@@ -25,7 +25,8 @@ import torch
 from torch import nn
 
 from ..errors import UsageError
-from ..train.checkpoint import write_atomic
+from ..io import to_plain as _plain
+from ..io import write_atomic, write_csv as _write_csv, write_json as _write_json
 from .data import subset_batches
 from .hessian import hessian_density, hessian_eigenvalues, hessian_trace, per_layer, resolve_params
 from .landscape import evaluate_grid, interpolation_direction, random_direction
@@ -139,7 +140,7 @@ class _Loader:
         return dataset, datadir
 
     def load(self, path: str) -> tuple[nn.Module, dict, tuple[str, str | None]]:
-        from ..train.checkpoint import load_checkpoint, model_from_checkpoint
+        from ..checkpoint import load_checkpoint, model_from_checkpoint
 
         ckpt = load_checkpoint(path)
         dataset, datadir = self.spec(ckpt, path)
@@ -161,36 +162,6 @@ class _Loader:
                   f"of {dataset}; using all of them", file=sys.stderr)
         self._data[key] = subset_batches(train, self.args.num_samples, self.args.batch_size, self.args.data_seed)
         return self._data[key]
-
-
-def _plain(obj: Any) -> Any:
-    """JSON-safe values: arrays to lists, NaN/inf to null (strict JSON has no NaN)."""
-    if isinstance(obj, dict):
-        return {str(k): _plain(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_plain(v) for v in obj]
-    if isinstance(obj, np.ndarray):
-        return _plain(obj.tolist())
-    if isinstance(obj, (np.floating, float)):
-        return float(obj) if math.isfinite(obj) else None
-    if isinstance(obj, np.integer):
-        return int(obj)
-    if isinstance(obj, Path):
-        return str(obj)
-    return obj
-
-
-def _write_json(path: Path, obj: Any) -> None:
-    write_atomic(path, (json.dumps(_plain(obj), indent=2, allow_nan=False) + "\n").encode())
-
-
-def _write_csv(path: Path, rows: list[dict], columns: list[str]) -> None:
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=columns, extrasaction="ignore")
-    w.writeheader()
-    for r in rows:
-        w.writerow({c: ("" if r.get(c) is None else r.get(c)) for c in columns})
-    write_atomic(path, buf.getvalue().encode())
 
 
 def _bar(args: argparse.Namespace, desc: str, total: int | None = None, unit: str = "hvp"):
@@ -372,7 +343,7 @@ def run_landscape(args: argparse.Namespace) -> int:
     loss_fn = nn.CrossEntropyLoss()
     other = None
     if args.to:
-        from ..train.checkpoint import load_checkpoint
+        from ..checkpoint import load_checkpoint
         other = load_checkpoint(args.to)["model"]
     bar = _bar(args, "landscape", total=int(np.isnan(loss).sum()), unit="pt")
     try:

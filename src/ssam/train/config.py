@@ -12,7 +12,7 @@ from typing import Any
 
 import yaml
 
-from ..errors import UsageError
+from ..errors import ArgumentParser, UsageError
 
 DATASETS = ("CIFAR10_base", "CIFAR10_cutout", "CIFAR100_base", "CIFAR100_cutout", "ImageNet_base", "digits")
 BASES = ("sgd", "adamw")
@@ -25,16 +25,8 @@ DIGITS_DEFAULTS = {"model": "cnn_small", "epochs": 15, "batch_size": 64}
 DEFAULTS = {"model": "resnet18", "epochs": 200, "batch_size": 128}
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse that reports a mistake in one line (no usage dump) and exits 2."""
-
-    def error(self, message: str) -> None:  # type: ignore[override]
-        raise UsageError(f"{self.prog}: {message}")
-
-
 def build_parser(prog: str = "ssam train") -> argparse.ArgumentParser:
-    p = _Parser(prog=prog, description="Train an image classifier with SGD/AdamW, SAM, SSAM-F or SSAM-D.",
-                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = ArgumentParser(prog=prog, description="Train an image classifier with SGD/AdamW, SAM, SSAM-F or SSAM-D.")
     a = p.add_argument
     g = p.add_argument_group("data and model")
     g.add_argument("--dataset", default=None,

@@ -31,16 +31,10 @@ from ..errors import UsageError
 from ..models import build_model
 from ..optim import SAM, SSAMD, SSAMF, TwoPassScaler, frozen_bn_stats
 from .builders import EpochLR, build_optimizer, eval_loader, train_loader
-from .checkpoint import VERSION, load_checkpoint, save_atomic, write_atomic
+from ..checkpoint import VERSION, load_checkpoint
+from ..errors import Diverged, Interrupted
+from ..io import save_torch as save_atomic, write_atomic
 from .config import parse_opt, to_plain
-
-
-class Diverged(RuntimeError):
-    """A non-finite loss or gradient: the run stops, the last good checkpoint stays."""
-
-
-class Interrupted(RuntimeError):
-    """SIGINT/SIGTERM: the current step finished and last.pt was written."""
 
 
 # ------------------------------------------------------------------------------------------ setup

@@ -17,53 +17,15 @@ from __future__ import annotations
 
 import os
 import pickle
-import tempfile
 import zipfile
 from pathlib import Path
-from collections.abc import Callable
-from typing import Any, BinaryIO
+from typing import Any
 
 import torch
 
-from ..errors import UsageError
+from .errors import UsageError
 
 VERSION = 1
-
-
-def save_atomic(obj: Any, path: str | os.PathLike) -> None:
-    """``torch.save`` that a kill at any instant cannot tear (see ``write_atomic``)."""
-    write_atomic(path, lambda f: torch.save(obj, f))
-
-
-def write_atomic(path: str | os.PathLike, data: bytes | Callable[[BinaryIO], None]) -> None:
-    """Write ``path`` so that a reader sees the old file or the complete new one, never a torn one.
-
-    ``data`` is the bytes, or a function writing them to a binary file.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            if callable(data):
-                data(f)
-            else:
-                f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        # The rename itself must reach the disk too, or a power cut can bring back the old directory entry.
-        dfd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
 
 
 def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict:
@@ -90,7 +52,7 @@ def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict:
 def model_from_checkpoint(ckpt: dict, path: str | os.PathLike, name: str | None = None,
                           fallback: dict | None = None) -> "torch.nn.Module":
     """Rebuild the checkpoint's model (``model_args``; ``fallback`` fills missing entries) and load its weights."""
-    from ..models import build_model
+    from .models import build_model
 
     margs = {**(fallback or {}), **(ckpt.get("model_args") or {})}
     name = name or margs.get("name") or (ckpt.get("config") or {}).get("model")

@@ -1,0 +1,72 @@
+"""Optimizers by name: the one home of the ``--opt`` forms (``sgd``, ``adamw``, ``sam-sgd``, ``ssamf-adamw`` ...).
+
+``create_optimizer(model, "ssamf-sgd", lr=..., rho=..., sparsity=...)`` is what the trainer, the benchmark and the
+framework integrations build their optimizers with. Keyword arguments that the wrapper does not take go to the base
+optimizer (``momentum``, ``betas``, ``eps`` ...).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from .sam import SAM
+from .ssam import SSAMD, SSAMF
+
+__all__ = ["BASE_OPTIMIZERS", "WRAPPERS", "OPT_NAMES", "parse_opt", "create_optimizer", "param_groups"]
+
+BASE_OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {"sgd": torch.optim.SGD, "adamw": torch.optim.AdamW}
+WRAPPERS: dict[str, type[SAM]] = {"sam": SAM, "ssamf": SSAMF, "ssamd": SSAMD}
+OPT_NAMES: tuple[str, ...] = (*BASE_OPTIMIZERS, *(f"{w}-{b}" for w in WRAPPERS for b in BASE_OPTIMIZERS))
+
+
+def parse_opt(opt: str) -> tuple[str | None, str]:
+    """``'ssamf-sgd'`` -> ``('ssamf', 'sgd')``; ``'adamw'`` -> ``(None, 'adamw')``; anything else a ``ValueError``."""
+    parts = opt.lower().split("-") if isinstance(opt, str) else []
+    if len(parts) == 1 and parts[0] in BASE_OPTIMIZERS:
+        return None, parts[0]
+    if len(parts) == 2 and parts[0] in WRAPPERS and parts[1] in BASE_OPTIMIZERS:
+        return parts[0], parts[1]
+    from difflib import get_close_matches
+
+    close = get_close_matches(str(opt).lower(), OPT_NAMES, n=1, cutoff=0.6)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    raise ValueError(f"opt {opt!r} is not an optimizer{hint}; choose from: {', '.join(OPT_NAMES)}")
+
+
+def _no_decay(name: str, p: torch.Tensor) -> bool:
+    # timm's rule: biases and the 1-D weights of normalisation layers take no weight decay.
+    return p.ndim <= 1 or name.endswith(".bias")
+
+
+def param_groups(model: nn.Module, weight_decay: float, no_decay_bias_norm: bool = False) -> list[dict]:
+    """Named trainable parameters as param groups; with ``no_decay_bias_norm`` biases and norms get decay 0."""
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if not named:
+        raise ValueError("model: it has no parameter with requires_grad=True; nothing to optimize")
+    if not no_decay_bias_norm:
+        return [{"params": named, "weight_decay": weight_decay}]
+    decay = [(n, p) for n, p in named if not _no_decay(n, p)]
+    rest = [(n, p) for n, p in named if _no_decay(n, p)]
+    return [g for g in ({"params": decay, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0.0})
+            if g["params"]]
+
+
+def create_optimizer(model: nn.Module, opt: str, lr: float, weight_decay: float = 0.0,
+                     no_decay_bias_norm: bool = False, **kwargs: Any) -> torch.optim.Optimizer:
+    """Build the optimizer named ``opt`` (any ``--opt`` form) over ``model``'s trainable parameters.
+
+    ``kwargs`` holds the wrapper's settings (``rho``, ``sparsity``, ``num_samples`` ...) and the base optimizer's
+    (``momentum``, ``nesterov``, ``betas``, ``eps`` ...); a plain base optimizer takes only its own.
+    """
+    wrapper, base = parse_opt(opt)
+    groups = param_groups(model, weight_decay, no_decay_bias_norm)
+    if wrapper is None:
+        plain = [{**g, "params": [p for _, p in g["params"]]} for g in groups]
+        try:
+            return BASE_OPTIMIZERS[base](plain, lr=lr, **kwargs)
+        except TypeError as e:
+            raise ValueError(f"{opt}: {e}; a plain {base} takes no SAM settings (use sam-{base}, ssamf-{base} ...)") \
+                from None
+    return WRAPPERS[wrapper](groups, BASE_OPTIMIZERS[base], lr=lr, **kwargs)
