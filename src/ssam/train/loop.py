@@ -35,6 +35,7 @@ from ..checkpoint import VERSION, load_checkpoint
 from ..errors import Diverged, Interrupted
 from ..io import save_torch as save_atomic, write_atomic
 from .config import parse_opt, to_plain
+from .step import train_step
 
 
 # ------------------------------------------------------------------------------------------ setup
@@ -367,65 +368,32 @@ class Trainer:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.autocast_dtype)
 
-    def _forward_backward(self, xs, ys, sync_last: bool, second: bool):
-        """Forward + backward over micro-batches; gradients are all-reduced only on the last when sync_last."""
-        n = len(xs)
-        outs, loss_sum = [], 0.0
-        for i, (x, y) in enumerate(zip(xs, ys)):
-            sync = sync_last and i == n - 1
-            no_sync = self.net.no_sync() if (self.world > 1 and not sync) else contextlib.nullcontext()
-            bn = frozen_bn_stats(self.model) if (second and self.cfg.freeze_bn_second_pass) else contextlib.nullcontext()
-            with no_sync, bn, self._autocast():
-                out = self.net(x)
-                loss = F.cross_entropy(out, y)
-            self.scaler.scale(loss * (x.shape[0] / self._batch_n)).backward()
-            if not second:
-                outs.append(out.detach())
-                loss_sum = loss_sum + loss.detach().float() * x.shape[0]
-        return outs, loss_sum
-
-    def _finite_flag(self, loss_sum) -> torch.Tensor:
-        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
-        gnorm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads))) if grads else torch.zeros(())
-        if self.scaler.enabled:  # overflowing gradients are the scaler's business, a non-finite loss is not
-            return ~torch.isfinite(loss_sum)
-        return ~(torch.isfinite(loss_sum) & torch.isfinite(gnorm))
-
     def train_step(self, epoch: int, step: int, x: torch.Tensor, y: torch.Tensor):
-        cfg = self.cfg
+        cfg, opt = self.cfg, self.opt
         x = x.to(self.device, non_blocking=True)
         y = y.to(self.device, non_blocking=True)
         if cfg.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        self._batch_n = x.shape[0]
-        xs, ys = x.chunk(cfg.grad_accum), y.chunk(cfg.grad_accum)
-        sam = self.wrapper is not None
-
+        refresh = _mask_refresh(opt)
         # A run started at --start_epoch off the update grid still needs a first mask.
-        if isinstance(self.opt, SSAMF) and ((step == 0 and self.opt.should_update(epoch)) or not self.opt.has_masks()):
+        if refresh == "before_epoch" and ((step == 0 and opt.should_update(epoch)) or not opt.has_masks()):
             self.update_fisher_mask(epoch)
-        outs, loss_sum = self._forward_backward(xs, ys, sync_last=not (sam and cfg.sam_first_pass == "local"),
-                                                second=False)
-        bad = self._finite_flag(loss_sum)
-        if sam:
-            if step == 0 and isinstance(self.opt, SSAMD) and self.opt.should_update(epoch):
-                self.opt.update_mask(epoch)
+
+        def after_first_backward() -> None:
+            if step == 0 and refresh == "first_backward" and _refresh_mask(opt, epoch):
                 if cfg.sam_first_pass == "local":
-                    broadcast_masks(self.opt, self.world)
-                check_masks_agree(self.opt, self.world, epoch)
-            if self.scaler.first_step(self.opt, zero_grad=False):
-                self.opt.zero_grad(set_to_none=self._grads_to_none)
-                self._forward_backward(xs, ys, sync_last=True, second=True)
-                self.scaler.second_step(self.opt, zero_grad=False)
-            self.opt.zero_grad(set_to_none=self._grads_to_none)
-        else:
-            self.scaler.step(self.opt)
-            self.opt.zero_grad(set_to_none=self._grads_to_none)
-        self.scaler.update()
-        out = torch.cat(outs)
-        top5 = out.topk(min(5, out.shape[1]), dim=1).indices
+                    broadcast_masks(opt, self.world)
+                check_masks_agree(opt, self.world, epoch)
+
+        res = train_step(
+            self.net, opt, list(zip(x.chunk(cfg.grad_accum), y.chunk(cfg.grad_accum))), model=self.model,
+            scaler=self.scaler, autocast=self._autocast, no_sync=self.net.no_sync if self.world > 1 else None,
+            sync_first_pass=not (self.wrapper is not None and cfg.sam_first_pass == "local"),
+            freeze_bn_second_pass=cfg.freeze_bn_second_pass, after_first_backward=after_first_backward,
+            grads_to_none=self._grads_to_none)
+        top5 = res.outputs.topk(min(5, res.outputs.shape[1]), dim=1).indices
         hit = top5 == y[:, None]
-        return loss_sum, hit[:, 0].sum(), hit.any(1).sum(), bad
+        return res.loss_sum, hit[:, 0].sum(), hit.any(1).sum(), res.nonfinite
 
     @torch.no_grad()
     def update_fisher_mask(self, epoch: int) -> None:
@@ -620,6 +588,22 @@ class Trainer:
         if isinstance(self.opt, (SSAMF, SSAMD)):
             ok = same_on_all_ranks(mask_hash(self.opt), self.world) and ok
         return ok
+
+
+# TODO(C1): drop these two once the optimizers carry the mask refresh protocol (helper A).
+def _mask_refresh(opt) -> str | None:
+    if hasattr(opt, "mask_refresh"):
+        return opt.mask_refresh
+    return {SSAMF: "before_epoch", SSAMD: "first_backward"}.get(type(opt))
+
+
+def _refresh_mask(opt, epoch: int) -> bool:
+    if hasattr(opt, "refresh_mask"):
+        return opt.refresh_mask(epoch)
+    if opt.should_update(epoch):
+        opt.update_mask(epoch)
+        return True
+    return False
 
 
 def _as_batch(dataset, indices: list[int]):

@@ -1,0 +1,128 @@
+"""One optimizer step of the trainer, as a function the benchmark can call and time unchanged.
+
+A SAM-family step, as in the paper:
+    pass one: forward + backward at w, accumulated over micro-batches
+    (``after_first_backward``: where the trainer refreshes an SSAM-D mask from that gradient)
+    perturb to w + e, pass two: forward + backward there, restore w, base optimizer step
+A plain optimizer (SGD, AdamW) takes pass one and steps.
+"""
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, ContextManager
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..optim import SAM, TwoPassScaler, frozen_bn_stats
+
+__all__ = ["StepResult", "train_step", "all_reduce_mean"]
+
+LossFn = Callable[[Tensor, Tensor], Tensor]
+
+
+@dataclass
+class StepResult:
+    """What a step hands back; tensors stay on the device so that reading them is the caller's choice of sync."""
+
+    outputs: Tensor  # pass one's logits, detached, concatenated over the micro-batches
+    loss_sum: Tensor  # pass one's loss summed over the examples (the mean loss times the batch size)
+    nonfinite: Tensor  # bool scalar: the loss (or, without loss scaling, the gradient norm) is not finite
+
+
+def all_reduce_mean(tensors: list[Tensor]) -> None:
+    """Average tensors over the ranks of the default process group in place, with one collective."""
+    import torch.distributed as dist
+
+    if not tensors:
+        return
+    flat = torch.cat([t.reshape(-1) for t in tensors])
+    dist.all_reduce(flat)
+    flat /= dist.get_world_size()
+    for t, f in zip(tensors, torch.split(flat, [t.numel() for t in tensors])):
+        t.copy_(f.view_as(t))
+
+
+def _forward_backward(net: nn.Module, model: nn.Module, micro_batches: Sequence[tuple[Tensor, Tensor]],
+                      loss_fn: LossFn, scaler: TwoPassScaler, autocast: Callable[[], ContextManager[Any]],
+                      no_sync: Callable[[], ContextManager[Any]] | None, sync_last: bool, freeze_bn: bool,
+                      ) -> tuple[list[Tensor], Tensor]:
+    """Forward + backward over the micro-batches; under DDP only the last one all-reduces, and only if sync_last."""
+    n = sum(x.shape[0] for x, _ in micro_batches)
+    outs: list[Tensor] = []
+    loss_sum = torch.zeros((), device=micro_batches[0][0].device)
+    for i, (x, y) in enumerate(micro_batches):
+        sync = sync_last and i == len(micro_batches) - 1
+        quiet = no_sync() if (no_sync is not None and not sync) else contextlib.nullcontext()
+        bn = frozen_bn_stats(model) if freeze_bn else contextlib.nullcontext()
+        with quiet, bn, autocast():
+            out = net(x)
+            loss = loss_fn(out, y)
+        # Weighted by the micro-batch's share, the accumulated gradient is that of the whole batch's mean loss.
+        scaler.scale(loss * (x.shape[0] / n)).backward()
+        outs.append(out.detach())
+        loss_sum = loss_sum + loss.detach().float() * x.shape[0]
+    return outs, loss_sum
+
+
+def _nonfinite(model: nn.Module, loss_sum: Tensor, scaler: TwoPassScaler) -> Tensor:
+    if scaler.enabled:  # overflowing gradients are the scaler's business, a non-finite loss is not
+        return ~torch.isfinite(loss_sum)
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    gnorm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads))) if grads else loss_sum.new_zeros(())
+    return ~(torch.isfinite(loss_sum) & torch.isfinite(gnorm))
+
+
+def train_step(net: nn.Module, opt: torch.optim.Optimizer, micro_batches: Sequence[tuple[Tensor, Tensor]],
+               loss_fn: LossFn = F.cross_entropy, *, model: nn.Module | None = None,
+               scaler: TwoPassScaler | None = None, autocast: Callable[[], ContextManager[Any]] | None = None,
+               no_sync: Callable[[], ContextManager[Any]] | None = None, sync_first_pass: bool = True,
+               skip_dead: bool = False, reduce_first_grads: Callable[[list[Tensor]], None] | None = None,
+               freeze_bn_second_pass: bool = False, after_first_backward: Callable[[], None] | None = None,
+               grads_to_none: bool = True) -> StepResult:
+    """One training step over ``micro_batches`` (a list of ``(inputs, targets)``; one pair for no accumulation).
+
+    net: the module called (a DDP or compiled wrapper); model: the plain module (BatchNorm, gradients), default net.
+    scaler: ``TwoPassScaler`` for fp16 (default: a disabled one); autocast: a context factory for the passes.
+    no_sync: DDP's ``net.no_sync`` (None in one process). sync_first_pass=False perturbs with each rank's own
+    gradient (pass one entirely under no_sync). skip_dead: pass one runs inside ``opt.first_pass()``, so
+    parameters without a live mask entry take no gradient; under DDP such a pass runs under no_sync (DDP's reducer
+    waits for every parameter) and ``reduce_first_grads`` averages the gradients that exist (when syncing).
+    after_first_backward: called once pass one's gradient is complete. grads_to_none: how gradients are zeroed
+    (zeros in place are faster on a CPU when every parameter takes a gradient in every pass).
+    """
+    model = net if model is None else model
+    scaler = scaler if scaler is not None else TwoPassScaler(enabled=False)
+    autocast = autocast if autocast is not None else contextlib.nullcontext
+    sam = isinstance(opt, SAM)
+    skip = sam and skip_dead
+    if skip and no_sync is not None and sync_first_pass and reduce_first_grads is None:
+        raise ValueError("reduce_first_grads: got None; allowed: a function averaging gradients over the ranks "
+                         "(needed with skip_dead under DDP when the first pass is synced)")
+    # With skipping, a parameter may have no gradient this pass: a zero left from the last pass would be read
+    # as a gradient, so gradients go back to None.
+    to_none = grads_to_none or skip
+
+    first_pass = opt.first_pass() if skip else contextlib.nullcontext()  # type: ignore[attr-defined]
+    with first_pass:
+        outs, loss_sum = _forward_backward(net, model, micro_batches, loss_fn, scaler, autocast, no_sync,
+                                           sync_last=sync_first_pass and not skip, freeze_bn=False)
+    if skip and no_sync is not None and sync_first_pass:
+        reduce_first_grads([p.grad for p in model.parameters() if p.grad is not None])  # type: ignore[misc]
+    bad = _nonfinite(model, loss_sum, scaler)
+    if after_first_backward is not None:
+        after_first_backward()
+    if sam:
+        if scaler.first_step(opt, zero_grad=False):
+            opt.zero_grad(set_to_none=to_none)
+            _forward_backward(net, model, micro_batches, loss_fn, scaler, autocast, no_sync, sync_last=True,
+                              freeze_bn=freeze_bn_second_pass)
+            scaler.second_step(opt, zero_grad=False)
+    else:
+        scaler.step(opt)
+    opt.zero_grad(set_to_none=to_none)
+    scaler.update()
+    return StepResult(torch.cat(outs), loss_sum, bad)
