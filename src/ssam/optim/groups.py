@@ -1,0 +1,284 @@
+"""Mask granularity for sparse SAM: which entries live and die together. Pure functions over tensors.
+
+Granularities (``parse_granularity``):
+
+- ``element``: every entry on its own (the paper's rule; handled by ``ssam.optim.ssam.top_k_mask``).
+- ``channel``: a group is one index along dim 0 of a parameter: an output channel (a row) of a weight, and one
+  entry of a 1-D parameter (a bias or normalisation entry is scored on its own). Pairing a bias or BN entry with
+  "its" output channel needs the module graph (which BN follows which conv), which an optimizer does not see; a
+  1-entry group costs one place of the budget and competes on its own score, as it does with ``element``.
+- ``tensor``: a group is a whole parameter tensor (the journal code's structured mask).
+- ``N:M``: in each run of M consecutive weights along the reduction dimension (in_features of a linear row;
+  in_channels x kh x kw of a conv output channel) the N best-scored are live; see ``nm_mask``.
+
+Flat order (as ``SSAMF``/``SSAMD`` lay out their masks): parameters concatenated in param-group order, each flattened
+in its logical row-major order, whatever its memory layout. Channel and tensor groups are contiguous runs of that
+order, so a granularity is just a list of run lengths (``group_sizes``).
+
+Group score = the MEAN of its entries' scores. The budget counts entries, so a group's price is its size and its
+worth is the sum of its scores; going best-first by sum / size (the mean) is the greedy value-per-weight rule for a
+knapsack. A sum would rank a big group first because it is big and let it eat the budget; the mean is also the
+journal's rule for tensors.
+"""
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from .select import device_top_k_mask
+
+__all__ = ["Granularity", "GRANULARITY_WORDS", "parse_granularity", "group_sizes", "group_owner", "group_means",
+           "cost_aware_cut", "best_first_fit", "expand_groups", "structured_mask", "group_drop_grow", "nm_mask",
+           "nm_drop_grow"]
+
+GRANULARITY_WORDS = ("element", "channel", "tensor")
+_NM_FORM = re.compile(r"(\d+):(\d+)")
+_ALLOWED = "'element', 'channel', 'tensor', or 'N:M' with integers 1 <= N < M (e.g. '2:4')"
+
+
+@dataclass(frozen=True)
+class Granularity:
+    """``kind`` is one of GRANULARITY_WORDS or "nm" (then ``n`` of every ``m`` are live)."""
+
+    kind: str
+    n: int = 0
+    m: int = 0
+
+    def __str__(self) -> str:
+        return f"{self.n}:{self.m}" if self.kind == "nm" else self.kind
+
+    @property
+    def grouped(self) -> bool:
+        """Whether whole groups live and die together (channel, tensor)."""
+        return self.kind in ("channel", "tensor")
+
+    @property
+    def implied_sparsity(self) -> float | None:
+        """1 - N/M for N:M (the fraction of the weights not perturbed), else None."""
+        return 1 - self.n / self.m if self.kind == "nm" else None
+
+
+def parse_granularity(value: object) -> Granularity:
+    """'element' | 'channel' | 'tensor' | 'N:M' (1 <= N < M; 'M:M' would perturb everything) -> Granularity."""
+    if isinstance(value, Granularity):
+        return value
+    if isinstance(value, str):
+        text = value.strip().lower()
+        if text in GRANULARITY_WORDS:
+            return Granularity(text)
+        form = _NM_FORM.fullmatch(text)
+        if form is not None and 1 <= int(form[1]) < int(form[2]):
+            return Granularity("nm", int(form[1]), int(form[2]))
+    raise ValueError(f"granularity: got {value!r}; allowed: {_ALLOWED}")
+
+
+# ------------------------------------------------------------------ channel and tensor groups
+def _rows(shape: Sequence[int], kind: str) -> int:
+    """Number of groups a tensor of this shape splits into."""
+    if math.prod(shape) == 0:
+        return 0
+    return 1 if kind == "tensor" or len(shape) == 0 else int(shape[0])
+
+
+def group_sizes(shapes: Sequence[Sequence[int]], kind: str) -> np.ndarray:
+    """Entries per group, groups in flat order (int64). Empty tensors have no group."""
+    parts = [np.full(_rows(s, kind), math.prod(s) // max(1, _rows(s, kind)), dtype=np.int64) for s in shapes]
+    return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
+
+
+def group_owner(shapes: Sequence[Sequence[int]], kind: str) -> np.ndarray:
+    """Index of the tensor each group belongs to (int64, groups in flat order)."""
+    parts = [np.full(_rows(s, kind), i, dtype=np.int64) for i, s in enumerate(shapes)]
+    return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
+
+
+def group_means(scores: Sequence[Tensor], kind: str) -> np.ndarray:
+    """Mean score of every group (float64, flat order; one host transfer). Scores are read in logical order."""
+    parts = [s.detach().reshape(_rows(s.shape, kind), -1).float().mean(1) for s in scores if s.numel() > 0]
+    if not parts:
+        return np.zeros(0)
+    device = parts[0].device
+    return torch.cat([p.to(device) for p in parts]).cpu().double().numpy()
+
+
+def best_first_fit(keys: np.ndarray, sizes: np.ndarray, budget: int, among: np.ndarray | None = None) -> np.ndarray:
+    """Groups chosen best-first (highest key; ties: first position; NaN lowest), each taken if it still fits in
+    what is left of ``budget`` entries: a group too big is skipped and smaller ones after it may still fit.
+    With ``among`` only those groups compete. Returns a bool array over the groups.
+
+    Same result as the one-by-one loop, in rounds: the budget left only shrinks, so a group bigger than it now can
+    never fit later and is dropped at once; of the rest, the longest prefix whose sizes add up within the budget is
+    taken in one step, and the group after that prefix is the one that does not fit.
+    """
+    keys = np.nan_to_num(np.asarray(keys, dtype=np.float64), nan=-np.inf, posinf=np.inf, neginf=-np.inf)
+    sizes = np.asarray(sizes, dtype=np.int64)
+    order = np.argsort(-keys, kind="stable")
+    if among is not None:
+        order = order[np.asarray(among, dtype=bool)[order]]
+    chosen = np.zeros(keys.size, dtype=bool)
+    left = int(budget)
+    while order.size and left > 0:
+        order = order[sizes[order] <= left]
+        if not order.size:
+            break
+        total = np.cumsum(sizes[order])
+        fit = int(np.searchsorted(total, left, side="right"))  # >= 1: the first group is no bigger than left
+        chosen[order[:fit]] = True
+        left -= int(total[fit - 1])
+        order = order[fit + 1:]
+    return chosen
+
+
+def expand_groups(chosen: np.ndarray, sizes: np.ndarray, device: torch.device | str = "cpu") -> Tensor:
+    """Flat bool mask over the entries: every entry of a chosen group True."""
+    flags = torch.from_numpy(np.ascontiguousarray(chosen, dtype=bool))
+    return torch.repeat_interleave(flags, torch.from_numpy(np.asarray(sizes, dtype=np.int64))).to(device)
+
+
+def cost_aware_cut(keys: np.ndarray, sizes: np.ndarray, owner: np.ndarray, budget: int) -> int:
+    """The first tensor (in the order given, taken as forward order) that ``cost_aware`` lets be live: the deepest
+    cut c such that the best-first fit among the groups of tensors c, c+1, ... still fills half the budget (or, when
+    the unrestricted fit keeps less, as much as it). The backward of the first pass must run from the head down to
+    the earliest live tensor, so a later cut is less work; within the suffix the scores choose, as by default.
+
+    Why a constraint and not a score-per-work rate: on ResNet-18 (CIFAR shape, 64 examples) the mean Fisher per entry
+    falls about 10,000-fold from the stem (4e0) to the last convolutions (2e-4), while the backward work per layer is
+    about flat; a rate such as mean score / layers crossed still picks the stem at every sparsity (measured), so the
+    backward still runs to the input. Holding the density to at least half of what was asked bounds what the cut
+    can give away; the density reached is reported by mask_density()/mask_stats().
+    """
+    full = int(sizes[best_first_fit(keys, sizes, budget)].sum())
+    target = min(full, (int(budget) + 1) // 2)
+    for cut in range(int(owner.max()) if owner.size else 0, 0, -1):
+        if int(sizes[best_first_fit(keys, sizes, budget, among=owner >= cut)].sum()) >= target:
+            return cut
+    return 0
+
+
+def structured_mask(scores: Sequence[Tensor], kind: str, budget: int, cost_aware: bool = False) -> Tensor:
+    """Flat bool mask (on the scores' device) of the channel or tensor groups chosen best-first-fit by mean score,
+    at most ``budget`` entries live; with ``cost_aware`` only among the tensors from ``cost_aware_cut`` on."""
+    shapes = [tuple(s.shape) for s in scores]
+    sizes, keys = group_sizes(shapes, kind), group_means(scores, kind)
+    among = None
+    if cost_aware:
+        owner = group_owner(shapes, kind)
+        among = owner >= cost_aware_cut(keys, sizes, owner, budget)
+    return expand_groups(best_first_fit(keys, sizes, budget, among), sizes, scores[0].device)
+
+
+def group_drop_grow(live: Tensor, shapes: Sequence[Sequence[int]], kind: str, drop: Tensor, grow: np.ndarray | Tensor,
+                    budget: int, death_rate: float, grow_from: int = 0) -> Tensor:
+    """SSAM-D's update with whole groups: of the L live groups, the ``L - int(L * (1 - death_rate))`` with the
+    lowest mean ``drop`` score die (no more than there are dead groups to regrow); then groups dead before the update
+    are grown best-first-fit by ``grow`` into the budget the survivors leave (only groups of tensors ``grow_from``
+    on: the cost-aware cut). ``live`` and ``drop`` are flat over the entries; ``grow`` is flat over the entries
+    (averaged per group) or one key per group (numpy, e.g. random draws). Ties: first position; NaN lowest.
+    Returns the new flat mask."""
+    sizes = group_sizes(shapes, kind)
+    was_live = _flat_group_means(live, sizes) > 0.5
+    drop_key = np.nan_to_num(_flat_group_means(drop, sizes), nan=-np.inf)
+    grow_key = grow if isinstance(grow, np.ndarray) else _flat_group_means(grow, sizes)
+    n_live = int(was_live.sum())
+    n_die = min(n_live - int(n_live * (1 - death_rate)), int((~was_live).sum()))
+    live_idx = np.flatnonzero(was_live)
+    survive = was_live.copy()
+    survive[live_idx[np.argsort(drop_key[live_idx], kind="stable")[:n_die]]] = False
+    may_grow = ~was_live & (group_owner(shapes, kind) >= grow_from)
+    grown = best_first_fit(grow_key, sizes, budget - int(sizes[survive].sum()), among=may_grow)
+    return expand_groups(survive | grown, sizes, live.device)
+
+
+def _flat_group_means(flat: Tensor, sizes: np.ndarray) -> np.ndarray:
+    """Mean of a flat tensor over consecutive runs of ``sizes`` entries (float64 numpy)."""
+    flat = flat.detach().reshape(-1).float()
+    ids = torch.repeat_interleave(torch.arange(sizes.size, device=flat.device),
+                                  torch.from_numpy(sizes).to(flat.device))
+    sums = torch.zeros(sizes.size, dtype=torch.float64, device=flat.device).index_add_(0, ids, flat.double())
+    return (sums.cpu() / torch.from_numpy(sizes).double()).numpy()
+
+
+# ------------------------------------------------------------------ N:M
+def _nm_blocks(shape: Sequence[int], n: int, m: int) -> tuple[int, int, int] | None:
+    """How a tensor splits for N:M: (blocks, block size, live per block); None for a fully live tensor (dim < 2).
+    A weight whose reduction size R is a multiple of M splits into runs of M along each row; any other weight is one
+    block of all its entries with int(numel * N / M) live (the element-wise rule at density N/M)."""
+    if len(shape) < 2 or math.prod(shape) == 0:
+        return None
+    numel = math.prod(shape)
+    reduction = numel // shape[0]
+    if reduction % m == 0:
+        return numel // m, m, n
+    return 1, numel, numel * n // m
+
+
+def _rank_desc(score: Tensor) -> Tensor:
+    """Per row of a 2-D score, each entry's rank from the highest (0); NaN lowest; ties: first position."""
+    key = torch.nan_to_num(score.float(), nan=-math.inf)
+    order = torch.sort(-key, dim=1, stable=True).indices
+    return torch.empty_like(order).scatter_(1, order, torch.arange(key.shape[1], device=key.device).expand_as(order))
+
+
+def nm_mask(scores: Sequence[Tensor], n: int, m: int) -> Tensor:
+    """Flat bool mask: in every run of M consecutive weights along a weight's reduction dimension, the N with the
+    highest scores are live (ties: first position; NaN lowest). 1-D tensors are fully live; a weight whose reduction
+    size is not a multiple of M keeps its int(numel * N / M) best entries. Scores are read in their logical shape
+    (out, in, kh, kw) whatever their memory layout (channels_last included), so the pattern follows the scores."""
+    pieces = []
+    for s in scores:
+        blocks = _nm_blocks(tuple(s.shape), n, m)
+        if blocks is None:
+            pieces.append(torch.ones(s.numel(), dtype=torch.bool, device=s.device))
+        elif blocks[0] == 1:
+            flat = torch.nan_to_num(s.detach().reshape(-1).float(), nan=-math.inf)
+            pieces.append(device_top_k_mask(flat, blocks[2]))
+        else:
+            pieces.append((_rank_desc(s.detach().reshape(blocks[0], blocks[1])) < blocks[2]).reshape(-1))
+    return torch.cat(pieces) if pieces else torch.zeros(0, dtype=torch.bool)
+
+
+def nm_drop_grow(live: Tensor, shapes: Sequence[Sequence[int]], n: int, m: int, drop: Tensor, grow: Tensor,
+                 death_rate: float) -> Tensor:
+    """SSAM-D's update that keeps the N:M pattern. All arguments flat in flat order. Of the L live entries of the
+    weights that have blocks, ``L - int(L * (1 - death_rate))`` die: the lowest ``drop`` scores, at most
+    min(live, dead) per block so that each can be replaced; each block then regrows as many entries as died in it,
+    among its entries dead before the update, by highest ``grow`` score. 1-D tensors stay fully live. Ties: first
+    position. Returns the new flat mask."""
+    out = live.clone()
+    views, candidates, values = [], [], []
+    offset = 0
+    for shape in shapes:
+        numel = math.prod(shape)
+        blocks = _nm_blocks(shape, n, m)
+        if blocks is not None:
+            b, size, keep = blocks
+            sl = slice(offset, offset + numel)
+            lv = live[sl].reshape(b, size)
+            cap = min(keep, size - keep)
+            # rank among the live by ascending drop score: dead entries rank after every live one
+            rank = _rank_desc(torch.where(lv, -drop[sl].reshape(b, size).float(), -math.inf))
+            eligible = lv & (rank < cap)
+            views.append((sl, b, size, lv))
+            candidates.append(eligible.reshape(-1).nonzero().squeeze(1) + offset)
+            values.append(drop[sl][eligible.reshape(-1)].float())
+        offset += numel
+    if not views:
+        return out
+    n_live = sum(int(lv.sum()) for _, _, _, lv in views)
+    n_die = n_live - int(n_live * (1 - death_rate))
+    cand, vals = torch.cat(candidates), torch.nan_to_num(torch.cat(values), nan=-math.inf)
+    dying = cand[torch.sort(vals, stable=True).indices[:n_die]]
+    died = torch.zeros_like(live)
+    died[dying] = True
+    for sl, b, size, lv in views:
+        per_block = died[sl].reshape(b, size).sum(1, keepdim=True)
+        rank = _rank_desc(torch.where(lv, -math.inf, grow[sl].reshape(b, size).float()))
+        grown = ~lv & (rank < per_block)
+        out[sl] = ((lv & ~died[sl].reshape(b, size)) | grown).reshape(-1)
+    return out
