@@ -1,4 +1,5 @@
 """`ssam bench` end to end on a tiny model, and the fast paths it led to, against slow references."""
+
 import copy
 import json
 import math
@@ -10,6 +11,7 @@ import torch.nn.functional as F
 
 from ssam import SSAMD, SSAMF
 from ssam.bench import OPTIMIZERS, main, state_bytes
+from ssam.models import build_model
 from ssam.optim import empirical_fisher
 from ssam.optim.fisher import auto_method, hook_plan
 
@@ -37,8 +39,8 @@ def test_bench_reports_environment_and_config(report):
     assert env["date"] and env["wall_s"] > 0
     assert cfg["model"] == "cnn_small" and cfg["input_shape"] == [1, 8, 8]
     assert (cfg["batch_size"], cfg["steps"], cfg["warmup"], cfg["num_samples"]) == (16, 2, 1, 16)
-    assert cfg["num_params"] == sum(p.numel() for p in __import__("ssam.models", fromlist=["x"]).build_model(
-        "cnn_small", 10, in_channels=1, image_size=8).parameters())
+    model = build_model("cnn_small", 10, in_channels=1, image_size=8)
+    assert cfg["num_params"] == sum(p.numel() for p in model.parameters())
 
 
 def test_bench_step_times_and_ratios_agree(report):
@@ -108,6 +110,134 @@ def test_bench_rejects_unknown_names(tmp_path):
         main(["--quick", "--fisher_methods", "loop,fast", "--output", str(tmp_path)])
 
 
+def test_bench_rejects_unknown_sections(tmp_path):
+    from ssam.errors import UsageError
+
+    with pytest.raises(UsageError, match="--section: unknown fast"):
+        main(["--quick", "--section", "main,fast", "--output", str(tmp_path)])
+    with pytest.raises(UsageError, match="--section"):
+        main(["--quick", "--section", ",", "--output", str(tmp_path)])
+
+
+def test_bench_builds_its_optimizers_with_the_recipe():
+    """The benchmark's optimizers come from the trainer's factory with the CIFAR recipe's settings."""
+    from ssam.bench.args import LR, MOMENTUM, RHO, SPARSITY, WEIGHT_DECAY
+    from ssam.bench.side_by_side import make_optimizer
+
+    m = nn.Linear(3, 2)
+    sgd = make_optimizer("SGD", m, 8)
+    assert type(sgd) is torch.optim.SGD
+    group = sgd.param_groups[0]
+    assert (group["lr"], group["momentum"], group["weight_decay"]) == (LR, MOMENTUM, WEIGHT_DECAY)
+    f = make_optimizer("SSAM-F", m, 8, sparsity=0.9)
+    assert type(f) is SSAMF and f.num_samples == 8 and f.sparsity == 0.9 and f.defaults["rho"] == RHO
+    base = f.base_optimizer
+    assert type(base) is torch.optim.SGD and base.param_groups[0]["momentum"] == MOMENTUM
+    assert base.param_groups[0]["weight_decay"] == WEIGHT_DECAY
+    assert make_optimizer("SSAM-D", m, 8).sparsity == SPARSITY
+
+
+# ---------------------------------------------------------------------------------------------- skip section
+class Stack(nn.Module):
+    """Parameters in forward order: 0.weight 100, 0.bias 10, 1.weight 10, 1.bias 10, 3.weight 30, 3.bias 3 (163)."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(10, 10), nn.BatchNorm1d(10), nn.ReLU(), nn.Linear(10, 3))
+
+    def forward(self, x):
+        return self.net(x)
+
+
+def test_last_tensors_walks_back_and_passes_over_what_does_not_fit():
+    from ssam.bench.skip import last_tensors
+
+    m = Stack()
+    # 25% of 163 = 40 entries: 3.bias (3) and 3.weight (30) fit, then nothing else does (10 > 7).
+    assert last_tensors(m, 0.25) == {"net.3.bias", "net.3.weight"}
+    # 50% = 81: the head (33), both BatchNorm tensors (20) and 0.bias (10); 0.weight (100) is passed over.
+    assert last_tensors(m, 0.5) == {"net.3.bias", "net.3.weight", "net.1.bias", "net.1.weight", "net.0.bias"}
+
+
+def test_norms_and_classifier_and_live_summary():
+    from ssam.bench.skip import live_summary, norms_and_classifier, set_whole_tensor_mask
+
+    m = Stack()
+    chosen = norms_and_classifier(m)
+    assert chosen == {"net.1.weight", "net.1.bias", "net.3.weight", "net.3.bias"}
+    opt = SSAMF(m.named_parameters(), torch.optim.SGD, lr=0.1)
+    set_whole_tensor_mask(opt, m, chosen)
+    masks = {n: opt.state[p]["mask"] for n, p in m.named_parameters()}
+    assert all(bool(masks[n].all()) == (n in chosen) and bool(masks[n].any()) == (n in chosen) for n in masks)
+    live = live_summary(opt, m)
+    assert live == {
+        "live_tensors": 4,
+        "tensors": 6,
+        "live_params_fraction": 53 / 163,
+        "density": 53 / 163,
+        "lowest_live": "net.1.weight",
+    }
+    with torch.no_grad():  # part of a tensor live: the tensor counts as live, the density counts entries
+        masks["net.0.weight"][0, :5] = True
+    assert live_summary(opt, m)["live_tensors"] == 5 and live_summary(opt, m)["density"] == 58 / 163
+    assert live_summary(opt, m)["lowest_live"] == "net.0.weight"
+
+
+def test_skip_section_end_to_end(tmp_path, one_thread):
+    if not hasattr(SSAMF, "first_pass"):
+        pytest.skip("SSAMF has no first_pass() yet")
+    assert (
+        main(
+            [
+                "--quick",
+                "--model",
+                "cnn_small",
+                "--dataset",
+                "digits",
+                "--section",
+                "skip",
+                "--steps",
+                "1",
+                "--output",
+                str(tmp_path),
+            ]
+        )
+        == 0
+    )
+    rep = json.loads((tmp_path / "bench.json").read_text())
+    assert "steps" not in rep and rep["config"]["sections"] == ["skip"]
+    sec = rep["skip"]
+    from ssam.bench.skip import HAND_MASKS, fisher_variants
+
+    assert list(sec["variants"]) == ["SAM", *fisher_variants(), *HAND_MASKS]
+    sam = sec["variants"]["SAM"]
+    assert sam["live"]["live_tensors"] == sam["live"]["tensors"] and sam["live"]["density"] == 1
+    m = build_model("cnn_small", 10, in_channels=1, image_size=8)
+    assert sec["num_params"] == sum(p.numel() for p in m.parameters())
+    hand = sec["variants"]["hand: norms + classifier"]["live"]
+    from ssam.bench.skip import norms_and_classifier
+
+    kept = norms_and_classifier(m)
+    assert hand["live_tensors"] == len(kept)
+    assert close(
+        hand["live_params_fraction"], sum(p.numel() for n, p in m.named_parameters() if n in kept) / sec["num_params"]
+    )
+    ran = {k: r for k, r in sec["variants"].items() if "skipped" not in r}
+    for key, row in ran.items():
+        assert len(row["step"]["times_s"]) == 1 and row["step"]["median_s"] > 0 and row["first_pass"]["median_s"] > 0
+        assert close(row["step_vs_sam"], row["step"]["median_s"] / sam["step"]["median_s"])
+        assert close(row["first_pass_vs_sam"], row["first_pass"]["median_s"] / sam["first_pass"]["median_s"])
+        assert 0 < row["live"]["density"] <= row["live"]["live_params_fraction"] <= 1
+    for key, settings in fisher_variants().items():
+        row = sec["variants"][key]
+        if "skipped" in row:
+            continue
+        if settings["granularity"] == "element":  # exact count: int(N (1 - s)) entries live
+            assert row["live"]["density"] == int(sec["num_params"] * (1 - settings["sparsity"])) / sec["num_params"]
+        else:  # whole groups: never more than the budget
+            assert row["live"]["density"] <= 1 - settings["sparsity"] + 1e-12
+
+
 # ---------------------------------------------------------------------------------------------- Fisher by hooks
 def reference_fisher(model, xs, ys, mode):
     """The definition: one example at a time (its own BatchNorm batch in training mode), squared gradient, summed."""
@@ -168,8 +298,9 @@ def test_hooks_fisher_matches_definition(mode, one_thread):
     y = torch.randint(0, 3, (7,), generator=g)
     m = mixed()
     ref = reference_fisher(m, x, y, mode)
-    got = empirical_fisher(m, list(m.parameters()), [(x[:4], y[:4]), (x[4:], y[4:])], 7, mode=mode,
-                           method="hooks", chunk_size=3)
+    got = empirical_fisher(
+        m, list(m.parameters()), [(x[:4], y[:4]), (x[4:], y[4:])], 7, mode=mode, method="hooks", chunk_size=3
+    )
     for (name, _), a, b in zip(m.named_parameters(), got, ref):
         assert torch.allclose(a, b, rtol=1e-10, atol=1e-14), name
 
@@ -180,8 +311,7 @@ def test_hooks_fisher_channels_last_float32(one_thread):
     y = torch.randint(0, 3, (5,), generator=g)
     m = mixed().float().to(memory_format=torch.channels_last)
     ref = reference_fisher(m, x, y, "train")
-    got = empirical_fisher(m, list(m.parameters()), [(x.to(memory_format=torch.channels_last), y)], 5,
-                           method="hooks")
+    got = empirical_fisher(m, list(m.parameters()), [(x.to(memory_format=torch.channels_last), y)], 5, method="hooks")
     scale = max(b.abs().max().item() for b in ref)  # c1.bias feeds BatchNorm: its true Fisher is 0, its values noise
     for (name, _), a, b in zip(m.named_parameters(), got, ref):
         assert torch.allclose(a, b, rtol=1e-4, atol=1e-6 * scale), name
@@ -257,8 +387,9 @@ def test_cpu_masked_perturbation_matches_formula(adaptive):
 # ---------------------------------------------------------------------------------------------- SSAM-D selection
 def test_ssamd_random_growth_is_exact_and_covers_the_dead():
     m = nn.Linear(300, 100)
-    opt = SSAMD(m.parameters(), torch.optim.SGD, lr=0.1, sparsity=0.5, drop_strategy="random",
-                growth_strategy="random", seed=0)
+    opt = SSAMD(
+        m.parameters(), torch.optim.SGD, lr=0.1, sparsity=0.5, drop_strategy="random", growth_strategy="random", seed=0
+    )
     before = opt.flat_mask().clone()
     m(torch.randn(2, 300)).sum().backward()
     hits = torch.zeros(before.numel())
@@ -272,7 +403,7 @@ def test_ssamd_random_growth_is_exact_and_covers_the_dead():
         hits += (new & ~old).float()
     # Uniform growth: no region of the parameter vector is favoured (a fix-up taking entries in order would be).
     tenth = hits.numel() // 10
-    parts = torch.stack([hits[i * tenth:(i + 1) * tenth].mean() for i in range(10)])
+    parts = torch.stack([hits[i * tenth : (i + 1) * tenth].mean() for i in range(10)])
     assert (parts.max() - parts.min()) < 0.03 * parts.mean()
     assert not torch.equal(before, opt.flat_mask())
 
@@ -282,8 +413,9 @@ def test_ssamd_ties_at_the_threshold_keep_the_count():
     with torch.no_grad():
         m.weight.fill_(1.0)
         m.weight[:, ::3] = 2.0
-    opt = SSAMD(m.parameters(), torch.optim.SGD, lr=0.1, sparsity=0.5, drop_strategy="weight",
-                growth_strategy="weight", seed=0)
+    opt = SSAMD(
+        m.parameters(), torch.optim.SGD, lr=0.1, sparsity=0.5, drop_strategy="weight", growth_strategy="weight", seed=0
+    )
     m(torch.randn(3, 40)).sum().backward()
     for epoch in range(3):
         opt.update_mask(epoch)
@@ -304,8 +436,9 @@ def test_gpu_conv_path_agrees_on_cpu():
         cpu, dev = torch.zeros_like(conv.weight), torch.zeros_like(conv.weight)
         _conv_fisher(conv, a, d, cpu, None, {})
         _conv_fisher_unfold(conv, a, d.flatten(2), dev, budget=200)
-        per_example = torch.stack([torch.autograd.grad((conv(a[i:i + 1]) * d[i:i + 1]).sum(), conv.weight)[0]
-                                   for i in range(6)])
+        per_example = torch.stack(
+            [torch.autograd.grad((conv(a[i : i + 1]) * d[i : i + 1]).sum(), conv.weight)[0] for i in range(6)]
+        )
         ref = per_example.square().sum(0)
         assert torch.allclose(cpu, ref, rtol=1e-10) and torch.allclose(dev, ref, rtol=1e-10)
 
@@ -320,8 +453,25 @@ def test_compile_failure_falls_back_to_eager(tmp_path, monkeypatch, one_thread):
             raise RuntimeError("no C++ compiler")
 
     monkeypatch.setattr(torch, "compile", lambda m, **kw: Broken(m))
-    assert main(["--quick", "--model", "cnn_small", "--dataset", "digits", "--compile", "--fisher_methods", "hooks",
-                 "--steps", "1", "--output", str(tmp_path)]) == 0
+    assert (
+        main(
+            [
+                "--quick",
+                "--model",
+                "cnn_small",
+                "--dataset",
+                "digits",
+                "--compile",
+                "--fisher_methods",
+                "hooks",
+                "--steps",
+                "1",
+                "--output",
+                str(tmp_path),
+            ]
+        )
+        == 0
+    )
     rep = json.loads((tmp_path / "bench.json").read_text())
     assert any("torch.compile failed" in n and "no C++ compiler" in n for n in rep["notes"])
     assert all(rep["steps"][n]["median_s"] > 0 for n in OPTIMIZERS)
