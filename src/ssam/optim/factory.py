@@ -35,20 +35,34 @@ def parse_opt(opt: str) -> tuple[str | None, str]:
     raise ValueError(f"opt {opt!r} is not an optimizer{hint}; choose from: {', '.join(OPT_NAMES)}")
 
 
-def _no_decay(name: str, p: torch.Tensor) -> bool:
-    # timm's rule: biases and the 1-D weights of normalisation layers take no weight decay.
-    return p.ndim <= 1 or name.endswith(".bias")
+def _no_decay(name: str, p: torch.Tensor, skip: set[str]) -> bool:
+    # timm's rule: biases, the 1-D weights of normalisation layers, and what the model's own no_weight_decay()
+    # names (a ViT's position embedding and class token) take no weight decay.
+    return p.ndim <= 1 or name.endswith(".bias") or name in skip
+
+
+def _model_no_decay_names(model: nn.Module) -> set[str]:
+    """Names a timm-style model asks to keep out of weight decay (``model.no_weight_decay()``), if it asks."""
+    ask = getattr(model, "no_weight_decay", None)
+    if not callable(ask):
+        return set()
+    names = set(ask())
+    params = dict(model.named_parameters())
+    # timm lists some names as prefixes ("pos_embed" for "pos_embed" itself; "blocks.0.ls1" for its gamma).
+    return {n for n in params if n in names or any(n.startswith(k + ".") for k in names)}
 
 
 def param_groups(model: nn.Module, weight_decay: float, no_decay_bias_norm: bool = False) -> list[dict]:
-    """Named trainable parameters as param groups; with ``no_decay_bias_norm`` biases and norms get decay 0."""
+    """Named trainable parameters as param groups; with ``no_decay_bias_norm`` biases, norms and the names the
+    model's ``no_weight_decay()`` returns (timm models) get decay 0."""
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     if not named:
         raise ValueError("model: it has no parameter with requires_grad=True; nothing to optimize")
     if not no_decay_bias_norm:
         return [{"params": named, "weight_decay": weight_decay}]
-    decay = [(n, p) for n, p in named if not _no_decay(n, p)]
-    rest = [(n, p) for n, p in named if _no_decay(n, p)]
+    skip = _model_no_decay_names(model)
+    decay = [(n, p) for n, p in named if not _no_decay(n, p, skip)]
+    rest = [(n, p) for n, p in named if _no_decay(n, p, skip)]
     return [g for g in ({"params": decay, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0.0})
             if g["params"]]
 
@@ -69,4 +83,5 @@ def create_optimizer(model: nn.Module, opt: str, lr: float, weight_decay: float 
         except TypeError as e:
             raise ValueError(f"{opt}: {e}; a plain {base} takes no SAM settings (use sam-{base}, ssamf-{base} ...)") \
                 from None
+    # A keyword neither the wrapper nor the base takes is the wrapper's ValueError, naming both lists.
     return WRAPPERS[wrapper](groups, BASE_OPTIMIZERS[base], lr=lr, **kwargs)
