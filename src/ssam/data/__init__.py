@@ -1,21 +1,32 @@
 """Data sets by name: ``build_datasets(name, datadir, download=False, augment=True)``.
 
-Nothing is ever downloaded unless ``download=True`` (the ``--download`` flag).
+``DATASETS`` (name -> DatasetSpec) is the one list of data sets: the train command's ``--dataset``
+choices come from it. Nothing is ever downloaded unless ``download=True`` (the ``--download`` flag).
+``apply_label_noise(train, p, seed)`` corrupts a share of a training set's labels (see ``noise``).
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
-from ..errors import UsageError
+from ..errors import UsageError, did_you_mean
 from .cifar import CIFAR10, CIFAR100, CIFARDataset, load_cifar
 from .digits import DigitsDataset, build_digits
 from .gpu import GPULoader
 from .imagefolder import build_imagefolder
-from .transforms import (CIFAR_MEAN, CIFAR_STD, IMAGENET_MEAN, IMAGENET_STD, Cutout,
-                         cifar_test_transform, cifar_train_transform, cutout)
-
-DATASETS = ("CIFAR10_base", "CIFAR10_cutout", "CIFAR100_base", "CIFAR100_cutout",
-            "ImageNet_base", "digits")
+from .mnist import FASHION_MNIST, MNIST, IdxSpec, build_idx_datasets
+from .noise import apply_label_noise, noise_count, noisy_labels
+from .tensors import TensorImages
+from .transforms import (
+    CIFAR_MEAN,
+    CIFAR_STD,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    Cutout,
+    cifar_test_transform,
+    cifar_train_transform,
+    cutout,
+)
 
 CUTOUT_SIZE = 16
 CUTOUT_P = 0.5
@@ -30,38 +41,71 @@ class DataInfo:
     std: tuple
 
 
-def _cifar(spec, datadir, download: bool, augment: bool, use_cutout: bool):
-    train_x, train_y, test_x, test_y = load_cifar(spec, datadir, download)
-    cut = CUTOUT_SIZE if use_cutout else 0
-    if augment:
-        train_tf = cifar_train_transform(cut, CUTOUT_P)
-        train_aug = {"padding": 4, "flip": True, "cutout": cut, "cutout_p": CUTOUT_P}
-    else:
-        train_tf, train_aug = cifar_test_transform(), None
-    common = dict(mean=CIFAR_MEAN, std=CIFAR_STD, num_classes=spec.num_classes)
-    train = CIFARDataset(train_x, train_y, train_tf, augmentation=train_aug, **common)
-    test = CIFARDataset(test_x, test_y, cifar_test_transform(), augmentation=None, **common)
-    return train, test, DataInfo(spec.num_classes, 3, 32, CIFAR_MEAN, CIFAR_STD)
+def _cifar(spec, use_cutout: bool):
+    def build(datadir, download: bool, augment: bool):
+        train_x, train_y, test_x, test_y = load_cifar(spec, datadir, download)
+        cut = CUTOUT_SIZE if use_cutout else 0
+        if augment:
+            train_tf = cifar_train_transform(cut, CUTOUT_P)
+            train_aug = {"padding": 4, "flip": True, "cutout": cut, "cutout_p": CUTOUT_P}
+        else:
+            train_tf, train_aug = cifar_test_transform(), None
+        common = dict(mean=CIFAR_MEAN, std=CIFAR_STD, num_classes=spec.num_classes)
+        train = CIFARDataset(train_x, train_y, train_tf, augmentation=train_aug, **common)
+        test = CIFARDataset(test_x, test_y, cifar_test_transform(), augmentation=None, **common)
+        return train, test, DataInfo(spec.num_classes, 3, 32, CIFAR_MEAN, CIFAR_STD)
+    return build
+
+
+def _imagenet(datadir, download: bool, augment: bool):
+    if download:
+        raise UsageError("--download is not available for ImageNet_base: it has no public "
+                         "archive; prepare DATA/train and DATA/val class folders")
+    train, val = build_imagefolder(datadir, augment)
+    return train, val, DataInfo(len(train.classes), 3, 224, IMAGENET_MEAN, IMAGENET_STD)
+
+
+def _digits(datadir, download: bool, augment: bool):
+    train, test, mean, std = build_digits(augment)
+    return train, test, DataInfo(10, 1, 8, mean, std)
+
+
+def _idx(spec: IdxSpec):
+    def build(datadir, download: bool, augment: bool):
+        train, test, mean, std = build_idx_datasets(spec, datadir, download, augment)
+        return train, test, DataInfo(10, 1, 28, mean, std)
+    return build
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    build: Callable  # (datadir, download, augment) -> (train, test, DataInfo)
+    needs_datadir: bool  # False: ships with ssam (digits) or has a default folder (FashionMNIST)
+    in_memory: bool  # held as arrays, so --gpu_data can keep it on the device
+
+
+DATASETS: dict[str, DatasetSpec] = {
+    "CIFAR10_base": DatasetSpec(_cifar(CIFAR10, False), needs_datadir=True, in_memory=True),
+    "CIFAR10_cutout": DatasetSpec(_cifar(CIFAR10, True), needs_datadir=True, in_memory=True),
+    "CIFAR100_base": DatasetSpec(_cifar(CIFAR100, False), needs_datadir=True, in_memory=True),
+    "CIFAR100_cutout": DatasetSpec(_cifar(CIFAR100, True), needs_datadir=True, in_memory=True),
+    "ImageNet_base": DatasetSpec(_imagenet, needs_datadir=True, in_memory=False),
+    "digits": DatasetSpec(_digits, needs_datadir=False, in_memory=True),
+    "FashionMNIST": DatasetSpec(_idx(FASHION_MNIST), needs_datadir=False, in_memory=True),
+    "MNIST": DatasetSpec(_idx(MNIST), needs_datadir=True, in_memory=True),
+}
 
 
 def build_datasets(name: str, datadir: str | None, download: bool = False, augment: bool = True):
     """(train, test, DataInfo). ``augment=False`` gives the training set with the test transform."""
     if name not in DATASETS:
-        raise UsageError(f"unknown --dataset {name!r}; choose from: {', '.join(DATASETS)}")
-    if name.startswith("CIFAR"):
-        spec = CIFAR10 if name.startswith("CIFAR10_") else CIFAR100
-        return _cifar(spec, datadir, download, augment, name.endswith("_cutout"))
-    if name == "ImageNet_base":
-        if download:
-            raise UsageError("--download is not available for ImageNet_base: it has no public "
-                             "archive; prepare DATA/train and DATA/val class folders")
-        train, val = build_imagefolder(datadir, augment)
-        return train, val, DataInfo(len(train.classes), 3, 224, IMAGENET_MEAN, IMAGENET_STD)
-    train, test, mean, std = build_digits(augment)
-    return train, test, DataInfo(10, 1, 8, mean, std)
+        raise UsageError(f"unknown --dataset {name!r}; choose from: {', '.join(DATASETS)}"
+                         f"{did_you_mean(name, DATASETS)}")
+    return DATASETS[name].build(datadir, download, augment)
 
 
 __all__ = [
-    "DATASETS", "DataInfo", "build_datasets", "GPULoader", "Cutout", "cutout",
-    "CIFARDataset", "DigitsDataset", "CIFAR_MEAN", "CIFAR_STD", "IMAGENET_MEAN", "IMAGENET_STD",
+    "DATASETS", "DatasetSpec", "DataInfo", "build_datasets", "apply_label_noise", "noise_count", "noisy_labels",
+    "GPULoader", "Cutout", "cutout", "CIFARDataset", "DigitsDataset", "TensorImages",
+    "CIFAR_MEAN", "CIFAR_STD", "IMAGENET_MEAN", "IMAGENET_STD",
 ]

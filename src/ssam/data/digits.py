@@ -9,9 +9,8 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset
 
-from .transforms import Normalize, RandomShift
+from .tensors import TensorImages
 
 TEST_EVERY = 5
 SHIFT = 1
@@ -43,35 +42,18 @@ def load_digits_split() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch
             images[test_idx_t].contiguous(), targets[test_idx_t].contiguous())
 
 
-class DigitsDataset(Dataset):
+class DigitsDataset(TensorImages):
     """Index -> (normalised (1, 8, 8) tensor, int label), all held as tensors.
 
     ``data`` is float in [0, 1], NCHW; ``mean``/``std`` come from the training images so the
     test set is normalised with statistics it did not contribute to.
     """
 
-    data_layout = "NCHW"
-
     def __init__(self, data: torch.Tensor, targets: torch.Tensor, *, mean, std,
                  augment: bool):
-        self.data = data
-        self.targets = targets
-        self.mean = tuple(mean)
-        self.std = tuple(std)
-        self.num_classes = 10
         # No flips: a mirrored 2, 3 or 7 is no longer the same digit.
-        self.augmentation = {"padding": SHIFT, "flip": False, "cutout": 0} if augment else None
-        self.shift = RandomShift(SHIFT) if augment else None
-        self.normalize = Normalize(self.mean, self.std)
-
-    def __len__(self) -> int:
-        return len(self.data)
-
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        img = self.data[index]
-        if self.shift is not None:
-            img = self.shift(img)
-        return self.normalize(img), int(self.targets[index])
+        super().__init__(data, targets, mean=mean, std=std, num_classes=10,
+                         padding=SHIFT if augment else 0, flip=False)
 
 
 def build_digits(augment: bool = True) -> tuple[DigitsDataset, DigitsDataset, tuple, tuple]:

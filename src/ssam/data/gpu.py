@@ -69,13 +69,14 @@ class GPULoader:
 
     @classmethod
     def from_dataset(cls, dataset, batch_size: int, *, device=None, augment: bool = True,
-                     shuffle: bool = True, drop_last: bool = False, seed: int = 0) -> "GPULoader":
-        """From a CIFAR or digits data set made by ``build_datasets``. ``augment=True`` replays
-        that data set's own augmentation (none for a test set or an ``augment=False`` build)."""
+                     shuffle: bool = True, drop_last: bool = False, seed: int = 0) -> GPULoader:
+        """From an in-memory data set made by ``build_datasets`` (CIFAR, digits, MNIST, Fashion-MNIST).
+        ``augment=True`` replays that data set's own augmentation (none for a test set or an ``augment=False``
+        build)."""
         needed = ("data", "targets", "mean", "std", "augmentation", "data_layout")
         if not all(hasattr(dataset, a) for a in needed):
-            raise UsageError(f"the on-device loader needs an in-memory data set (CIFAR*, digits), "
-                             f"not {type(dataset).__name__}; use the standard DataLoader")
+            raise UsageError(f"the on-device loader needs an in-memory data set (CIFAR*, digits, MNIST, "
+                             f"FashionMNIST), not {type(dataset).__name__}; use the standard DataLoader")
         images = torch.as_tensor(dataset.data)
         if dataset.data_layout == "NHWC":
             images = images.permute(0, 3, 1, 2)
