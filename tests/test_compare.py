@@ -1,4 +1,5 @@
 """`ssam compare`: grid planning, recipe parsing, skip/resume logic, aggregation, report files, end to end."""
+
 import csv
 import json
 import math
@@ -11,7 +12,7 @@ import pytest
 import yaml
 
 from ssam import compare
-from ssam.compare import (PAPER_SEEDS, action_for, load_recipe, main, mean_std, plan_runs, resolve, seed_list)
+from ssam.compare import PAPER_SEEDS, action_for, load_recipe, main, mean_std, plan_runs, resolve, seed_list
 from ssam.errors import UsageError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -22,6 +23,7 @@ def plan(*argv):
 
 
 # ------------------------------------------------------------------------------------------------ settings
+
 
 def test_seed_list_counts_and_lists():
     assert seed_list(3) == [1234, 4321, 6789]
@@ -44,12 +46,33 @@ def test_mean_std_is_sample_std():
 
 
 def test_grid_names_opts_and_sparsities(tmp_path):
-    runs = plan("--opts", "sgd,sam,ssamf,ssamd", "--seeds", "1,2", "--sparsity", "0.5,0.9",
-                "--output", str(tmp_path), "--epochs", "1")
+    runs = plan(
+        "--opts",
+        "sgd,sam,ssamf,ssamd",
+        "--seeds",
+        "1,2",
+        "--sparsity",
+        "0.5,0.9",
+        "--output",
+        str(tmp_path),
+        "--epochs",
+        "1",
+    )
     names = [r.name for r in runs]
-    assert names == ["sgd_seed1", "sam_seed1", "ssamf_s0.5_seed1", "ssamf_s0.9_seed1", "ssamd_s0.5_seed1",
-                     "ssamd_s0.9_seed1", "sgd_seed2", "sam_seed2", "ssamf_s0.5_seed2", "ssamf_s0.9_seed2",
-                     "ssamd_s0.5_seed2", "ssamd_s0.9_seed2"]
+    assert names == [
+        "sgd_seed1",
+        "sam_seed1",
+        "ssamf_s0.5_seed1",
+        "ssamf_s0.9_seed1",
+        "ssamd_s0.5_seed1",
+        "ssamd_s0.9_seed1",
+        "sgd_seed2",
+        "sam_seed2",
+        "ssamf_s0.5_seed2",
+        "ssamf_s0.9_seed2",
+        "ssamd_s0.5_seed2",
+        "ssamd_s0.9_seed2",
+    ]
     by = {r.name: r for r in runs}
     assert by["ssamd_s0.9_seed2"].config["opt"] == "ssamd-sgd"
     assert by["ssamd_s0.9_seed2"].config["sparsity"] == 0.9
@@ -69,35 +92,62 @@ def test_adamw_base(tmp_path):
 
 def test_recipe_precedence(tmp_path):
     recipe = tmp_path / "r.yaml"
-    recipe.write_text(yaml.safe_dump({
-        "compare": {"opts": ["sgd", "sam"], "seeds": [3], "jobs": 1},
-        "train": {"dataset": "digits", "lr": 0.1, "weight_decay": 1e-3, "epochs": 7, "quiet": True,
-                  "nesterov": False},
-        "per_opt": {"sgd": {"weight_decay": 5e-4}},
-    }))
+    recipe.write_text(
+        yaml.safe_dump(
+            {
+                "compare": {"opts": ["sgd", "sam"], "seeds": [3], "jobs": 1},
+                "train": {
+                    "dataset": "digits",
+                    "lr": 0.1,
+                    "weight_decay": 1e-3,
+                    "epochs": 7,
+                    "quiet": True,
+                    "nesterov": False,
+                },
+                "per_opt": {"sgd": {"weight_decay": 5e-4}},
+            }
+        )
+    )
     runs = plan("--config", str(recipe), "--output", str(tmp_path / "o"))
     by = {r.opt: r for r in runs}
     assert by["sgd"].config["weight_decay"] == 5e-4 and by["sam"].config["weight_decay"] == 1e-3
     assert by["sgd"].config["lr"] == 0.1 and by["sgd"].config["quiet"] is True
     assert by["sgd"].config["nesterov"] is False and "--nesterov" not in by["sgd"].flags
     # The command line beats both the recipe and the per-optimizer overrides.
-    runs = plan("--config", str(recipe), "--output", str(tmp_path / "o"), "--weight_decay", "0.002",
-                "--lr", "0.3", "--opts", "sgd", "--seeds", "2")
+    runs = plan(
+        "--config",
+        str(recipe),
+        "--output",
+        str(tmp_path / "o"),
+        "--weight_decay",
+        "0.002",
+        "--lr",
+        "0.3",
+        "--opts",
+        "sgd",
+        "--seeds",
+        "2",
+    )
     assert [(r.name, r.config["weight_decay"], r.config["lr"]) for r in runs] == [
-        ("sgd_seed1234", 0.002, 0.3), ("sgd_seed4321", 0.002, 0.3)]
+        ("sgd_seed1234", 0.002, 0.3),
+        ("sgd_seed4321", 0.002, 0.3),
+    ]
 
 
-@pytest.mark.parametrize("content, needle", [
-    ({"compare": {"optz": "sgd"}}, "optz"),
-    ({"trian": {}}, "trian"),
-    ({"train": {"learning_rate": 0.1}}, "learning_rate"),
-    ({"train": {"seed": 1}}, "seed"),
-    ({"train": {"sparsity": 0.5}}, "sparsity"),
-    ({"per_opt": {"adam": {"lr": 0.1}}}, "adam"),
-    ({"per_opt": {"sgd": {"lrr": 0.1}}}, "lrr"),
-    ({"per_opt": {"sgd": 3}}, "sgd"),
-    ([1, 2], "mapping"),
-])
+@pytest.mark.parametrize(
+    "content, needle",
+    [
+        ({"compare": {"optz": "sgd"}}, "optz"),
+        ({"trian": {}}, "trian"),
+        ({"train": {"learning_rate": 0.1}}, "learning_rate"),
+        ({"train": {"seed": 1}}, "seed"),
+        ({"train": {"sparsity": 0.5}}, "sparsity"),
+        ({"per_opt": {"adam": {"lr": 0.1}}}, "adam"),
+        ({"per_opt": {"sgd": {"lrr": 0.1}}}, "lrr"),
+        ({"per_opt": {"sgd": 3}}, "sgd"),
+        ([1, 2], "mapping"),
+    ],
+)
 def test_recipe_errors(tmp_path, content, needle):
     path = tmp_path / "bad.yaml"
     path.write_text(yaml.safe_dump(content))
@@ -114,21 +164,24 @@ def test_recipe_file_errors(tmp_path):
         load_recipe(bad)
 
 
-@pytest.mark.parametrize("argv, needle", [
-    (["--seeds", "3"], "--output"),
-    (["--output", "X", "--seed", "5"], "--seeds"),
-    (["--output", "X", "--opt", "sam-sgd"], "--opts"),
-    (["--output", "X", "--output_dir", "Y"], "--output"),
-    (["--output", "X", "--resume"], "resumes"),
-    (["--output", "X", "--opts", "sgd,adam"], "adam"),
-    (["--output", "X", "--sparsity", "1.0"], "sparsity"),
-    (["--output", "X", "--base", "rmsprop"], "rmsprop"),
-    (["--output", "X", "--jobs", "0"], "jobs"),
-    (["--output", "X", "--jobs", "two"], "jobs"),
-    (["--output", "X", "stray"], "stray"),
-    (["--output", "X", "--lr", "-1"], "--lr"),           # rejected by the train parser before anything runs
-    (["--output", "X", "--no_such_flag", "1"], "no_such_flag"),
-])
+@pytest.mark.parametrize(
+    "argv, needle",
+    [
+        (["--seeds", "3"], "--output"),
+        (["--output", "X", "--seed", "5"], "--seeds"),
+        (["--output", "X", "--opt", "sam-sgd"], "--opts"),
+        (["--output", "X", "--output_dir", "Y"], "--output"),
+        (["--output", "X", "--resume"], "resumes"),
+        (["--output", "X", "--opts", "sgd,adam"], "adam"),
+        (["--output", "X", "--sparsity", "1.0"], "sparsity"),
+        (["--output", "X", "--base", "rmsprop"], "rmsprop"),
+        (["--output", "X", "--jobs", "0"], "jobs"),
+        (["--output", "X", "--jobs", "two"], "jobs"),
+        (["--output", "X", "stray"], "stray"),
+        (["--output", "X", "--lr", "-1"], "--lr"),  # rejected by the train parser before anything runs
+        (["--output", "X", "--no_such_flag", "1"], "no_such_flag"),
+    ],
+)
 def test_command_line_errors(argv, needle):
     with pytest.raises(UsageError, match=needle):
         plan(*argv)
@@ -141,41 +194,80 @@ def test_every_recipe_plans(tmp_path):
     for path in recipes:
         runs = plan("--config", str(path), "--output", str(tmp_path / path.stem), "--datadir", str(tmp_path))
         assert runs, path
-        opts = {r.opt for r in runs}
-        assert opts == {"sgd", "sam", "ssamf", "ssamd"}, path
+        declared = yaml.safe_load(path.read_text()).get("variants")
+        families = {r.opt for r in runs}
+        if declared:  # a recipe that declares its variants runs exactly those
+            assert {r.variant for r in runs} == set(declared), path
+        else:
+            assert families == {"sgd", "sam", "ssamf", "ssamd"}, path
 
 
 def test_paper_recipe_values(tmp_path):
-    runs = plan("--config", str(ROOT / "recipes" / "cifar100_resnet18.yaml"), "--output", str(tmp_path),
-                "--datadir", str(tmp_path))
+    runs = plan(
+        "--config",
+        str(ROOT / "recipes" / "cifar100_resnet18.yaml"),
+        "--output",
+        str(tmp_path),
+        "--datadir",
+        str(tmp_path),
+    )
     by = {r.opt: r.config for r in runs if r.seed == 1234}
     assert by["sgd"]["weight_decay"] == 5e-4 and by["sam"]["weight_decay"] == 1e-3
     assert by["ssamf"]["rho"] == 0.2 and by["ssamf"]["num_samples"] == 16 and by["ssamf"]["update_freq"] == 1
     assert by["ssamf"]["sparsity"] == 0.5 and by["ssamd"]["drop_rate"] == 0.5
     assert by["sgd"]["dataset"] == "CIFAR100_cutout" and by["sgd"]["epochs"] == 200 and by["sgd"]["lr"] == 0.05
     assert sorted({r.seed for r in runs}) == sorted(PAPER_SEEDS)
-    sweep = plan("--config", str(ROOT / "recipes" / "cifar10_resnet18_sparsity.yaml"), "--output", str(tmp_path),
-                 "--datadir", str(tmp_path), "--seeds", "1")
+    sweep = plan(
+        "--config",
+        str(ROOT / "recipes" / "cifar10_resnet18_sparsity.yaml"),
+        "--output",
+        str(tmp_path),
+        "--datadir",
+        str(tmp_path),
+        "--seeds",
+        "1",
+    )
     assert sorted({r.sparsity for r in sweep if r.opt == "ssamf"}) == [0.5, 0.8, 0.9, 0.95, 0.98, 0.99]
-    imagenet = {r.opt: r.config for r in plan("--config", str(ROOT / "recipes" / "imagenet_resnet50.yaml"),
-                                              "--output", str(tmp_path), "--datadir", str(tmp_path), "--seeds", "1")}
+    imagenet = {
+        r.opt: r.config
+        for r in plan(
+            "--config",
+            str(ROOT / "recipes" / "imagenet_resnet50.yaml"),
+            "--output",
+            str(tmp_path),
+            "--datadir",
+            str(tmp_path),
+            "--seeds",
+            "1",
+        )
+    }
     assert imagenet["ssamf"]["rho"] == 0.7 and imagenet["ssamf"]["num_samples"] == 128
     assert imagenet["sgd"]["weight_decay"] == 1e-4 and imagenet["sgd"]["epochs"] == 90
 
 
 # ------------------------------------------------------------------------------------ synthetic run folders
 
-def write_run(folder: Path, best, final, loss, tpe, curve=(), masks=None, hessian=None, finished=True,
-              config=None):
+
+def write_run(folder: Path, best, final, loss, tpe, curve=(), masks=None, hessian=None, finished=True, config=None):
     folder.mkdir(parents=True, exist_ok=True)
     with open(folder / "metrics.jsonl", "w") as f:
         for e, (acc, tl) in enumerate(curve):
             f.write(json.dumps({"epoch": e, "test_acc1": acc, "train_loss": tl}) + "\n")
         f.write('{"epoch": 9, "test_ac')  # a torn line, as left by a killed run
     if finished:
-        (folder / "summary.json").write_text(json.dumps({
-            "finished": True, "best_acc1": best, "final_acc1": final, "final_train_loss": loss,
-            "epochs": len(curve), "wall_time": tpe * max(1, len(curve)), "time_per_epoch": tpe}))
+        (folder / "summary.json").write_text(
+            json.dumps(
+                {
+                    "finished": True,
+                    "best_acc1": best,
+                    "final_acc1": final,
+                    "final_train_loss": loss,
+                    "epochs": len(curve),
+                    "wall_time": tpe * max(1, len(curve)),
+                    "time_per_epoch": tpe,
+                }
+            )
+        )
     if masks is not None:
         (folder / "masks.json").write_text(json.dumps(masks))
     if hessian is not None:
@@ -187,8 +279,7 @@ def write_run(folder: Path, best, final, loss, tpe, curve=(), masks=None, hessia
 def test_report_on_synthetic_runs(tmp_path, capsys):
     rng = random.Random(0)
     out = tmp_path / "cmp"
-    argv = ["--opts", "sgd,sam,ssamf", "--seeds", "3", "--sparsity", "0.5,0.9", "--output", str(out),
-            "--epochs", "3"]
+    argv = ["--opts", "sgd,sam,ssamf", "--seeds", "3", "--sparsity", "0.5,0.9", "--output", str(out), "--epochs", "3"]
     runs = plan(*argv)
     truth = {}
     for r in runs:
@@ -200,14 +291,22 @@ def test_report_on_synthetic_runs(tmp_path, capsys):
         lam, tr = rng.uniform(1, 50), rng.uniform(10, 500)
         masks = None
         if r.opt == "ssamf":
-            masks = [{"name": f"layer{i}.weight", "shape": [3, 3], "numel": 9, "density": rng.random()}
-                     for i in range(4)]
+            masks = [
+                {"name": f"layer{i}.weight", "shape": [3, 3], "numel": 9, "density": rng.random()} for i in range(4)
+            ]
         curve = [(rng.uniform(50, 95), rng.uniform(0.05, 2)) for _ in range(3)]
-        write_run(r.folder, best, final, loss, tpe, curve, masks, {"lambda_max": lam, "trace": tr,
-                                                                    "trace_stderr": 1.0})
+        write_run(r.folder, best, final, loss, tpe, curve, masks, {"lambda_max": lam, "trace": tr, "trace_stderr": 1.0})
         truth.setdefault((r.opt, r.sparsity), []).append(
-            {"best_acc1": best, "final_acc1": final, "final_train_loss": loss, "time_per_epoch": tpe,
-             "lambda_max": lam, "trace": tr, "seed": r.seed})
+            {
+                "best_acc1": best,
+                "final_acc1": final,
+                "final_train_loss": loss,
+                "time_per_epoch": tpe,
+                "lambda_max": lam,
+                "trace": tr,
+                "seed": r.seed,
+            }
+        )
     assert main(argv + ["--report_only"]) == 0
     printed = capsys.readouterr().out
     assert "SSAM-F s=0.9" in printed and "best acc1" in printed
@@ -292,21 +391,41 @@ def test_finished_run_of_another_comparison_is_refused(tmp_path):
 def test_lock_refuses_a_second_comparison(tmp_path):
     (tmp_path / ".compare.lock").write_text(str(os.getpid()))  # a live pid: ours
     with pytest.raises(UsageError, match="in use"):
-        with compare._Lock(tmp_path):
+        with compare.Lock(tmp_path):
             pass
     (tmp_path / ".compare.lock").write_text("999999999")  # a dead pid: a stale lock is taken over
-    with compare._Lock(tmp_path):
+    with compare.Lock(tmp_path):
         assert (tmp_path / ".compare.lock").read_text() == str(os.getpid())
     assert not (tmp_path / ".compare.lock").exists()
 
 
 # ------------------------------------------------------------------------------------------------ end to end
 
+
 def test_end_to_end_tiny_compare(tmp_path, capsys):
     out = tmp_path / "cmp"
-    argv = ["--opts", "sgd,ssamf", "--seeds", "1", "--sparsity", "0.5", "--dataset", "digits", "--epochs", "1",
-            "--limit_train_batches", "2", "--num_samples", "16", "--hessian_samples", "64", "--output", str(out),
-            "--jobs", "2"]
+    argv = [
+        "--opts",
+        "sgd,ssamf",
+        "--seeds",
+        "1",
+        "--sparsity",
+        "0.5",
+        "--dataset",
+        "digits",
+        "--epochs",
+        "1",
+        "--limit_train_batches",
+        "2",
+        "--num_samples",
+        "16",
+        "--hessian_samples",
+        "64",
+        "--output",
+        str(out),
+        "--jobs",
+        "2",
+    ]
     assert main(argv) == 0
     text = capsys.readouterr().out
     assert "done   sgd_seed1234" in text and "done   ssamf_s0.5_seed1234" in text
@@ -321,9 +440,11 @@ def test_end_to_end_tiny_compare(tmp_path, capsys):
         rows = {r["optimizer"]: r for r in csv.DictReader(f)}
     assert set(rows) == {"SGD", "SSAM-F s=0.5"}
     assert float(rows["SGD"]["best_acc1_mean"]) == pytest.approx(
-        json.loads((out / "runs" / "sgd_seed1234" / "summary.json").read_text())["best_acc1"])
+        json.loads((out / "runs" / "sgd_seed1234" / "summary.json").read_text())["best_acc1"]
+    )
     assert float(rows["SGD"]["lambda_max_mean"]) == pytest.approx(
-        json.loads((out / "runs" / "sgd_seed1234" / "hessian.json").read_text())["lambda_max"])
+        json.loads((out / "runs" / "sgd_seed1234" / "hessian.json").read_text())["lambda_max"]
+    )
     for name in ("results.md", "runs.csv", "curves.png", "masks.png", "compare.yaml"):
         assert (out / name).exists(), name
 
@@ -345,8 +466,19 @@ def test_end_to_end_tiny_compare(tmp_path, capsys):
 def test_end_to_end_failing_run_aborts(tmp_path, capsys):
     # The data folder is given (so the flags parse) but empty: the child exits 2, which aborts the grid.
     out = tmp_path / "cmp"
-    argv = ["--opts", "sgd,sam", "--seeds", "1", "--dataset", "CIFAR10_base", "--datadir", str(tmp_path / "nodata"),
-            "--output", str(out), "--no_hessian"]
+    argv = [
+        "--opts",
+        "sgd,sam",
+        "--seeds",
+        "1",
+        "--dataset",
+        "CIFAR10_base",
+        "--datadir",
+        str(tmp_path / "nodata"),
+        "--output",
+        str(out),
+        "--no_hessian",
+    ]
     with pytest.raises(UsageError, match="exit 2"):
         main(argv)
     text = capsys.readouterr().out
