@@ -14,7 +14,7 @@ USAGE = """usage: ssam <command> [flags]   (ssam <command> --help for its flags)
 
 commands:
   train       train a classifier with SGD/AdamW, SAM, SSAM-F or SSAM-D (the official code's flags)
-  compare     run a grid of optimizers x seeds (x sparsities) and tabulate/plot the results
+  compare     run a grid of optimizer variants x seeds x swept flags (rho, sparsity, ...) and report them
   hessian     Hessian spectrum of a checkpoint: top eigenvalues, trace, eigenvalue density
   landscape   loss landscape along filter-normalised directions (1-D, 2-D, or between checkpoints)
   sharpness   one table of accuracy, lambda_max, trace and loss increase for several checkpoints
