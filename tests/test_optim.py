@@ -195,7 +195,7 @@ def test_foreach_and_per_tensor_paths_agree(kind):
     outs = []
     for foreach in (True, False):
         m = tiny_net()
-        kw = dict(rho=0.2, foreach=foreach, adaptive=(kind == "sam"))
+        kw = dict(rho=0.2, perturb_foreach=foreach, adaptive=(kind == "sam"))
         if kind != "sam":
             kw.update(sparsity=0.6, renormalize=True)
         if kind == "ssamd":
@@ -213,11 +213,11 @@ def test_foreach_and_per_tensor_paths_agree(kind):
 def sparse_opt(kind, m, x, y, flat, seed, **kw):
     """An SSAM-F (mask from (x, y)) or SSAM-D optimizer on the multi-tensor path; ``flat=False`` turns the flat mask
     path off, leaving masking tensor by tensor."""
-    opt = make_opt(kind, m, foreach=True, **kw, **({"seed": seed} if kind == "ssamd" else {}))
+    opt = make_opt(kind, m, perturb_foreach=True, **kw, **({"seed": seed} if kind == "ssamd" else {}))
     if kind == "ssamf":
         opt.update_mask(m, [(x, y)])
     if not flat:
-        opt._mask_segment = lambda ps, masks, gs: None
+        opt._mask_segment = lambda ps, gs: None
     return opt
 
 
@@ -234,13 +234,12 @@ def test_flat_mask_path_equals_per_tensor_masking(kind, renormalize, adaptive):
         kw = dict(rho=0.2, sparsity=0.6, renormalize=renormalize, adaptive=adaptive)
         opt = sparse_opt(kind, m, x, y, flat, 3, **kw)
         sam_step(m, opt, x, y, update=(lambda: opt.update_mask(1)) if kind == "ssamd" else None)
-        fresh = make_opt(kind, m, foreach=True, **kw, **({"seed": 3} if kind == "ssamd" else {}))
+        fresh = make_opt(kind, m, perturb_foreach=True, **kw, **({"seed": 3} if kind == "ssamd" else {}))
         fresh.load_state_dict(copy.deepcopy(opt.state_dict()))
         if not flat:
-            fresh._mask_segment = lambda ps, masks, gs: None
+            fresh._mask_segment = lambda ps, gs: None
         assert torch.equal(fresh.flat_mask(), opt.flat_mask())
-        masks = [fresh.state[p]["mask"] for p in m.parameters()]
-        taken.append(fresh._mask_segment(list(m.parameters()), masks, [p.detach() for p in m.parameters()]) is not None)
+        taken.append(fresh._mask_segment(list(m.parameters()), [p.detach() for p in m.parameters()]) is not None)
         for _ in range(2):
             sam_step(m, fresh, x, y, update=(lambda: fresh.update_mask(2)) if kind == "ssamd" else None)
         outs.append(params_of(m))
@@ -261,8 +260,7 @@ def test_flat_mask_path_with_channels_last_parameters(kind):
                           nn.Linear(5 * 6 * 6, 3)).double().to(memory_format=torch.channels_last)
         opt = sparse_opt(kind, m, x, y, flat, 4, rho=0.2, sparsity=0.5)
         F.cross_entropy(m(x), y).backward()
-        masks = [opt.state[p]["mask"] for p in m.parameters()]
-        taken.append(opt._mask_segment(list(m.parameters()), masks, [p.grad for p in m.parameters()]) is not None)
+        taken.append(opt._mask_segment(list(m.parameters()), [p.grad for p in m.parameters()]) is not None)
         opt.zero_grad()
         for _ in range(2):
             sam_step(m, opt, x, y, update=(lambda: opt.update_mask(1)) if kind == "ssamd" else None)
@@ -297,14 +295,14 @@ def test_flat_mask_path_with_a_non_contiguous_gradient():
     for flat in (True, False):
         torch.manual_seed(0)
         w, b = nn.Parameter(torch.randn(5, 7, dtype=torch.float64)), nn.Parameter(torch.randn(7, dtype=torch.float64))
-        opt = SSAMD([w, b], torch.optim.SGD, lr=0.1, rho=0.3, sparsity=0.5, foreach=True, seed=2)
+        opt = SSAMD([w, b], torch.optim.SGD, lr=0.1, rho=0.3, sparsity=0.5, perturb_foreach=True, seed=2)
         if not flat:
-            opt._mask_segment = lambda ps, masks, gs: None
+            opt._mask_segment = lambda ps, gs: None
         w.grad = torch.randn(7, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(1)).t()
         b.grad = torch.randn(7, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
         assert not w.grad.is_contiguous()
         if flat:
-            assert opt._mask_segment([w, b], [opt.state[w]["mask"], opt.state[b]["mask"]], [w.grad, b.grad]) is not None
+            assert opt._mask_segment([w, b], [w.grad, b.grad]) is not None
         opt.first_step()
         outs.append([w.detach().clone(), b.detach().clone()])
         opt.restore()
@@ -317,9 +315,10 @@ def test_flat_mask_path_skips_parameters_without_gradients():
     outs = []
     for foreach in (True, False):
         m = tiny_net()
-        m[1].weight.requires_grad_(False)  # BatchNorm scale: no gradient, in the middle of the parameter list
-        opt = make_opt("ssamf", m, rho=0.2, foreach=foreach, sparsity=0.5)
+        opt = make_opt("ssamf", m, rho=0.2, perturb_foreach=foreach, sparsity=0.5)
         opt.update_mask(m, [(x, y)])
+        # Frozen after the optimizer was built: still maskable, but without a gradient in the middle of the list.
+        m[1].weight.requires_grad_(False)
         for _ in range(2):
             sam_step(m, opt, x, y)
         outs.append(params_of(m))

@@ -1,5 +1,15 @@
 """ssam: Sharpness-Aware Minimization with sparse perturbation (Mi et al., NeurIPS 2022)."""
-from .optim import SAM, SSAMD, SSAMF, TwoPassScaler, frozen_bn_stats
+from .optim import (
+    SAM,
+    SSAMD,
+    SSAMF,
+    TwoPassScaler,
+    create_optimizer,
+    disable_running_stats,
+    enable_running_stats,
+    frozen_bn_stats,
+)
 
 __version__ = "0.1.0"
-__all__ = ["SAM", "SSAMF", "SSAMD", "TwoPassScaler", "frozen_bn_stats", "__version__"]
+__all__ = ["SAM", "SSAMF", "SSAMD", "TwoPassScaler", "create_optimizer", "frozen_bn_stats", "enable_running_stats",
+           "disable_running_stats", "__version__"]

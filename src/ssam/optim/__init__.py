@@ -1,7 +1,18 @@
-"""Optimizers: SAM/ASAM and the sparse SSAM-F/SSAM-D. Imports nothing from the training code."""
-from .amp import TwoPassScaler
-from .fisher import empirical_fisher, frozen_bn_stats
-from .sam import SAM
-from .ssam import SSAMD, SSAMF, top_k_mask
+"""Optimizers: SAM/ASAM and the sparse SSAM-F/SSAM-D. Imports nothing from the training code.
 
-__all__ = ["SAM", "SSAMF", "SSAMD", "TwoPassScaler", "empirical_fisher", "frozen_bn_stats", "top_k_mask"]
+Layout: ``sam`` (the wrapper and the two-pass protocol), ``ssam`` (SSAM-F, SSAM-D), ``perturb`` (the perturbation
+math, single-tensor and foreach), ``mask`` (the flat mask buffer), ``select`` (the one top-k rule), ``fisher`` (the
+empirical Fisher), ``bn`` (BatchNorm statistics around pass two), ``amp`` (fp16 loss scaling for two passes),
+``factory`` (optimizers by ``--opt`` name).
+"""
+from .amp import TwoPassScaler
+from .bn import disable_running_stats, enable_running_stats, frozen_bn_stats
+from .factory import create_optimizer
+from .fisher import FISHER_METHODS, empirical_fisher
+from .sam import CLOSURE_PASSES, SAM
+from .select import top_k_mask
+from .ssam import SSAMD, SSAMF, STRATEGIES
+
+__all__ = ["SAM", "SSAMF", "SSAMD", "TwoPassScaler", "create_optimizer", "empirical_fisher", "frozen_bn_stats",
+           "enable_running_stats", "disable_running_stats", "top_k_mask", "STRATEGIES", "FISHER_METHODS",
+           "CLOSURE_PASSES"]

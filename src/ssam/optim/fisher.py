@@ -19,40 +19,22 @@ import contextlib
 import functools
 import itertools
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["auto_method", "empirical_fisher", "frozen_bn_stats", "hook_plan", "iter_examples"]
+from .bn import frozen_bn_stats
 
+__all__ = ["FISHER_METHODS", "auto_method", "empirical_fisher", "frozen_bn_stats", "hook_plan", "iter_examples"]
+
+#: How the per-example gradients are computed (see the module docstring); "auto" picks one.
 FISHER_METHODS = ("auto", "loop", "vmap", "hooks")
 
 
-@contextlib.contextmanager
-def frozen_bn_stats(model: nn.Module) -> Iterator[nn.Module]:
-    """Run forward passes in training mode without updating BatchNorm running statistics.
-
-    Use it around SAM's second forward pass: the batch at w + e is the same batch already counted at w, and a
-    perturbed model's activations are not the statistics the model should remember. In training mode BatchNorm
-    still normalises with the batch's own statistics, so the gradient is unchanged; only the running mean/var and
-    ``num_batches_tracked`` stay as they were.
-    """
-    saved = []
-    for m in model.modules():
-        if isinstance(m, nn.modules.batchnorm._NormBase) and m.track_running_stats:
-            saved.append(m)
-            # With track_running_stats off, a training-mode forward uses batch statistics and skips the update.
-            m.track_running_stats = False
-    try:
-        yield model
-    finally:
-        for m in saved:
-            m.track_running_stats = True
-
-
-def iter_examples(data: Any, num_samples: int, generator: torch.Generator | None = None) -> Iterator[tuple[Tensor, Tensor]]:
+def iter_examples(data: Any, num_samples: int,
+                  generator: torch.Generator | None = None) -> Iterator[tuple[Tensor, Tensor]]:
     """Yield ``num_samples`` (input, target) examples, each with a leading batch dimension of 1 stripped.
 
     ``data`` is a map-style ``Dataset`` (examples drawn at random without replacement) or an iterable of
@@ -180,7 +162,8 @@ def _fisher_vmap(model, params, examples, loss_fn, device, fisher, chunk_size) -
     names = {id(p): n for n, p in model.named_parameters()}
     missing = [i for i, p in enumerate(params) if id(p) not in names]
     if missing:
-        raise ValueError(f"model: {len(missing)} optimizer parameters are not parameters of the model given to update_mask")
+        raise ValueError(f"model: {len(missing)} optimizer parameters are not parameters of the model given to "
+                         "update_mask")
     wanted = {names[id(p)]: p for p in params}
     others = {n: p for n, p in model.named_parameters() if n not in wanted}
     buffers = dict(model.named_buffers())
@@ -256,14 +239,14 @@ def _batch_of_one_bn(model: nn.Module) -> Iterator[set]:
     for mod in model.modules():
         if type(mod) is nn.BatchNorm2d and (mod.training or mod.running_mean is None):
             patched.append((mod, mod.__dict__.get("forward")))
-            mod.forward = functools.partial(_batch_of_one, mod)
+            mod.forward = functools.partial(_batch_of_one, mod)  # type: ignore[method-assign]
     try:
         yield {mod for mod, _ in patched}
     finally:
         for mod, old in patched:
             del mod.forward
             if old is not None:
-                mod.forward = old
+                mod.forward = old  # type: ignore[method-assign]
 
 
 def _batch_of_one(mod: nn.BatchNorm2d, x: Tensor) -> Tensor:
@@ -277,7 +260,8 @@ def _normalized(mod: nn.BatchNorm2d, x: Tensor, per_example: bool) -> Tensor:
     if per_example:
         return F.instance_norm(x, eps=mod.eps)
     shape = (1, -1, 1, 1)
-    return (x - mod.running_mean.view(shape)) * torch.rsqrt(mod.running_var.view(shape) + mod.eps)
+    mean, var = cast(Tensor, mod.running_mean), cast(Tensor, mod.running_var)  # eval mode: the running statistics
+    return (x - mean.view(shape)) * torch.rsqrt(var.view(shape) + mod.eps)
 
 
 def _fisher_hooks(model, plan, examples, loss_fn, device, fisher, chunk_size) -> Iterator | None:
@@ -463,7 +447,7 @@ def _patches_last(mod: nn.Conv2d, a: Tensor, scratch: dict) -> Tensor:
     b, c, h, w = a.shape
     kh, kw = mod.kernel_size
     (sh, sw), (dh, dw) = mod.stride, mod.dilation
-    ph, pw = (0, 0) if mod.padding == "valid" else mod.padding
+    ph, pw = cast("tuple[int, int]", (0, 0) if mod.padding == "valid" else mod.padding)
     ho = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1
     wo = (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
     src = a.permute(0, 2, 3, 1)

@@ -2,53 +2,65 @@
 
 One step, as in Foret et al. (2021) and the SSAM paper (Mi et al., 2022):
 
-    g   = grad L(w)                                  (the caller's first forward + backward)
-    e   = rho * g / (||g|| + eps)                    SAM
-    e   = rho * w^2 g / (|| |w| g || + eps)          ASAM (adaptive=True)
+    g   = grad L(w)                                  (pass one: forward + backward at w)
+    e   = rho * g / (||g|| + perturb_eps)            SAM
+    e   = rho * w^2 g / (|| |w| g || + perturb_eps)  ASAM (adaptive=True)
     e  *= mask                                       SSAM only (see ssam.optim.ssam)
-    w  <- w + e ; g' = grad L(w + e) ; w <- w        (the caller's second forward + backward; w restored by copy)
+    w  <- w + e ; g' = grad L(w + e) ; w <- w        (pass two at w + e; w restored by copy)
     base_optimizer.step() with g'
 
-The wrapper and the base optimizer share one ``param_groups`` list, so a learning-rate scheduler attached to either
+The math lives in ``ssam.optim.perturb`` (single-tensor and foreach paths); this class gathers the tensors. The
+wrapper and the base optimizer share one ``param_groups`` list, so a learning-rate scheduler attached to either
 changes both, and ``zero_grad`` on either clears every gradient.
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
-from typing import Any
+import contextlib
+import inspect
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any, cast
 
 import torch
 from torch import Tensor
 
-__all__ = ["SAM"]
+from .mask import MaskSegment
+from .perturb import grad_norm, perturb_, restore_, use_foreach
+
+__all__ = ["SAM", "CLOSURE_PASSES"]
+
+CLOSURE_PASSES = ("second", "both")
+_RENAMED = {"eps": "perturb_eps", "foreach": "perturb_foreach"}  # SAM's own names before 0.2
 
 
-def _split_names(params: Any) -> tuple[list, dict[int, str]]:
-    """Accept parameters, (name, parameter) pairs or param-group dicts of either; return plain groups + names."""
-    params = list(params)
-    if len(params) == 0:
-        raise ValueError("params: got an empty parameter list; pass the model's parameters")
-    names: dict[int, str] = {}
+def _strip_names(items: Iterable, names: dict[int, str]) -> list[Tensor]:
+    """Parameters or (name, parameter) pairs -> parameters; the names are recorded in ``names`` by id."""
+    out = []
+    for item in items:
+        if isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], str):
+            names[id(item[1])] = item[0]
+            item = item[1]
+        if not isinstance(item, Tensor):
+            raise ValueError(f"params: expected tensors or (name, tensor) pairs, got {type(item).__name__}")
+        out.append(item)
+    return out
 
-    def strip(items: Iterable) -> list[Tensor]:
-        out = []
-        for item in items:
-            if isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], str):
-                names[id(item[1])] = item[0]
-                item = item[1]
-            if not isinstance(item, Tensor):
-                raise ValueError(f"params: expected tensors or (name, tensor) pairs, got {type(item).__name__}")
-            out.append(item)
-        return out
 
-    if isinstance(params[0], dict):
-        groups = []
-        for g in params:
-            g = dict(g)
-            g["params"] = strip(g["params"] if not isinstance(g["params"], Tensor) else [g["params"]])
-            groups.append(g)
-        return groups, names
-    return strip(params), names
+def _plain_group(group: dict, names: dict[int, str]) -> dict:
+    group = dict(group)
+    ps = group["params"]
+    group["params"] = _strip_names([ps] if isinstance(ps, Tensor) else ps, names)
+    return group
+
+
+def _keywords(fn: Callable, skip: tuple[str, ...] = ()) -> tuple[list[str], bool]:
+    """The keyword names ``fn`` accepts, and whether it takes ``**kwargs`` too (or cannot be read: anything goes)."""
+    try:
+        sig = inspect.signature(fn)
+    except (TypeError, ValueError):
+        return [], True
+    names = [n for n, p in sig.parameters.items()
+             if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and n not in ("self", "params", *skip)]
+    return names, any(p.kind is p.VAR_KEYWORD for p in sig.parameters.values())
 
 
 class SAM(torch.optim.Optimizer):
@@ -60,10 +72,19 @@ class SAM(torch.optim.Optimizer):
             ``**base_kwargs``.
         rho: radius of the perturbation (>= 0). ``rho=0`` reproduces the base optimizer exactly.
         adaptive: ASAM (Kwon et al., 2021): scale the perturbation element-wise by |w|.
-        eps: added to the gradient norm; 1e-7 as in the SSAM paper's code.
-        foreach: ``True`` for the multi-tensor ``torch._foreach_*`` kernels, ``False`` for a per-tensor loop; ``None``
-            (default) picks foreach on accelerators and the loop on the CPU, as torch.optim does.
+        perturb_eps: added to the gradient norm; 1e-7 as in the SSAM paper's code. (Named apart from the base
+            optimizer's ``eps``, which ``**base_kwargs`` passes on: ``SAM(ps, AdamW, eps=1e-6)`` sets AdamW's.)
+        perturb_foreach: ``True`` for the multi-tensor ``torch._foreach_*`` kernels in the perturbation, ``False``
+            for a per-tensor loop; ``None`` (default) picks foreach on accelerators and the loop on the CPU, as
+            torch.optim does. (The base optimizer's own ``foreach`` goes through ``**base_kwargs``.)
+        closure_passes: what ``step(closure)`` expects the closure to be for (see ``step``): ``"second"`` (default)
+            or ``"both"``. Also an attribute.
+        **base_kwargs: everything else goes to the base optimizer class; a keyword it does not take is a
+            ``ValueError`` here.
     """
+
+    #: When a trainer should call ``refresh_mask``: None (never), ``"before_epoch"`` or ``"first_backward"``.
+    mask_refresh: str | None = None
 
     def __init__(
         self,
@@ -71,19 +92,29 @@ class SAM(torch.optim.Optimizer):
         base_optimizer: type[torch.optim.Optimizer] | torch.optim.Optimizer,
         rho: float = 0.05,
         adaptive: bool = False,
-        eps: float = 1e-7,
-        foreach: bool | None = None,
+        perturb_eps: float = 1e-7,
+        perturb_foreach: bool | None = None,
+        closure_passes: str = "second",
         **base_kwargs: Any,
     ) -> None:
         if not (isinstance(rho, (int, float)) and rho >= 0 and rho == rho and rho != float("inf")):
             raise ValueError(f"rho: got {rho!r}; allowed: a finite number >= 0")
-        if not eps >= 0:
-            raise ValueError(f"eps: got {eps!r}; allowed: a number >= 0")
-        groups, self._param_names = _split_names(params)
-        defaults = dict(rho=float(rho), adaptive=bool(adaptive))
-        super().__init__(groups, defaults)
-        self.eps = float(eps)
-        self.foreach = None if foreach is None else bool(foreach)
+        if not (isinstance(perturb_eps, (int, float)) and perturb_eps >= 0):
+            raise ValueError(f"perturb_eps: got {perturb_eps!r}; allowed: a number >= 0")
+        if perturb_foreach not in (None, True, False):
+            raise ValueError(f"perturb_foreach: got {perturb_foreach!r}; allowed: None, True, False")
+        self._param_names: dict[int, str] = {}
+        params = list(params)
+        if len(params) == 0:
+            raise ValueError("params: got an empty parameter list; pass the model's parameters")
+        if isinstance(params[0], dict):
+            groups: list = [_plain_group(g, self._param_names) for g in params]
+        else:
+            groups = _strip_names(params, self._param_names)
+        super().__init__(groups, dict(rho=float(rho), adaptive=bool(adaptive)))
+        self.perturb_eps = float(perturb_eps)
+        self.perturb_foreach = perturb_foreach
+        self.closure_passes = closure_passes
 
         if isinstance(base_optimizer, torch.optim.Optimizer):
             if base_kwargs:
@@ -104,6 +135,7 @@ class SAM(torch.optim.Optimizer):
                 g.setdefault("rho", float(rho))
                 g.setdefault("adaptive", bool(adaptive))
         elif isinstance(base_optimizer, type) and issubclass(base_optimizer, torch.optim.Optimizer):
+            self._check_base_kwargs(base_optimizer, base_kwargs)
             self.base_optimizer = base_optimizer(self.param_groups, **base_kwargs)
         else:
             raise ValueError(
@@ -112,120 +144,108 @@ class SAM(torch.optim.Optimizer):
         # One list of groups for both: schedulers and add_param_group act on the pair.
         self.param_groups = self.base_optimizer.param_groups
         self.defaults.update(self.base_optimizer.defaults)
-        # Parameters perturbed by the last first_step, with their perturbations, for second_step to undo.
+        # Parameters perturbed by the last first_step, with their saved weights, for restore to copy back.
         self._perturbed: tuple[list[Tensor], list[Tensor]] | None = None
+
+    def _check_base_kwargs(self, base: type[torch.optim.Optimizer], kwargs: dict[str, Any]) -> None:
+        """A keyword the base class does not take: one line naming it, instead of a TypeError in its __init__."""
+        accepted, takes_any = _keywords(base.__init__)
+        unknown = [k for k in kwargs if k not in accepted]
+        if takes_any or not unknown:
+            return
+        key = unknown[0]
+        own = [k for cls in type(self).__mro__ if issubclass(cls, SAM)
+               for k in _keywords(cls.__init__, ("base_optimizer",))[0]]
+        hint = f" ({type(self).__name__}'s own is {_RENAMED[key]})" if key in _RENAMED else ""
+        raise ValueError(
+            f"{key}: got {kwargs[key]!r}, a keyword neither {base.__name__} nor {type(self).__name__} takes{hint}; "
+            f"allowed: {base.__name__}'s {', '.join(accepted)}; {type(self).__name__}'s {', '.join(dict.fromkeys(own))}"
+        )
+
+    @property
+    def closure_passes(self) -> str:
+        """``"second"``: step(closure) runs pass two only; ``"both"``: both passes (see ``step``)."""
+        return self._closure_passes
+
+    @closure_passes.setter
+    def closure_passes(self, value: str) -> None:
+        if value not in CLOSURE_PASSES:
+            raise ValueError(f"closure_passes: got {value!r}; allowed: {', '.join(map(repr, CLOSURE_PASSES))}")
+        self._closure_passes = value
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Add a group to the wrapper and the base optimizer at once (named parameters accepted)."""
+        group = _plain_group(param_group, self._param_names)
+        if "base_optimizer" not in self.__dict__:  # called by Optimizer.__init__, before the base exists
+            super().add_param_group(group)
+            return
+        self.base_optimizer.add_param_group(group)  # appends to the shared list, with the base's defaults
+        self.param_groups[-1].setdefault("rho", self.defaults["rho"])
+        self.param_groups[-1].setdefault("adaptive", self.defaults["adaptive"])
 
     # ------------------------------------------------------------------ hooks for the sparse subclasses
     def _mask_for(self, p: Tensor) -> Tensor | None:
         """The boolean mask applied to p's perturbation; dense SAM has none."""
         return None
 
+    def _mask_segment(self, ps: list[Tensor], gs: list[Tensor]) -> MaskSegment | None:
+        """The masks of ``ps`` as one stretch of a flat mask buffer (the multi-tensor fast path), or None."""
+        return None
+
+    def _perturbable(self, group: dict) -> list[Tensor]:
+        """The group's parameters that the perturbation covers and that have a gradient."""
+        return [p for p in group["params"] if p.grad is not None]
+
+    def _dead_params(self) -> list[Tensor]:
+        """Parameters whose perturbation is zero whatever their gradient (SSAM: no live mask entry)."""
+        return []
+
     def _check_ready(self) -> None:
         """Raise if the optimizer cannot perturb yet (SSAM-F before its first mask)."""
 
+    def _grad_norm(self, params: list[Tensor], grads: list[Tensor], adaptive: bool, foreach: bool) -> Tensor:
+        return grad_norm(params, grads, adaptive=adaptive, foreach=foreach)
+
     # ------------------------------------------------------------------ the two passes
-    def _use_foreach(self, tensors: list[Tensor]) -> bool:
-        return self.foreach if self.foreach is not None else any(t.device.type != "cpu" for t in tensors)
-
-    def _grad_norm(self, params: list[Tensor], grads: list[Tensor], adaptive: bool) -> Tensor:
-        foreach = self._use_foreach(params)
-        if adaptive:
-            scaled = torch._foreach_mul(grads, torch._foreach_abs(params)) if foreach else [
-                g * p.abs() for p, g in zip(params, grads)
-            ]
-        else:
-            scaled = grads
-        norms = torch._foreach_norm(scaled) if foreach else [torch.linalg.vector_norm(g) for g in scaled]
-        device = norms[0].device
-        # Stays a device tensor: no host synchronisation inside the step.
-        return torch.linalg.vector_norm(torch.stack([n.to(device) for n in norms]))
-
     @torch.no_grad()
     def first_step(self, zero_grad: bool = False) -> None:
-        """Move every parameter with a gradient from w to w + e."""
+        """Move every parameter with a gradient from w to w + e. Raises when no parameter has a gradient."""
         self._check_ready()
         if self._perturbed is not None:
             raise RuntimeError("first_step called twice without second_step; call second_step to restore the weights")
         by_group = []
         for group in self.param_groups:
-            ps = [p for p in group["params"] if p.grad is not None]
+            ps = self._perturbable(group)
             if ps:
-                by_group.append((group, ps, [p.grad for p in ps]))
+                by_group.append((group, ps, cast("list[Tensor]", [p.grad for p in ps])))
+        if not by_group:
+            raise RuntimeError(
+                f"{type(self).__name__}.first_step: no parameter has a gradient, so there is nothing to perturb "
+                "with; run forward + backward at w first (or step(closure) with closure_passes='both')"
+            )
         all_p = [p for _, ps, _ in by_group for p in ps]
         all_g = [g for _, _, gs in by_group for g in gs]
-        if not all_p:
-            self._perturbed = ([], [])
-            return
         # One norm over every parameter, as in the paper; ASAM takes it of |w| * g.
-        adaptive_any = any(g["adaptive"] for g, _, _ in by_group)
-        if adaptive_any and not all(g["adaptive"] for g, _, _ in by_group):
+        adaptive = any(g["adaptive"] for g, _, _ in by_group)
+        if adaptive and not all(g["adaptive"] for g, _, _ in by_group):
             raise ValueError("adaptive: mixed True/False across param groups is not supported; use one value")
-        norm = self._grad_norm(all_p, all_g, adaptive_any)
+        foreach = use_foreach(self.perturb_foreach, all_p)
+        norm = self._grad_norm(all_p, all_g, adaptive, foreach)
 
         perturbed_p: list[Tensor] = []
         perturbed_w: list[Tensor] = []
-        # As torch.optim does: multi-tensor kernels on accelerators, a per-tensor loop on the CPU (where foreach
-        # kernels are loops of the same ops, and the loop can fuse the scale into the add).
-        use_foreach = self._use_foreach(all_p)
         for group, ps, gs in by_group:
             if group["rho"] == 0:
                 continue
-            scale = group["rho"] / (norm + self.eps)
-            # Keep w itself, not e: restoring by copy is exact, w + e - e is not.
             saved = [self._buffer(p) for p in ps]
-            masks = [self._mask_for(p) for p in ps]
-            if use_foreach:
-                self._perturb_foreach(ps, gs, saved, masks, scale.to(gs[0].device), group["adaptive"])
-            else:
-                self._perturb_single(ps, gs, saved, masks, scale, group["adaptive"])
+            segment = self._mask_segment(ps, gs) if foreach else None
+            perturb_(ps, gs, saved, [self._mask_for(p) for p in ps], scale=group["rho"] / (norm + self.perturb_eps),
+                     adaptive=group["adaptive"], foreach=foreach, segment=segment)
             perturbed_p.extend(ps)
             perturbed_w.extend(saved)
         self._perturbed = (perturbed_p, perturbed_w)
         if zero_grad:
             self.zero_grad()
-
-    def _perturb_foreach(self, ps: list[Tensor], gs: list[Tensor], saved: list[Tensor], masks: list[Tensor | None],
-                         scale: Tensor, adaptive: bool) -> None:
-        """w <- w + scale * g (* w^2) (* mask) with multi-tensor kernels; the scale stays on the device."""
-        torch._foreach_copy_(saved, ps)
-        es = torch._foreach_mul(gs, scale)
-        if adaptive:
-            torch._foreach_mul_(es, torch._foreach_mul(ps, ps))
-        masked = [(e, m) for e, m in zip(es, masks) if m is not None]
-        if masked:
-            # Float times bool lists are not one dtype, so foreach falls back to one kernel per tensor here.
-            torch._foreach_mul_([e for e, _ in masked], [m for _, m in masked])
-        torch._foreach_add_(ps, es)
-
-    def _perturb_single(self, ps: list[Tensor], gs: list[Tensor], saved: list[Tensor], masks: list[Tensor | None],
-                        scale: Tensor, adaptive: bool) -> None:
-        """w <- w + scale * g (* w^2) (* mask), one tensor at a time, reusing one scratch buffer.
-
-        On a CPU the scale becomes a Python number (no device to wait for) and fuses into the add; elsewhere it stays
-        a device tensor so nothing synchronises. The masked product g * m is exact, so a full mask reproduces dense
-        SAM bit for bit.
-        """
-        host = scale.device.type == "cpu"
-        alpha = float(scale) if host else 1.0
-        scratch = None
-        for p, g, w, m in zip(ps, gs, saved, masks):
-            w.copy_(p)
-            if m is None and not adaptive and host:
-                p.add_(g, alpha=alpha)
-                continue
-            if scratch is None or scratch.numel() < p.numel() or scratch.dtype != g.dtype or scratch.device != g.device:
-                scratch = torch.empty(max(q.numel() for q in ps), dtype=g.dtype, device=g.device)
-            e = scratch[:p.numel()].view_as(g)
-            if m is not None:
-                # A bool mask read as uint8 takes the vectorised mixed-type kernel; as bool it does not.
-                torch.mul(g, m.view(torch.uint8), out=e)
-            else:
-                e.copy_(g)
-            if adaptive:
-                e.mul_(p).mul_(p)
-            if not host:
-                e.mul_(scale.to(e.device))
-            p.add_(e, alpha=alpha)
 
     def _buffer(self, p: Tensor) -> Tensor:
         """The persistent copy of w kept during a step (reused every step, so it is allocated once)."""
@@ -243,11 +263,7 @@ class SAM(torch.optim.Optimizer):
             return
         ps, saved = self._perturbed
         if ps:
-            if self._use_foreach(ps):
-                torch._foreach_copy_(ps, saved)
-            else:
-                for p, w in zip(ps, saved):
-                    p.copy_(w)
+            restore_(ps, saved, foreach=use_foreach(self.perturb_foreach, ps))
         self._perturbed = None
 
     @torch.no_grad()
@@ -258,18 +274,33 @@ class SAM(torch.optim.Optimizer):
         self.restore()
         self.base_optimizer.step()
         # A scheduler attached to the wrapper watches for wrapper.step(); the two-call path is a step too.
-        self._opt_called = True
+        self._opt_called = True  # type: ignore[attr-defined]
         if zero_grad:
             self.zero_grad()
 
     def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
-        """Both passes in one call; ``closure`` runs forward + backward (no zero_grad inside) and returns the loss."""
+        """One SAM step; ``closure`` runs forward + backward and returns the loss. What it is called for is set by
+        ``closure_passes``, never guessed from whether gradients happen to be there:
+
+        - ``"second"`` (default; davda54/sam's and pytorch-optimizer's convention): the caller ran pass one at w
+          before ``step``. Perturbs, calls the closure once at w + e, restores w, steps the base optimizer; returns
+          the closure's loss (at w + e). The closure need not zero gradients (they are zeroed before it).
+        - ``"both"`` (torch.optim's LBFGS and Lightning's automatic optimization): zeroes the gradients, calls the
+          closure at w (pass one), perturbs, zeroes the gradients, calls it at w + e, restores, steps; returns the
+          loss of pass one. The closure may zero the gradients itself or not.
+
+        With no gradient after pass one, ``first_step`` raises: a step never silently skips the perturbation.
+        """
         if closure is None:
             raise RuntimeError(
                 f"{type(self).__name__}.step needs a closure that runs forward + backward; or call "
                 "first_step(), then forward + backward, then second_step()"
             )
         closure = torch.enable_grad()(closure)
+        first_loss = None
+        if self._closure_passes == "both":
+            self.zero_grad()
+            first_loss = closure()
         self.first_step(zero_grad=True)
         try:
             loss = closure()
@@ -277,7 +308,33 @@ class SAM(torch.optim.Optimizer):
             self.restore()
             raise
         self.second_step()
-        return loss
+        return first_loss if self._closure_passes == "both" else loss
+
+    @contextlib.contextmanager
+    def first_pass(self) -> Iterator[SAM]:
+        """Wrap pass one's forward + backward: parameters whose perturbation is masked out entirely (SSAM, no live
+        mask entry) get ``requires_grad=False`` inside, so that backward skips their weight gradients; restored on
+        exit, exceptions included. For SAM, and for SSAM with a live entry in every tensor, it changes nothing.
+
+        ``first_step`` then takes the norm over the gradients that exist (with ``renormalize=True`` that is the
+        same norm; without it, the dead tensors' gradients no longer count). Not around the backward whose
+        gradient SSAM-D's ``update_mask`` scores: the dead entries need gradients to compete for growth.
+        """
+        frozen = [p for p in self._dead_params() if p.requires_grad]
+        for p in frozen:
+            p.requires_grad_(False)
+        try:
+            yield self
+        finally:
+            for p in frozen:
+                p.requires_grad_(True)
+
+    def refresh_mask(self, epoch: int, *, model: torch.nn.Module | None = None, data: Any = None,
+                     generator: torch.Generator | None = None, reduce: Callable | None = None) -> bool:
+        """Refresh the mask if ``epoch`` calls for it; True when it did. Dense SAM has no mask: False. Call it where
+        ``mask_refresh`` says: ``"before_epoch"`` before an epoch's first step, ``"first_backward"`` after the
+        first backward of an epoch's first step."""
+        return False
 
     # ------------------------------------------------------------------ state
     def _extra_state(self) -> dict:
@@ -310,7 +367,7 @@ class SAM(torch.optim.Optimizer):
         self.base_optimizer.load_state_dict(state_dict["base_optimizer"])
         self.param_groups = self.base_optimizer.param_groups
         # Our own state (masks) is keyed by position in the groups, as in torch.optim.
-        params = [p for g in self.param_groups for p in g["params"]]
+        params = self._all_params()
         own = state_dict.get("state", {})
         self.state.clear()
         for idx, st in own.items():
@@ -334,7 +391,11 @@ class SAM(torch.optim.Optimizer):
     def zero_grad(self, set_to_none: bool = True) -> None:
         self.base_optimizer.zero_grad(set_to_none=set_to_none)
 
+    def _all_params(self) -> list[Tensor]:
+        return [p for g in self.param_groups for p in g["params"]]
+
     def param_name(self, p: Tensor, index: int) -> str:
+        """p's name when named parameters were given, else ``param{index}`` (its position in the groups)."""
         return self._param_names.get(id(p), f"param{index}")
 
     def __repr__(self) -> str:

@@ -1,12 +1,19 @@
 """Sparse SAM (Mi et al., NeurIPS 2022): SAM whose perturbation only touches a global subset of the weights.
 
-Masks are global: every parameter tensor's entries compete for the same ``int(N * (1 - sparsity))`` places.
-State per parameter: ``mask`` (torch.bool, 1 byte/entry) and ``w_saved``, the copy of w held between the two passes
-(the parameter's dtype, 4 bytes/entry in fp32): 5 bytes per parameter beyond the base optimizer.
+Masks are global: the entries of every maskable parameter tensor compete for the same ``int(N * (1 - sparsity))``
+places. The maskable parameters are those with ``requires_grad=True`` when the optimizer is built or their group is
+added (``add_param_group``); a parameter frozen then is neither scored nor given a share of the budget, and is never
+perturbed. The set is not re-read later, so that a pass that turns ``requires_grad`` off for a while
+(``first_pass()``) changes nothing.
+
+State per maskable parameter: ``mask`` (torch.bool, 1 byte/entry, a view of one flat buffer: ``ssam.optim.mask``)
+and ``w_saved``, the copy of w held between the two passes (the parameter's dtype): 5 bytes per fp32 entry beyond
+the base optimizer.
 
 - SSAM-F keeps the entries with the largest diagonal empirical Fisher, measured on ``num_samples`` examples.
 - SSAM-D starts from a random mask; each update kills the weakest live entries (by |w|, |g| or at random) at a
   cosine-decaying death rate and regrows as many entries among those dead before the update.
+Every selection follows the one top-k rule of ``ssam.optim.select``.
 """
 from __future__ import annotations
 
@@ -14,73 +21,28 @@ import math
 from collections.abc import Callable
 from typing import Any
 
-import numpy as np
 import torch
 from torch import Tensor, nn
 
 from .fisher import FISHER_METHODS, empirical_fisher
+from .mask import FlatMask, MaskSegment
+from .perturb import grad_norm
 from .sam import SAM
-from .select import device_top_k_mask
+from .select import random_subset, top_k_mask
 
 __all__ = ["SSAMF", "SSAMD", "top_k_mask", "STRATEGIES"]
 
+#: How SSAM-D scores entries for its drop and its growth.
 STRATEGIES = ("weight", "gradient", "random")
-_NUMPY_FLOATS = (torch.float16, torch.float32, torch.float64)
 
 
-def _dense(t: Tensor) -> bool:
-    """Whether t covers one gap-free stretch of memory (contiguous or channels_last), so it can be read flat."""
-    return t.is_contiguous() or (t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last))
-
-
-def _memory_order(t: Tensor) -> Tensor:
-    """A dense tensor's entries as a flat view, in the order they lie in memory (no copy)."""
-    return t.as_strided((t.numel(),), (1,))
-
-
-def _masked_flat(tensors: list[Tensor], mask: Tensor, contiguous: bool = False) -> Tensor:
-    """The tensors concatenated (a new tensor) and multiplied by a flat mask laid out the same way: in plain order
-    with ``contiguous`` (a mask buffer in plain order; made in one C++ call), else each in memory order."""
-    if contiguous and len(tensors) > 1:  # (for one tensor _flatten_dense_tensors returns a view of it, not a copy)
-        return torch._utils._flatten_dense_tensors(tensors).mul_(mask)
-    if contiguous:
-        return tensors[0].reshape(-1).mul(mask)
-    return torch.cat([_memory_order(t) for t in tensors]).mul_(mask)
-
-
-def top_k_mask(score: Tensor, k: int) -> Tensor:
-    """Boolean mask with exactly ``k`` True entries at the ``k`` largest scores of a 1-D tensor.
-
-    A k-th value threshold (linear-time selection) instead of a sort; ties at the threshold are broken by position
-    so the count is exact, and NaN scores rank lowest. On a CPU the selection is numpy's partition, several times faster than torch.kthvalue;
-    on an accelerator it is a topk threshold (``ssam.optim.select``) that runs without a host round trip.
-    """
-    n = score.numel()
-    if k <= 0:
-        return torch.zeros(n, dtype=torch.bool, device=score.device)
-    if k >= n:
-        return torch.ones(n, dtype=torch.bool, device=score.device)
-    if score.device.type == "cpu":
-        values = score.detach()
-        if values.dtype not in (torch.float16, torch.float32, torch.float64):
-            values = values.float()
-        # kthvalue also sorts indices along and copies in torch's layout; a partition of the values is enough.
-        thr = np.partition(values.numpy(), n - k)[n - k].item()
-        kept = score >= thr
-        if int(kept.count_nonzero()) == k:
-            return kept
-        if values.is_floating_point() and bool(torch.isnan(values).any()):
-            # numpy ranks NaN highest and no comparison keeps it: NaN ranks lowest instead, as on the device path.
-            return top_k_mask(torch.nan_to_num(values, nan=-math.inf, posinf=math.inf, neginf=-math.inf), k)
-        above = score > thr
-        need = k - int(above.count_nonzero())
-        at = score == thr
-        return above | (at & (torch.cumsum(at, 0) <= need))
-    return device_top_k_mask(score, k)
+def _flat(tensors: list[Tensor]) -> Tensor:
+    device = tensors[0].device
+    return torch.cat([t.reshape(-1).to(device) for t in tensors])
 
 
 class _SparseSAM(SAM):
-    """Shared machinery of SSAM-F and SSAM-D: the global mask and its bookkeeping."""
+    """Shared machinery of SSAM-F and SSAM-D: the maskable set, the global mask and its bookkeeping."""
 
     def __init__(self, params: Any, base_optimizer: Any, rho: float, sparsity: float, update_freq: int,
                  renormalize: bool, adaptive: bool, **kwargs: Any) -> None:
@@ -92,147 +54,112 @@ class _SparseSAM(SAM):
         self.sparsity = float(sparsity)
         self.update_freq = update_freq
         self.renormalize = bool(renormalize)
-        # All masks live in one flat bool tensor (when the parameters share a device); state[p]["mask"] are views
-        # of it. One buffer lets first_step mask every perturbation with one kernel instead of one per tensor.
-        self._mask_buffer: Tensor | None = None
-        self._mask_index: dict[int, int] = {}
-        self._mask_ptrs: list[int] = []
-        self._mask_dense = False
-        self._mask_contiguous = False
+        maskable = [p for p in self._all_params() if p.requires_grad]
+        if not maskable:
+            raise ValueError("params: none has requires_grad=True; allowed: at least one trainable parameter")
+        self._set_maskable(maskable)
 
-    # --------------------------------------------------------------- mask plumbing
+    def _set_maskable(self, maskable: list[Tensor]) -> None:
+        self._masks = FlatMask(maskable)
+        # None when every parameter is maskable: the per-step filter in _perturbable is then skipped.
+        ids = {id(p) for p in maskable}
+        self._maskable_ids = None if len(ids) == len(self._all_params()) else ids
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Add a group; its parameters with ``requires_grad=True`` join the maskable set and the budget. SSAM-F then
+        needs ``update_mask`` before its next step; SSAM-D draws the new entries' mask at random."""
+        super().add_param_group(param_group)
+        if "_masks" not in self.__dict__:  # called by Optimizer.__init__
+            return
+        new = [p for p in self.param_groups[-1]["params"] if p.requires_grad]
+        if new:
+            old = self._masks.flat() if self.has_masks() else None
+            self._set_maskable(self._masks.params + new)
+            self._extend_mask(old, sum(p.numel() for p in new))
+
+    def _extend_mask(self, old: Tensor | None, n_new: int) -> None:
+        """After add_param_group: by default no mask until the next update."""
+        for p in self.mask_params():
+            self.state[p].pop("mask", None)
+        self._masks.clear()
+
+    # --------------------------------------------------------------- masks
     def mask_params(self) -> list[Tensor]:
-        return [p for g in self.param_groups for p in g["params"]]
+        """The maskable parameters, in group order: those the masks, the budget and the scores cover."""
+        return list(self._masks.params)
+
+    def excluded_params(self) -> list[str]:
+        """Names of the parameters left out of the masks (frozen when the optimizer was built or their group added)."""
+        maskable = {id(p) for p in self._masks.params}
+        return [self.param_name(p, i) for i, p in enumerate(self._all_params()) if id(p) not in maskable]
 
     @property
     def num_live(self) -> int:
-        """Entries perturbed: ``int(N * (1 - sparsity))`` of the N entries of all parameters."""
-        n = sum(p.numel() for p in self.mask_params())
-        return int(n * (1 - self.sparsity))
+        """Entries perturbed: ``int(N * (1 - sparsity))`` of the N entries of the maskable parameters."""
+        return int(self._masks.numel * (1 - self.sparsity))
+
+    def has_masks(self) -> bool:
+        return self._masks.is_set
+
+    def set_flat_mask(self, flat: Tensor) -> None:
+        """Set every mask from one flat tensor over all maskable entries, in param-group order."""
+        for p, view in zip(self._masks.params, self._masks.set(flat)):
+            self.state[p]["mask"] = view
+
+    def flat_mask(self) -> Tensor:
+        """A new flat bool tensor of every mask, in param-group order."""
+        return self._masks.flat()
 
     def _mask_for(self, p: Tensor) -> Tensor | None:
         return self.state[p].get("mask")
 
-    def has_masks(self) -> bool:
-        return all("mask" in self.state[p] for p in self.mask_params())
+    def _mask_segment(self, ps: list[Tensor], gs: list[Tensor]) -> MaskSegment | None:
+        return self._masks.segment(ps, gs)
 
-    def set_flat_mask(self, flat: Tensor) -> None:
-        """Set every mask from one flat tensor over all entries, in param-group order."""
-        params = self.mask_params()
-        flat = flat.reshape(-1)
-        total = sum(p.numel() for p in params)
-        if flat.numel() != total:
-            raise ValueError(f"flat mask: got {flat.numel()} entries; allowed: exactly {total}, one per parameter "
-                             "entry")
-        if len({p.device for p in params}) > 1:  # parameters spread over devices: one mask tensor each
-            self._mask_buffer = None
-            offset = 0
-            for p in params:
-                self.state[p]["mask"] = flat[offset:offset + p.numel()].to(p.device, torch.bool).view(p.shape).clone()
-                offset += p.numel()
-            return
-        buf = self._mask_buffer
-        if buf is None or buf.numel() != total or buf.device != params[0].device:
-            buf = self._mask_buffer = torch.empty(total, dtype=torch.bool, device=params[0].device)
-        all_contiguous = all(p.is_contiguous() for p in params)
-        if all_contiguous:
-            buf.copy_(flat)
-        # Each mask is laid out in memory as its parameter is (channels_last included), so that the buffer and the
-        # gradients, both read in memory order, line up entry for entry in _perturb_foreach.
-        offset = 0
-        self._mask_index = {}  # mask data pointer -> position, for _mask_segment's check
-        for i, p in enumerate(params):
-            n = p.numel()
-            piece = buf[offset:offset + n]
-            view = piece.as_strided(p.shape, p.stride()) if _dense(p) else piece.view(p.shape)
-            if not all_contiguous:  # (else the one copy above already put every entry in place)
-                view.copy_(flat[offset:offset + n].view(p.shape))
-            self.state[p]["mask"] = view
-            self._mask_index[view.data_ptr()] = i
-            offset += n
-        self._mask_ptrs = list(self._mask_index)
-        self._mask_dense = all(_dense(p) for p in params)
-        self._mask_contiguous = all_contiguous
+    def _perturbable(self, group: dict) -> list[Tensor]:
+        ids = self._maskable_ids
+        if ids is None:
+            return super()._perturbable(group)
+        return [p for p in group["params"] if p.grad is not None and id(p) in ids]
+
+    def _dead_params(self) -> list[Tensor]:
+        dead = self._masks.dead()
+        # With every tensor dead the perturbation is zero anyway; freezing all would leave backward nothing to do.
+        return [] if len(dead) == len(self._masks.params) else dead
 
     def load_state_dict(self, state_dict: dict) -> None:
         super().load_state_dict(state_dict)
-        self._mask_buffer = None
-        if self.has_masks():  # loaded masks are separate tensors: gather them into one buffer again
-            self.set_flat_mask(self.flat_mask())
-
-    def _mask_segment(self, ps: list[Tensor], masks: list[Tensor | None], gs: list[Tensor]) -> Tensor | None:
-        """The stretch of the mask buffer that ``masks`` tile in order, if they do, the gradients share one dtype and
-        the buffer's device, and (unless the buffer is in plain order) each parameter and gradient is laid out in
-        memory as its mask; else None. Runs every step, where the host's time is the step's time on an accelerator:
-        list comparisons, no per-tensor branching."""
-        buf = self._mask_buffer
-        if buf is None or not self._mask_dense or not masks or masks[0] is None or gs[0].device != buf.device:
-            return None
-        try:
-            ptrs = [m.data_ptr() for m in masks]
-        except AttributeError:  # a parameter without a mask
-            return None
-        first = self._mask_index.get(ptrs[0])
-        if first is None or ptrs != self._mask_ptrs[first:first + len(ptrs)]:
-            return None
-        # With every parameter contiguous the buffer is in plain order and the gradients are read in plain order
-        # whatever their layout (see _masked_flat). Otherwise they are read in memory order and must be laid out as
-        # their masks; every mask view is dense (set_flat_mask), so a gradient with its strides is dense too.
-        if not self._mask_contiguous:
-            strides = [m.stride() for m in masks]
-            if strides != [g.stride() for g in gs] or strides != [p.stride() for p in ps]:
-                return None
-        if len({g.dtype for g in gs}) != 1:  # one concatenation must not promote some gradients' precision
-            return None
-        start = ptrs[0] - buf.data_ptr()
-        return buf[start:start + sum(m.numel() for m in masks)]
-
-    def _perturb_foreach(self, ps: list[Tensor], gs: list[Tensor], saved: list[Tensor], masks: list[Tensor | None],
-                         scale: Tensor, adaptive: bool) -> None:
-        seg = self._mask_segment(ps, masks, gs)
-        if seg is None:
-            return super()._perturb_foreach(ps, gs, saved, masks, scale, adaptive)
-        # On an accelerator a step is bound by kernel launches: one concatenation and two flat products replace a
-        # product per tensor (foreach cannot multiply float by bool lists in one kernel). Same values: g * m * scale
-        # is g * scale where m is 1 and 0 where it is 0. Everything is read in memory order (see set_flat_mask).
-        torch._foreach_copy_(saved, ps)
-        flat = _masked_flat(gs, seg, self._mask_contiguous).mul_(scale)
-        if self._mask_contiguous:  # memory order is plain order: the views are made in C++, not one by one here
-            es = torch._utils._unflatten_dense_tensors(flat, ps)
+        maskable = {id(p) for p in self._masks.params}
+        for p in self._all_params():
+            if id(p) not in maskable and p in self.state:
+                self.state[p].pop("mask", None)
+        masks = [self.state[p].get("mask") for p in self._masks.params]
+        if all(m is not None for m in masks):  # loaded masks are separate tensors: gather them into one buffer again
+            self.set_flat_mask(_flat(masks))  # type: ignore[arg-type]
         else:
-            es = [e.as_strided(p.shape, p.stride()) for e, p in zip(flat.split([p.numel() for p in ps]), ps)]
-        if adaptive:
-            torch._foreach_mul_(es, torch._foreach_mul(ps, ps))
-        torch._foreach_add_(ps, es)
-
-    def _flat(self, tensors: list[Tensor]) -> Tensor:
-        device = tensors[0].device
-        return torch.cat([t.reshape(-1).to(device) for t in tensors])
-
-    def flat_mask(self) -> Tensor:
-        masks = [self.state[p]["mask"] for p in self.mask_params()]
-        buf = self._mask_buffer
-        in_order = buf is not None and [m.data_ptr() for m in masks] == self._mask_ptrs
-        if in_order and all(m.is_contiguous() for m in masks):
-            return buf.clone()  # the buffer is already the flat mask, in order
-        return self._flat(masks)
+            self._extend_mask(None, 0)
 
     def should_update(self, epoch: int) -> bool:
         """Whether the mask is refreshed at the start of ``epoch`` (every ``update_freq`` epochs, from 0)."""
         return epoch % self.update_freq == 0
 
     def mask_density(self) -> float:
-        """Fraction of all entries that are perturbed (a host sync: not for the inner loop)."""
+        """Fraction of the maskable entries that are perturbed (a host sync: not for the inner loop); NaN before
+        the first mask. Parameters outside the maskable set (``excluded_params()``) are not counted."""
         if not self.has_masks():
             return float("nan")
-        live = sum(int(self.state[p]["mask"].sum()) for p in self.mask_params())
-        return live / max(1, sum(p.numel() for p in self.mask_params()))
+        return int(self.flat_mask().sum()) / max(1, self._masks.numel)
 
     def mask_stats(self) -> list[dict]:
-        """Per parameter tensor: name (when named parameters were given), numel, live fraction."""
+        """One row per maskable parameter tensor: name (``param{i}`` when unnamed, i its position among all the
+        optimizer's parameters), shape, numel, live fraction (NaN before the first mask). Frozen parameters have no
+        row; ``excluded_params()`` names them."""
+        maskable = {id(p) for p in self._masks.params}
         rows = []
-        for i, p in enumerate(self.mask_params()):
-            m = self.state[p].get("mask")
+        for i, p in enumerate(self._all_params()):
+            if id(p) not in maskable:
+                continue
+            m = self.state[p].get("mask") if p in self.state else None
             rows.append({
                 "name": self.param_name(p, i),
                 "shape": tuple(p.shape),
@@ -241,28 +168,23 @@ class _SparseSAM(SAM):
             })
         return rows
 
-    # --------------------------------------------------------------- perturbation
-    def _grad_norm(self, params: list[Tensor], grads: list[Tensor], adaptive: bool) -> Tensor:
-        if self.renormalize:
-            # Normalising by the masked gradient's norm puts the masked perturbation back on the rho-sphere.
-            masks = [self.state[p]["mask"] for p in params]
-            foreach = self._use_foreach(params)
-            seg = self._mask_segment(params, masks, grads) if foreach and not adaptive else None
-            if seg is not None:  # the masked gradients as pieces of one flat product (see _perturb_foreach)
-                grads = list(_masked_flat(grads, seg, self._mask_contiguous).split([g.numel() for g in grads]))
-            elif foreach:
-                grads = torch._foreach_mul(grads, masks)
-            else:
-                grads = [g * m for g, m in zip(grads, masks)]
-        return super()._grad_norm(params, grads, adaptive)
+    def _grad_norm(self, params: list[Tensor], grads: list[Tensor], adaptive: bool, foreach: bool) -> Tensor:
+        if not self.renormalize:
+            return super()._grad_norm(params, grads, adaptive, foreach)
+        masks = [self.state[p]["mask"] for p in params]
+        segment = self._masks.segment(params, grads) if foreach and not adaptive else None
+        return grad_norm(params, grads, adaptive=adaptive, foreach=foreach, masks=masks, segment=segment)
 
 
 class SSAMF(_SparseSAM):
     """SSAM-F: the mask keeps the entries with the largest empirical Fisher information.
 
     Call ``update_mask(model, data)`` before the first step and then every ``update_freq`` epochs
-    (``should_update(epoch)``), before that epoch's first step.
+    (``should_update(epoch)``), before that epoch's first step; ``refresh_mask(epoch, model=..., data=...)`` does
+    both checks (``mask_refresh == "before_epoch"``).
     """
+
+    mask_refresh = "before_epoch"
 
     def __init__(self, params: Any, base_optimizer: Any, rho: float = 0.05, sparsity: float = 0.5,
                  num_samples: int = 128, update_freq: int = 1, renormalize: bool = False, adaptive: bool = False,
@@ -302,9 +224,20 @@ class SSAMF(_SparseSAM):
 
     @torch.no_grad()
     def set_mask_from_scores(self, scores: list[Tensor]) -> None:
-        """Keep the ``num_live`` entries with the highest scores (one tensor per parameter, in group order)."""
-        self.set_flat_mask(top_k_mask(self._flat(scores).float(), self.num_live))
+        """Keep the ``num_live`` entries with the highest scores (one tensor per maskable parameter, in order)."""
+        self.set_flat_mask(top_k_mask(_flat(scores).float(), self.num_live))
         self.num_updates += 1
+
+    def refresh_mask(self, epoch: int, *, model: nn.Module | None = None, data: Any = None,
+                     generator: torch.Generator | None = None, reduce: Callable | None = None) -> bool:
+        """``update_mask(model, data, ...)`` when ``should_update(epoch)`` or there is no mask yet; True if it ran."""
+        if not (self.should_update(epoch) or not self.has_masks()):
+            return False
+        if model is None or data is None:
+            raise ValueError(f"model, data: got {type(model).__name__}, {type(data).__name__}; allowed: the model and "
+                             "its training data (SSAM-F measures the Fisher on them)")
+        self.update_mask(model, data, generator=generator, reduce=reduce)
+        return True
 
     def _extra_state(self) -> dict:
         return {"num_updates": self.num_updates}
@@ -317,8 +250,11 @@ class SSAMD(_SparseSAM):
     """SSAM-D: a random initial mask evolved by drop-and-grow with a cosine-decaying death rate.
 
     Call ``update_mask(epoch)`` after the first backward of the first step of every epoch with
-    ``should_update(epoch)``: it scores entries with the gradient then in ``.grad``.
+    ``should_update(epoch)``: it scores entries with the gradient then in ``.grad``. ``refresh_mask(epoch)`` does
+    the check and runs at most once per epoch (``mask_refresh == "first_backward"``).
     """
+
+    mask_refresh = "first_backward"
 
     def __init__(self, params: Any, base_optimizer: Any, rho: float = 0.05, sparsity: float = 0.5,
                  drop_rate: float = 0.5, drop_strategy: str = "gradient", growth_strategy: str = "random",
@@ -345,106 +281,80 @@ class SSAMD(_SparseSAM):
             seed = int(torch.randint(0, 2**62, (1,)).item())
         self._generator = torch.Generator(device=device)
         self._generator.manual_seed(seed)
-        n = sum(p.numel() for p in self.mask_params())
+        n = self._masks.numel
         self.set_flat_mask(top_k_mask(torch.rand(n, generator=self._generator, device=device), self.num_live))
+
+    def _extend_mask(self, old: Tensor | None, n_new: int) -> None:
+        """After add_param_group: the old entries keep their mask, the new ones get a random one, so that the total
+        is ``num_live`` again."""
+        if old is None:
+            return super()._extend_mask(old, n_new)
+        k_new = self.num_live - int(old.sum())
+        draw = torch.rand(n_new, generator=self._generator, device=self._generator.device)
+        self.set_flat_mask(torch.cat([old, top_k_mask(draw, k_new).to(old.device)]))
 
     def death_rate(self, epoch: int) -> float:
         """drop_rate * (1 + cos(pi * (epoch - T_start) / (T_end - T_start))) / 2, clamped to the schedule."""
         t = min(max(epoch - self.T_start, 0), self.T_end - self.T_start)
         return self.drop_rate * (1 + math.cos(math.pi * t / (self.T_end - self.T_start))) / 2
 
-    def _scores(self, strategy: str, params: list[Tensor], among: Tensor | None = None) -> Tensor:
-        """A fresh flat float32 score per entry, written in place into one buffer. With ``among`` (CPU only), the
-        entries outside it score 0, folded into the same pass (scores are >= 0, so 0 never outranks a member)."""
-        n = sum(p.numel() for p in params)
+    def _scores(self, strategy: str) -> Tensor:
+        """A fresh flat float32 score per maskable entry: uniform noise, |w| or |g| (a NaN gradient scores 0, the
+        lowest a real score can be, not NaN's place in the top-k rule: a broken gradient must not keep a weight)."""
         device = self._generator.device
         if strategy == "random":
-            return torch.rand(n, generator=self._generator, device=device)
-        srcs = [p.detach() if strategy == "weight" else p.grad for p in params]
-        if among is None and all(t is not None for t in srcs):
-            # One concatenation instead of a copy per tensor: on an accelerator, launches are the cost.
-            # A NaN gradient scores 0, the lowest a member can score (ssam.optim.select ranks NaN below -inf).
-            return torch.cat([t.reshape(-1) for t in srcs]).to(device, torch.float32).abs_().nan_to_num_(
-                nan=0.0, posinf=math.inf)
-        out = torch.empty(n, dtype=torch.float32, device=device)
-        keep = among.numpy().view(np.uint8) if among is not None else None
-        offset = 0
-        for p, src in zip(params, srcs):
-            view = out[offset:offset + p.numel()]
-            if src is None:
-                view.zero_()
-            elif keep is not None and src.dtype in _NUMPY_FLOATS:
-                # numpy's float-by-uint8 product is vectorised; torch's mixed-type one is not.
-                np.multiply(src.reshape(-1).numpy(), keep[offset:offset + p.numel()], out=view.numpy())
-            else:
-                view.copy_(src.reshape(-1))
-                if keep is not None:
-                    view.mul_(among[offset:offset + p.numel()])
-            offset += p.numel()
-        return out.abs_()
+            return torch.rand(self._masks.numel, generator=self._generator, device=device)
+        srcs = [p.detach() if strategy == "weight" else p.grad for p in self._masks.params]
+        # One concatenation instead of a copy per tensor: on an accelerator, launches are the cost.
+        return torch.cat([t.reshape(-1) for t in srcs]).to(device, torch.float32).abs_().nan_to_num_(  # type: ignore
+            nan=0.0, posinf=math.inf)
 
-    def _top_within_cpu(self, strategy: str, params: list[Tensor], among: Tensor, m: int) -> Tensor:
+    def _select(self, strategy: str, among: Tensor, m: int) -> Tensor:
         """Exactly ``m`` of the entries in ``among``: those ``strategy`` scores highest (ties: first positions)."""
-        if m <= 0:
-            return torch.zeros_like(among)
-        if strategy == "random":
-            return self._random_subset_cpu(among, m)
-        score = self._scores(strategy, params, among).numpy()
-        # Outsiders score 0 <= every member, so the m-th largest score overall is the m-th largest member's.
-        thr = np.partition(score, score.size - m)[score.size - m]
-        chosen = score >= thr
-        if thr > 0 and np.count_nonzero(chosen) == m:
-            return torch.from_numpy(chosen)
-        if np.isnan(thr) or np.isnan(score).any():  # a NaN gradient scores 0, as on the device path
-            np.nan_to_num(score, copy=False, nan=0.0, posinf=np.inf)
-            thr = np.partition(score, score.size - m)[score.size - m]
-        above = score > thr
-        at = (score == thr) & among.numpy()
-        need = m - int(np.count_nonzero(above))
-        return torch.from_numpy(above | (at & (np.cumsum(at) <= need)))
+        if among.device.type == "cpu":
+            if m <= 0:
+                return torch.zeros_like(among)
+            if strategy == "random":  # a subset drawn directly: no score, no selection pass
+                return random_subset(among, m, int(torch.randint(0, 2**62, (1,), generator=self._generator)))
+        return top_k_mask(self._scores(strategy), m, among)
 
-    def _random_subset_cpu(self, among: Tensor, m: int) -> Tensor:
-        """A uniformly random ``m``-subset of ``among``: each member kept with probability about m / |among|
-        (16 random bits apiece, not a float), then members added or dropped uniformly at random to make the
-        count exact. Given its size, a Bernoulli subset is uniform, and so is a uniform trim or fill of it."""
-        rng = np.random.default_rng(int(torch.randint(0, 2**62, (1,), generator=self._generator)))
-        pool = among.numpy()
-        size = int(np.count_nonzero(pool))
-        if m >= size:
-            return among.clone()
-        words = (pool.size + 3) // 4
-        bits = rng.bit_generator.random_raw(words).view(np.uint16)[:pool.size]
-        chosen = (bits < min(65535, round(65536 * m / size))) & pool
-        have = int(np.count_nonzero(chosen))
-        if have > m:
-            idx = np.flatnonzero(chosen)
-            chosen[idx[rng.choice(idx.size, have - m, replace=False)]] = False
-        elif have < m:
-            idx = np.flatnonzero(pool & ~chosen)
-            chosen[idx[rng.choice(idx.size, m - have, replace=False)]] = True
-        return torch.from_numpy(chosen)
+    def _check_gradients(self) -> None:
+        used = [s for s in (self.drop_strategy, self.growth_strategy) if s == "gradient"]
+        if not used:
+            return
+        maskable = {id(p) for p in self._masks.params}
+        missing = [self.param_name(p, i) for i, p in enumerate(self._all_params())
+                   if id(p) in maskable and p.grad is None]
+        if missing:
+            shown = ", ".join(missing[:8]) + (f" and {len(missing) - 8} more" if len(missing) > 8 else "")
+            raise RuntimeError(
+                f"SSAMD.update_mask scores entries by their gradient (drop_strategy={self.drop_strategy!r}, "
+                f"growth_strategy={self.growth_strategy!r}), but these maskable parameters have none: {shown}; call "
+                "it after a backward pass that reaches every maskable parameter (and not inside first_pass())"
+            )
 
     @torch.no_grad()
     def update_mask(self, epoch: int) -> None:
         """Drop the lowest-scored ``death_rate(epoch)`` fraction of live entries and regrow as many dead ones."""
-        params = self.mask_params()
+        self._check_gradients()
         live = self.flat_mask()
         n, k = live.numel(), self.num_live
         # As many survive as the paper's int(L * (1 - death rate)); no more can die than there are places to regrow.
         n_die = min(k - int(k * (1 - self.death_rate(epoch))), n - k)
         # Only the live compete to survive and only the dead (before this update) to grow.
-        if live.device.type == "cpu":
-            survivors = self._top_within_cpu(self.drop_strategy, params, live, k - n_die)
-            grown = self._top_within_cpu(self.growth_strategy, params, ~live, n_die)
-        else:
-            death = self._scores(self.drop_strategy, params).masked_fill_(~live, float("-inf"))
-            survivors = top_k_mask(death, k - n_die)
-            del death
-            growth = self._scores(self.growth_strategy, params).masked_fill_(live, float("-inf"))
-            grown = top_k_mask(growth, n_die)
+        survivors = self._select(self.drop_strategy, live, k - n_die)
+        grown = self._select(self.growth_strategy, ~live, n_die)
         self.set_flat_mask(survivors.logical_or_(grown))
         self.num_updates += 1
         self.last_update_epoch = epoch
+
+    def refresh_mask(self, epoch: int, *, model: nn.Module | None = None, data: Any = None,
+                     generator: torch.Generator | None = None, reduce: Callable | None = None) -> bool:
+        """``update_mask(epoch)`` when ``should_update(epoch)`` and not yet done at this epoch; True if it ran."""
+        if not self.should_update(epoch) or self.last_update_epoch == epoch:
+            return False
+        self.update_mask(epoch)
+        return True
 
     def _extra_state(self) -> dict:
         return {
