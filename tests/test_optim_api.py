@@ -16,7 +16,8 @@ KINDS = ["sam", "ssamf", "ssamd"]
 
 def net(seed=0):
     torch.manual_seed(seed)
-    return nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 3)).double()
+    layers = [nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 3)]
+    return nn.Sequential(*layers).double()
 
 
 def batch(seed=1, n=8):
@@ -372,3 +373,15 @@ def test_top_k_among_a_subset_matches_sorting(path):
         want = torch.zeros(n, dtype=torch.bool)
         want[order[:k]] = True
         assert torch.equal(got, want)
+
+
+# ---------------------------------------------------------------------------------------------- Fisher data forms
+def test_ssamf_update_mask_takes_one_batch_and_names_dict_batches():
+    x, y = batch()
+    m = net()
+    one, many = SSAMF(m.parameters(), torch.optim.SGD, lr=0.1), SSAMF(m.parameters(), torch.optim.SGD, lr=0.1)
+    one.update_mask(m, (x, y))
+    many.update_mask(m, [(x[:4], y[:4]), (x[4:], y[4:])])
+    assert torch.equal(one.flat_mask(), many.flat_mask())
+    with pytest.raises(ValueError, match=r"data: got a batch that is a dict with keys \['input', 'label'\]"):
+        one.update_mask(m, [{"input": x, "label": y}])

@@ -37,9 +37,12 @@ def iter_examples(data: Any, num_samples: int,
                   generator: torch.Generator | None = None) -> Iterator[tuple[Tensor, Tensor]]:
     """Yield ``num_samples`` (input, target) examples, each with a leading batch dimension of 1 stripped.
 
-    ``data`` is a map-style ``Dataset`` (examples drawn at random without replacement) or an iterable of
-    ``(inputs, targets)`` batches (consumed in order until ``num_samples`` examples are used).
+    ``data`` is a map-style ``Dataset`` (examples drawn at random without replacement), an iterable of
+    ``(inputs, targets)`` batches (consumed in order until ``num_samples`` examples are used) such as a DataLoader,
+    or one ``(inputs, targets)`` batch.
     """
+    if isinstance(data, (tuple, list)) and len(data) == 2 and all(isinstance(t, Tensor) for t in data):
+        data = [data]  # one batch, not two batches
     if hasattr(data, "__getitem__") and hasattr(data, "__len__") and not isinstance(data, (list, tuple)):
         n = len(data)
         if n == 0:
@@ -52,6 +55,10 @@ def iter_examples(data: Any, num_samples: int,
         return
     used = 0
     for batch in data:
+        if not (isinstance(batch, (tuple, list)) and len(batch) >= 2):
+            what = f"a dict with keys {sorted(batch)}" if isinstance(batch, dict) else type(batch).__name__
+            raise ValueError(f"data: got a batch that is {what}; allowed: (inputs, targets) batches, one such batch, "
+                             "or a Dataset of (input, target) examples")
         xs, ys = batch[0], batch[1]
         for x, y in zip(xs, ys):
             yield x, y
