@@ -67,7 +67,7 @@ def main():
                         strategy="ddp" if args.devices > 1 else "auto", callbacks=[SAMCallback(seed=0)],
                         logger=False, enable_checkpointing=False, enable_progress_bar=False,
                         enable_model_summary=False)
-    trainer.fit(model, DataLoader(synthetic(), batch_size=args.batch_size, shuffle=False))
+    trainer.fit(model, DataLoader(synthetic(), batch_size=args.batch_size, shuffle=True))
     if trainer.is_global_zero:
         print(f"loss after epoch 1 {model.epoch_losses[0]:.4f}")
         print(f"loss after epoch {args.epochs} {model.epoch_losses[-1]:.4f}")

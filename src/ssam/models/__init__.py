@@ -37,12 +37,24 @@ def _positive_int(what: str, value) -> int:
 
 
 def build_model(name: str, num_classes: int, in_channels: int = 3, image_size: int = 32) -> nn.Module:
+    if name.startswith("timm:"):  # any timm architecture, built by the timm integration (extra sparse-sam[timm])
+        return _timm_model(name[len("timm:"):], num_classes, in_channels, image_size)
     if name not in MODELS:
         raise UsageError(f"unknown --model {name!r}; choose from: {', '.join(MODELS)}")
     _positive_int("num_classes", num_classes)
     _positive_int("in_channels", in_channels)
     _positive_int("image_size", image_size)
     return MODELS[name](num_classes, in_channels=in_channels, image_size=image_size)
+
+
+def _timm_model(name: str, num_classes: int, in_channels: int, image_size: int) -> nn.Module:
+    try:
+        from ..integrations.timm import build_timm_model
+
+        return build_timm_model(name, _positive_int("num_classes", num_classes),
+                                _positive_int("in_channels", in_channels), _positive_int("image_size", image_size))
+    except (ImportError, ValueError) as e:
+        raise UsageError(f"--model timm:{name}: {e}") from None
 
 
 __all__ = [

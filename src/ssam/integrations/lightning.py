@@ -1,0 +1,223 @@
+"""PyTorch Lightning: SAM / SSAM-F / SSAM-D with automatic optimization.
+
+    class Net(L.LightningModule):
+        def configure_optimizers(self):
+            return ssam.create_optimizer(self, "ssamf-sgd", lr=0.1, momentum=0.9, rho=0.05, sparsity=0.5)
+
+    trainer = L.Trainer(callbacks=[SAMCallback()], ...)
+
+What ``SAMCallback`` does:
+
+- sets ``closure_passes="both"``: Lightning's closure zeroes the gradients, runs ``training_step`` and backward, so
+  ``optimizer.step(closure)`` runs pass one at w, perturbs, runs pass two at w + e, restores w and steps.
+- refreshes masks: SSAM-F before the first step of every epoch on its update grid (Fisher from ``fisher_data``, or
+  the training dataloader's dataset), SSAM-D after the first backward of the epoch's first step; logs
+  ``mask_density`` through the module's ``log`` at the end of every epoch.
+- ``accumulate_grad_batches=k``: the perturbation is computed from the gradient at w accumulated over all k
+  micro-batches, and pass two runs all k at w + e, as ``ssam train --grad_accum`` does. Lightning already ran the
+  first k-1 outside ``step``; the callback keeps their batches and replays them at w + e (under DDP without the
+  gradient sync, which the last micro-batch does), so a step costs 2k forward-backward passes, not more.
+
+Lightning runs ``on_before_optimizer_step`` and gradient clipping after every closure call, so with k=1 they run
+after both passes (the base optimizer steps with the clipped gradient of pass two; norm clipping of pass one does
+not change SAM's perturbation, which is normalised). ``training_step`` runs twice per micro-batch, so values it
+logs are logged for both passes (pass two's are the last in a step).
+
+For ``precision="16-mixed"`` pass ``plugins=[SAMMixedPrecision()]``: Lightning's own 16-mixed plugin runs the
+closure itself and then ``scaler.step(optimizer)`` without it, and ``torch.amp.GradScaler`` allows one unscale per
+step. The plugin unscales each pass on its own (``ssam.TwoPassScaler``) and skips the whole step, restoring w, when
+either overflows. bf16-mixed and 32-bit need nothing.
+
+Checkpoints: Lightning saves ``optimizer.state_dict()``, which holds the masks, the base optimizer's state and
+SSAM-D's generator; the Fisher examples depend only on (seed, epoch), so a resumed run continues bit for bit.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Any
+
+from torch import Tensor
+
+from ..optim.amp import TwoPassScaler
+from ..optim.sam import SAM
+from . import require
+from .common import mask_density, refresh_after_first_backward, refresh_before_epoch, sam_optimizers
+
+L = require("lightning.pytorch", "lightning")
+from lightning.pytorch.plugins.precision import MixedPrecision  # noqa: E402
+
+__all__ = ["SAMCallback", "SAMMixedPrecision"]
+
+
+class SAMCallback(L.Callback):
+    """Runs SAM-type optimizers returned by ``configure_optimizers`` under automatic optimization.
+
+    Args:
+        fisher_data: where SSAM-F measures the Fisher: a map-style dataset of (input, target) examples, or an
+            iterable of (inputs, targets) batches. Default: the training dataloader's dataset.
+        fisher_loss_fn: ``loss_fn(module(x), y)`` for the Fisher; default cross-entropy.
+        seed: the Fisher examples of an epoch are drawn by a generator seeded from (seed, epoch).
+        log_density: log ``mask_density`` (fraction of weights perturbed) at the end of every epoch.
+    """
+
+    def __init__(self, fisher_data: Any = None, fisher_loss_fn: Any = None, seed: int = 0,
+                 log_density: bool = True) -> None:
+        super().__init__()
+        self.fisher_data = fisher_data
+        self.fisher_loss_fn = fisher_loss_fn
+        self.seed = int(seed)
+        self.log_density = log_density
+        self._opts: list[SAM] = []
+        self._window: list[tuple[Any, int]] = []
+        self._backwards = 0
+        self._steps_this_epoch = 0
+        self._stepping = False
+        self._patched: tuple[Any, Any] | None = None
+
+    # ------------------------------------------------------------------ setup
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._opts = sam_optimizers(trainer.optimizers)
+        if not self._opts:
+            raise ValueError("SAMCallback: configure_optimizers returned no SAM, SSAMF or SSAMD optimizer; "
+                             "allowed: at least one (ssam.create_optimizer(model, 'sam-sgd', ...))")
+        k = trainer.accumulate_grad_batches
+        for opt in self._opts:
+            opt.closure_passes = "both" if k == 1 else "second"
+        if k > 1:
+            # Pass one of the window's last micro-batch runs before step; the closure given to step replays the
+            # window at w + e. Wrapping the module's optimizer_step keeps a user override of it in the chain.
+            original = pl_module.optimizer_step
+            pl_module.optimizer_step = self._window_step(trainer, pl_module, original)
+            self._patched = (pl_module, original)
+
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if self._patched is not None:
+            module, _ = self._patched
+            module.__dict__.pop("optimizer_step", None)  # the class's method shows through again
+            self._patched = None
+
+    # ------------------------------------------------------------------ mask refresh
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._steps_this_epoch = 0
+        data = self.fisher_data
+        if data is None and any(getattr(o, "mask_refresh", None) == "before_epoch" for o in self._opts):
+            data = getattr(trainer.train_dataloader, "dataset", None)
+            if data is None:
+                raise ValueError("SAMCallback: SSAM-F needs Fisher data and the training dataloader has no "
+                                 "dataset; pass SAMCallback(fisher_data=...)")
+        for opt in self._opts:
+            refresh_before_epoch(opt, trainer.current_epoch, pl_module, data, self.seed, self.fisher_loss_fn)
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any,
+                             batch_idx: int) -> None:
+        k = trainer.accumulate_grad_batches
+        if batch_idx % k == 0:
+            self._window = []
+        self._window.append((batch, batch_idx))
+        self._backwards = 0
+        self._stepping = (batch_idx + 1) % k == 0 or batch_idx + 1 == trainer.num_training_batches
+
+    def on_after_backward(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._backwards += 1
+        # Pass one of the epoch's first step is the first backward of the batch that steps; the gradient of the
+        # whole window at w is in .grad now (and, under DDP, already averaged over the ranks).
+        if self._stepping and self._backwards == 1 and self._steps_this_epoch == 0:
+            for opt in self._opts:
+                refresh_after_first_backward(opt, trainer.current_epoch)
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        if self._stepping:
+            self._steps_this_epoch += 1
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not self.log_density:
+            return
+        for i, opt in enumerate(self._opts):
+            density = mask_density(opt)
+            if density is not None:
+                name = "mask_density" if len(self._opts) == 1 else f"mask_density/{i}"
+                pl_module.log(name, density, on_step=False, on_epoch=True, sync_dist=False)
+
+    # ------------------------------------------------------------------ gradient accumulation
+    def _window_step(self, trainer: L.Trainer, pl_module: L.LightningModule, original: Any) -> Any:
+        def optimizer_step(epoch: int, batch_idx: int, optimizer: Any, optimizer_closure: Any = None) -> Any:
+            if not sam_optimizers([optimizer]) or optimizer_closure is None:
+                return original(epoch, batch_idx, optimizer, optimizer_closure)
+            optimizer_closure()  # pass one of the last micro-batch, added to the window's gradient at w
+            earlier = self._window[:-1]
+            k = trainer.accumulate_grad_batches
+
+            def pass_two() -> Tensor | None:
+                strategy = trainer.strategy
+                sync_off = getattr(strategy, "block_backward_sync", None)
+                with sync_off() if sync_off is not None else contextlib.nullcontext():
+                    for batch, idx in earlier:
+                        out = strategy.training_step(batch, idx)
+                        loss = out["loss"] if isinstance(out, dict) else out
+                        strategy.backward(loss / k, optimizer)
+                return optimizer_closure()
+
+            return original(epoch, batch_idx, optimizer, pass_two)
+
+        return optimizer_step
+
+
+class SAMMixedPrecision(MixedPrecision):
+    """Lightning's 16-mixed precision with a loss scale that SAM's two passes can use.
+
+    Each pass is unscaled on its own; an overflow in either skips the step (w restored, gradients dropped) and
+    halves the scale, as ``ssam.TwoPassScaler`` does. Plain optimizers step as under Lightning's own plugin.
+    Needs a device with float16 autocast; the tests run it on the CPU (fp16 autocast there), not on a GPU.
+    """
+
+    def __init__(self, device: str = "cuda", scaler: TwoPassScaler | None = None) -> None:
+        super().__init__("16-mixed", device, scaler=scaler or TwoPassScaler())  # type: ignore[arg-type]
+
+    def optimizer_step(self, optimizer: Any, model: Any, closure: Any, **kwargs: Any) -> Any:  # type: ignore[override]
+        scaler: TwoPassScaler = self.scaler  # type: ignore[assignment]
+        if not isinstance(optimizer, SAM):
+            result = closure()
+            if result is None and model.automatic_optimization:
+                return None  # training_step skipped the batch
+            ok = scaler.unscale_(optimizer)
+            self._after_closure(model, optimizer)
+            if ok:
+                out = optimizer.step(**kwargs)
+            else:
+                out = scaler._skip(optimizer)
+            scaler.update()
+            return out
+        loss = None
+        if optimizer.closure_passes == "both":
+            optimizer.zero_grad()
+            loss = closure()
+            if loss is None and model.automatic_optimization:
+                return None
+        # Pass one's gradient is in .grad, scaled. Unscale it, let hooks and clipping see it, perturb.
+        if not scaler.unscale_(optimizer):
+            scaler._skip(optimizer)
+            scaler.update()
+            return loss
+        self._after_closure(model, optimizer)
+        optimizer.first_step(zero_grad=True)
+        try:
+            second = closure()
+        except BaseException:
+            optimizer.restore()
+            raise
+        if scaler.unscale_(optimizer):
+            self._after_closure(model, optimizer)
+            optimizer.second_step()
+        else:
+            optimizer.restore()
+            scaler._skip(optimizer)
+        scaler.update()
+        return loss if loss is not None else second
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.scaler.state_dict()  # type: ignore[union-attr]
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.scaler.load_state_dict(state_dict)  # type: ignore[union-attr]
+
