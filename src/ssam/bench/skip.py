@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..models import build_model
+from ..optim.groups import GRANULARITY_WORDS, parse_granularity
 from .args import SHAPES
 from .side_by_side import autocast, make_optimizer, random_batches, step_fn
 from .timing import ratio, round_robin, summary
@@ -35,16 +36,13 @@ _NORMS = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
 def fisher_variants() -> dict[str, dict]:
     """Key -> SSAM-F settings: every granularity at every sparsity, cost_aware on and off where it applies, 2:4."""
     out: dict[str, dict] = {}
-    for granularity in ("element", "channel", "tensor"):
+    for granularity in GRANULARITY_WORDS:
         for sparsity in SPARSITIES:
             out[f"{granularity} {sparsity}"] = {"granularity": granularity, "sparsity": sparsity}
-            if granularity != "element":
-                out[f"{granularity} {sparsity} cost-aware"] = {
-                    "granularity": granularity,
-                    "sparsity": sparsity,
-                    "cost_aware": True,
-                }
-    out["2:4"] = {"granularity": "2:4", "sparsity": 0.5}  # its own density: 1 - N/M of the weights
+            if parse_granularity(granularity).grouped:
+                settings = {"granularity": granularity, "sparsity": sparsity, "cost_aware": True}
+                out[f"{granularity} {sparsity} cost-aware"] = settings
+    out["2:4"] = {"granularity": "2:4", "sparsity": None}  # its own: 1 - N/M of the weights, 1-D tensors all live
     return out
 
 
