@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from fakedata import make_cifar10, make_imagefolder
+from fakedata import IDX_SETUPS, make_cifar10, make_imagefolder
 from ssam.cli import main
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "errors.md"
@@ -39,6 +39,8 @@ def _setup(kind, tmp):
     elif kind == "finished_run":
         assert main(["train", "--output_dir", str(tmp / "out"), "--output_name", "r", "--epochs", "1", "--quiet",
                      "--limit_train_batches", "1"]) == 0
+    elif kind in IDX_SETUPS:  # broken MNIST / Fashion-MNIST folders, one per row
+        IDX_SETUPS[kind](data)
     else:
         assert kind == "-", kind
 
@@ -88,5 +90,6 @@ def test_wandb_missing_is_one_line(tmp_path, capsys):
         pass
     rc = main(["train", "--output_dir", str(tmp_path), "--output_name", "r", "--wandb", "--epochs", "1", "--quiet"])
     err = capsys.readouterr().err.strip()
-    assert rc == 2 and err.endswith("needs the wandb package: pip install wandb (or pip install 'ssam[wandb]')")
+    assert rc == 2 and err.endswith("needs the wandb package: pip install 'sparse-sam[wandb]' "
+                                  "(from a clone: pip install -e '.[wandb]')")
     assert not (tmp_path / "r" / "last.pt").exists()

@@ -286,7 +286,7 @@ def _mask_worker(rank, world, port, queue):
     import torch.distributed as dist
 
     from ssam import SSAMD
-    from ssam.train.loop import check_masks_agree
+    from ssam.train.distributed import check_masks_agree
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     torch.manual_seed(0)
@@ -318,3 +318,188 @@ def test_mask_mismatch_across_ranks_is_a_clear_error():
     for p in procs:
         p.join(timeout=60)
     assert all("masks differ across ranks after the update at epoch 7" in msg for msg in results.values()), results
+
+
+# ------------------------------------------------------------------------------------------ flags and friction
+def test_eps_reaches_adamw_under_every_wrapper():
+    from ssam.train.builders import build_optimizer
+    from ssam.train.config import parse_args
+
+    model = torch.nn.Linear(4, 3)
+    for opt in ("adamw", "sam-adamw", "ssamf-adamw", "ssamd-adamw"):
+        built = build_optimizer(parse_args(["--opt", opt, "--eps", "1e-6", "--betas", "0.8", "0.99"]), model)
+        adamw = getattr(built, "base_optimizer", built)
+        assert isinstance(adamw, torch.optim.AdamW), opt
+        assert adamw.param_groups[0]["eps"] == 1e-6 and adamw.param_groups[0]["betas"] == (0.8, 0.99), opt
+
+
+def test_cli_keeps_the_paper_codes_ssam_defaults():
+    from ssam.train.builders import build_optimizer
+    from ssam.train.config import parse_args
+
+    cfg = parse_args(["--opt", "ssamf-sgd"])
+    assert (cfg.sparsity, cfg.update_freq, cfg.num_samples) == (0.2, 5, 1024)
+    opt = build_optimizer(cfg, torch.nn.Linear(10, 10))
+    assert (opt.sparsity, opt.update_freq, opt.num_samples) == (0.2, 5, 1024)
+    assert opt.num_live == int(110 * 0.8)
+
+
+def test_run_names_differ_for_every_setting_that_shapes_the_run():
+    from ssam.train.config import parse_args
+
+    def name(*flags):
+        return parse_args(["--opt", "ssamf-sgd", *flags]).output_name
+
+    base = name()
+    shaping = [["--freeze_bn_second_pass"], ["--nesterov"], ["--momentum", "0.5"], ["--lr_scheduler",
+               "MultiStepLRscheduler"], ["--eta_min", "0.001"], ["--renormalize"], ["--label_noise", "0.2"],
+               ["--granularity", "tensor"], ["--skip_dead"], ["--weight_decay", "0.001"], ["--batch_size", "32"]]
+    names = [name(*f) for f in shaping]
+    assert len(set(names + [base])) == len(shaping) + 1, names
+    # Not part of the identity: the epoch count (so that an extension finds its run) and how a run is watched.
+    assert name("--epochs", "300") == name("--quiet", "--num_workers", "2", "--log_freq", "5") == base
+    # Settings the optimizer does not use leave the name alone.
+    assert parse_args(["--opt", "sgd", "--rho", "0.3"]).output_name == parse_args(["--opt", "sgd"]).output_name
+    assert base.startswith("digits_cnn_small_ssamf-sgd_lr0.05_rho0.05_sp0.2_seed1234_")
+
+
+def test_extension_finds_its_run_and_changed_flags_are_refused_or_logged(tmp_path, capsys):
+    out = ["--output_dir", str(tmp_path), "--quiet", "--limit_train_batches", "2", "--opt", "sam-sgd"]
+    assert main(["train", *out, "--epochs", "1"]) == 0
+    (folder,) = list(tmp_path.iterdir())
+    assert main(["train", *out, "--epochs", "2", "--resume"]) == 0  # same folder, one more epoch
+    assert list(tmp_path.iterdir()) == [folder]
+    assert [json.loads(ln)["epoch"] for ln in (folder / "metrics.jsonl").read_text().splitlines()] == [0, 1]
+    assert "resumed with changed flags: --epochs 1 -> 2" in (folder / "log.txt").read_text()
+
+    named = [*out, "--output_name", folder.name]
+    before = (folder / "last.pt").read_bytes()
+    capsys.readouterr()
+    assert main(["train", *named, "--epochs", "3", "--resume", "--momentum", "0.5", "--nesterov"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--momentum 0.9 -> 0.5, --nesterov False -> True" in err, err
+    assert (folder / "last.pt").read_bytes() == before
+    assert main(["train", *named, "--epochs", "3", "--resume", "--momentum", "0.5", "--allow_changed_flags"]) == 0
+    assert "resumed with changed flags: --momentum 0.9 -> 0.5, --epochs 2 -> 3" in (folder / "log.txt").read_text()
+    assert yaml.safe_load((folder / "config.yaml").read_text())["momentum"] == 0.5
+
+
+def test_quiet_keeps_epoch_lines_and_plain_sam_prints_no_mask(tmp_path, capsys):
+    assert train(tmp_path, "--epochs", "1", "--quiet", "--limit_train_batches", "2", "--opt", "sam-sgd") == 0
+    lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("epoch")]
+    assert len(lines) == 1 and "mask" not in lines[0]
+    assert train(tmp_path, "--epochs", "1", "--quiet", "--limit_train_batches", "2", "--opt", "ssamf-sgd",
+                 "--num_samples", "8", "--sparsity", "0.5", name="f") == 0
+    assert "| mask 0.500 |" in capsys.readouterr().out
+
+
+def test_help_names_every_flag_and_no_default_none(capsys):
+    from ssam.train.config import build_parser
+
+    parser = build_parser()
+    assert all(a.help for a in parser._actions), [a.dest for a in parser._actions if not a.help]
+    with pytest.raises(SystemExit) as exit_:
+        main(["train", "--help"])
+    assert exit_.value.code == 0
+    text = capsys.readouterr().out
+    assert "(default: None)" not in text and "(default: False)" not in text
+    assert "--lr LR" in text and "(default: 0.05)" in text
+
+
+def test_docs_flags_md_is_generated_from_the_parser():
+    from ssam.train.config import flags_markdown
+
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "flags.md").read_text()
+    assert doc[doc.index("## "):].rstrip() == flags_markdown().rstrip(), \
+        "docs/flags.md is stale: regenerate the tables with ssam.train.config.flags_markdown()"
+
+
+def test_label_noise_is_recorded_and_changes_the_training_labels(tmp_path):
+    args = ["--epochs", "1", "--quiet", "--limit_train_batches", "1"]
+    assert train(tmp_path, *args, "--label_noise", "0.25", name="n") == 0
+    d = run_dir(tmp_path, "n")
+    assert yaml.safe_load((d / "config.yaml").read_text())["label_noise"] == 0.25
+    assert "training labels replaced" in (d / "log.txt").read_text()
+
+
+def test_granularity_and_skip_dead_reach_the_optimizer(tmp_path):
+    args = ["--epochs", "1", "--quiet", "--limit_train_batches", "2", "--opt", "ssamf-sgd", "--num_samples", "8",
+            "--granularity", "tensor", "--sparsity", "0.9", "--skip_dead"]
+    assert train(tmp_path, *args) == 0
+    d = run_dir(tmp_path)
+    assert yaml.safe_load((d / "config.yaml").read_text())["granularity"] == "tensor"
+    rec = json.loads((d / "metrics.jsonl").read_text().splitlines()[0])
+    masks = load_checkpoint(d / "last.pt")["optimizer"]["state"]
+    per_tensor = [bool(v["mask"].all()) or not bool(v["mask"].any()) for v in masks.values()]
+    assert all(per_tensor)  # whole tensors live or dead
+    live = sum(int(v["mask"].sum()) for v in masks.values())
+    total = sum(v["mask"].numel() for v in masks.values())
+    assert rec["mask_density"] == pytest.approx(live / total) and live <= int(total * 0.1)
+
+
+def _skip_dead_setup():
+    """Linear-ReLU-Linear whose first layer has no live mask entry, and two ranks' batches."""
+    from ssam import SSAMF
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3))
+    opt = SSAMF(model.parameters(), torch.optim.SGD, lr=0.1, momentum=0.9, rho=0.5, sparsity=0.6)
+    n = sum(p.numel() for p in model.parameters())
+    opt.set_flat_mask(torch.arange(n) >= n - opt.num_live)  # the last entries live: w1 and b1 are dead
+    g = torch.Generator().manual_seed(1)
+    batches = [(torch.randn(6, 4, generator=g), torch.randint(0, 3, (6,), generator=g)) for _ in range(2)]
+    return model, opt, batches
+
+
+def _skip_dead_steps(net, model, opt, batches, **kw):
+    from ssam.train.step import train_step
+
+    first_grad_absent = []
+    for _ in range(2):
+        train_step(net, opt, batches, model=model, skip_dead=True, grads_to_none=False,
+                   after_first_backward=lambda: first_grad_absent.append(model[0].weight.grad is None), **kw)
+    # numpy, not tensors: a tensor put on a queue is shared through a file the exiting worker may remove first
+    return first_grad_absent, [p.detach().numpy().copy() for p in model.parameters()]
+
+
+def _skip_dead_worker(rank, world, port, queue):
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    from ssam.train.distributed import all_reduce_mean
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        model, opt, batches = _skip_dead_setup()
+        ddp = DistributedDataParallel(model)  # no find_unused_parameters, as in the trainer
+        queue.put((rank, _skip_dead_steps(ddp, model, opt, [batches[rank]], no_sync=ddp.no_sync,
+                                          reduce_first_grads=all_reduce_mean)))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_skip_dead_under_ddp_averages_the_first_pass_itself():
+    """Two gloo ranks with --skip_dead take the step that one process takes on both ranks' examples at once."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    procs = [ctx.Process(target=_skip_dead_worker, args=(r, 2, port, queue)) for r in range(2)]
+    for p in procs:
+        p.start()
+    results = dict(queue.get(timeout=120) for _ in procs)
+    for p in procs:
+        p.join(timeout=60)
+    model, opt, batches = _skip_dead_setup()
+    whole = (torch.cat([x for x, _ in batches]), torch.cat([y for _, y in batches]))
+    absent, want = _skip_dead_steps(model, model, opt, [whole])
+    assert absent == [True, True]
+    for rank, (absent, got) in results.items():
+        assert absent == [True, True], rank  # the dead layer took no gradient in the first pass
+        for w, g in zip(want, got):
+            torch.testing.assert_close(torch.from_numpy(g), torch.from_numpy(w), rtol=1e-5, atol=1e-6)

@@ -7,11 +7,9 @@ from argparse import Namespace
 import torch
 from torch.utils.data import BatchSampler, DataLoader, Dataset, Sampler
 
-from ..optim import SAM, SSAMD, SSAMF
+from ..errors import UsageError
+from ..optim.factory import create_optimizer
 from .config import parse_opt
-
-BASE_OPTIMIZERS = {"sgd": torch.optim.SGD, "adamw": torch.optim.AdamW}
-WRAPPERS = {"sam": SAM, "ssamf": SSAMF, "ssamd": SSAMD}
 
 
 # ------------------------------------------------------------------------------------------ data order
@@ -65,40 +63,57 @@ class SeededAugment(Dataset):
 
 
 def train_loader(cfg: Namespace, dataset: Dataset, rank: int, world: int) -> DataLoader:
-    sampler = EpochSampler(len(dataset), cfg.seed, shuffle=True, rank=rank, world=world)
+    n = len(dataset)  # type: ignore[arg-type]
+    sampler = EpochSampler(n, cfg.seed, shuffle=True, rank=rank, world=world)
     # The official code drops the last partial batch; so do we (BatchNorm dislikes a batch of 1).
-    batches = BatchSampler(sampler, cfg.batch_size, drop_last=len(dataset) // world >= cfg.batch_size)
+    batches = BatchSampler(sampler, cfg.batch_size, drop_last=n // world >= cfg.batch_size)
     return DataLoader(SeededAugment(dataset, cfg.seed), batch_sampler=batches, num_workers=cfg.num_workers,
                       pin_memory=torch.cuda.is_available())
 
 
+def set_loader_epoch(loader: DataLoader, epoch: int, start: int = 0) -> None:
+    """Point a ``train_loader`` at an epoch (its order and augmentation), from example ``start`` of this rank."""
+    loader.batch_sampler.sampler.set_epoch(epoch, start)  # type: ignore[union-attr]
+    loader.dataset.epoch = epoch  # type: ignore[attr-defined]
+
+
 def eval_loader(cfg: Namespace, dataset: Dataset, rank: int, world: int) -> DataLoader:
-    sampler = EpochSampler(len(dataset), cfg.seed, shuffle=False, rank=rank, world=world) if world > 1 else None
+    n = len(dataset)  # type: ignore[arg-type]
+    sampler = EpochSampler(n, cfg.seed, shuffle=False, rank=rank, world=world) if world > 1 else None
     return DataLoader(dataset, batch_size=max(cfg.batch_size, 256), shuffle=False, sampler=sampler,
                       num_workers=cfg.num_workers, pin_memory=torch.cuda.is_available())
 
 
 # ------------------------------------------------------------------------------------------ optimizer
-def build_optimizer(cfg: Namespace, model: torch.nn.Module) -> torch.optim.Optimizer:
+def optimizer_settings(cfg: Namespace) -> dict:
+    """The keyword arguments ``create_optimizer`` gets from the flags (only those the named optimizer takes)."""
     wrapper, base = parse_opt(cfg.opt)
     if base == "sgd":
-        kw = dict(lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, nesterov=cfg.nesterov)
+        kw: dict = dict(momentum=cfg.momentum, nesterov=cfg.nesterov)
     else:  # AdamW takes no momentum/nesterov (the official code crashes passing them)
-        kw = dict(lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, weight_decay=cfg.weight_decay)
-    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    if wrapper is None:
-        return BASE_OPTIMIZERS[base]([p for _, p in params], **kw)
-    common = dict(rho=cfg.rho, adaptive=cfg.adaptive)
-    if wrapper == "sam":
-        return SAM(params, BASE_OPTIMIZERS[base], **common, **kw)
-    sparse = dict(sparsity=cfg.sparsity, update_freq=cfg.update_freq, renormalize=cfg.renormalize)
+        kw = dict(betas=tuple(cfg.betas), eps=cfg.eps)
+    if wrapper is not None:
+        kw.update(rho=cfg.rho, adaptive=cfg.adaptive)
+    if wrapper in ("ssamf", "ssamd"):
+        kw.update(sparsity=cfg.sparsity, update_freq=cfg.update_freq, renormalize=cfg.renormalize)
+        # Passed only when set, so the default element mask needs nothing beyond the paper's optimizer.
+        if cfg.granularity != "element":
+            kw["granularity"] = cfg.granularity
+        if cfg.cost_aware:
+            kw["cost_aware"] = True
     if wrapper == "ssamf":
-        return SSAMF(params, BASE_OPTIMIZERS[base], num_samples=cfg.num_samples, fisher_mode=cfg.fisher_mode,
-                     fisher_method=cfg.fisher_method,
-                     **common, **sparse, **kw)
-    return SSAMD(params, BASE_OPTIMIZERS[base], drop_rate=cfg.drop_rate, drop_strategy=cfg.drop_strategy,
-                 growth_strategy=cfg.growth_strategy, T_start=0, T_end=cfg.epochs, seed=cfg.seed,
-                 **common, **sparse, **kw)
+        kw.update(num_samples=cfg.num_samples, fisher_mode=cfg.fisher_mode, fisher_method=cfg.fisher_method)
+    if wrapper == "ssamd":
+        kw.update(drop_rate=cfg.drop_rate, drop_strategy=cfg.drop_strategy, growth_strategy=cfg.growth_strategy,
+                  T_start=0, T_end=cfg.epochs, seed=cfg.seed)
+    return kw
+
+
+def build_optimizer(cfg: Namespace, model: torch.nn.Module) -> torch.optim.Optimizer:
+    try:
+        return create_optimizer(model, cfg.opt, lr=cfg.lr, weight_decay=cfg.weight_decay, **optimizer_settings(cfg))
+    except ValueError as e:  # the flags were checked; what is left is a combination the optimizer refuses
+        raise UsageError(f"--opt {cfg.opt}: {e}") from None
 
 
 # ------------------------------------------------------------------------------------------ schedule

@@ -6,103 +6,131 @@ One ``argparse.Namespace`` is the configuration: parsed here, checked here, save
 from __future__ import annotations
 
 import argparse
+import hashlib
+import json
 import os
 import sys
 from typing import Any
 
 import yaml
 
-from ..errors import ArgumentParser, UsageError
+from ..data import DATASETS
+from ..errors import ArgumentParser, UsageError, did_you_mean
+from ..optim.factory import parse_opt as _parse_opt
+from ..optim.fisher import FISHER_METHODS
+from ..optim.groups import parse_granularity
+from ..optim.ssam import STRATEGIES
 
-DATASETS = ("CIFAR10_base", "CIFAR10_cutout", "CIFAR100_base", "CIFAR100_cutout", "ImageNet_base", "digits")
-BASES = ("sgd", "adamw")
-WRAPPERS = ("sam", "ssamf", "ssamd")
 SCHEDULERS = ("CosineLRscheduler", "MultiStepLRscheduler")
-STRATEGIES = ("weight", "gradient", "random")
 
 # Defaults that depend on the data set: the embedded digits set must train in about a minute on a laptop.
 DIGITS_DEFAULTS = {"model": "cnn_small", "epochs": 15, "batch_size": 64}
 DEFAULTS = {"model": "resnet18", "epochs": 200, "batch_size": 128}
+# The paper code's SSAM defaults; the library's own (sparsity 0.5, update_freq 1, num_samples 128) suit a loop
+# that a user writes, the CLI reproduces the paper's runs.
+CLI_SPARSITY = 0.2
 
 
 def build_parser(prog: str = "ssam train") -> argparse.ArgumentParser:
     p = ArgumentParser(prog=prog, description="Train an image classifier with SGD/AdamW, SAM, SSAM-F or SSAM-D.")
-    a = p.add_argument
     g = p.add_argument_group("data and model")
     g.add_argument("--dataset", default=None,
                    help=f"one of {', '.join(DATASETS)}; default CIFAR10_cutout with --datadir, else digits")
     g.add_argument("--datadir", default=None, help="folder holding the data set (see README for layouts)")
-    g.add_argument("--download", action="store_true", help="allow torchvision to download CIFAR into --datadir")
-    g.add_argument("--model", default=None, help="model name (resnet18 by default, cnn_small on digits)")
-    g.add_argument("--num_workers", type=int, default=None, help="DataLoader workers (default: 0 on digits, else min(4, cpus))")
-    g.add_argument("--gpu_data", action="store_true", help="keep CIFAR/digits on the device, augment there in batches")
+    g.add_argument("--download", action="store_true",
+                   help="allow torchvision to download CIFAR, MNIST or FashionMNIST into --datadir")
+    g.add_argument("--model", default=None, help="model name (default resnet18, cnn_small on digits)")
+    g.add_argument("--num_workers", type=int, default=None,
+                   help="DataLoader workers (default 0 for digits, MNIST, FashionMNIST; else min(4, cpus))")
+    g.add_argument("--gpu_data", action="store_true",
+                   help="keep an in-memory data set (CIFAR*, digits, MNIST, FashionMNIST) on the device and augment "
+                        "there in batches")
+    g.add_argument("--label_noise", type=float, default=0.0, metavar="P",
+                   help="replace a fraction P in [0, 1) of the training labels by a random other class, fixed by "
+                        "--seed (the test set stays clean)")
 
     g = p.add_argument_group("optimizer")
-    g.add_argument("--opt", default="sgd", help="sgd, adamw, or sam-/ssamf-/ssamd- in front of either, e.g. ssamf-sgd")
-    g.add_argument("--lr", type=float, default=0.05)
-    g.add_argument("--weight_decay", type=float, default=5e-4)
-    g.add_argument("--momentum", type=float, default=0.9)
-    g.add_argument("--nesterov", action="store_true")
+    g.add_argument("--opt", default="sgd",
+                   help="sgd, adamw, or sam-/ssamf-/ssamd- in front of either, e.g. ssamf-sgd")
+    g.add_argument("--lr", type=float, default=0.05, help="learning rate (peak, after any warm-up)")
+    g.add_argument("--weight_decay", type=float, default=5e-4, help="L2 penalty (SGD) / decoupled decay (AdamW)")
+    g.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
+    g.add_argument("--nesterov", action="store_true", help="SGD: Nesterov momentum")
     g.add_argument("--betas", type=float, nargs=2, default=[0.9, 0.999], help="AdamW betas")
-    g.add_argument("--eps", type=float, default=1e-8, help="AdamW epsilon")
+    g.add_argument("--eps", type=float, default=1e-8, help="AdamW epsilon (reaches AdamW under SAM/SSAM too)")
     g.add_argument("--rho", type=float, default=0.05, help="SAM radius")
     g.add_argument("--adaptive", action="store_true", help="ASAM: scale the perturbation by |w|")
     g.add_argument("--sparsity", type=float, default=None,
-                   help="fraction of weights NOT perturbed (SSAM; 0.2 when not given)")
+                   help=f"SSAM: fraction of weights NOT perturbed (default {CLI_SPARSITY}, the paper code's; "
+                        "1 - N/M with --granularity N:M)")
     g.add_argument("--renormalize", action="store_true", help="SSAM: rescale the masked perturbation to norm rho")
-    g.add_argument("--update_freq", type=int, default=5, help="epochs between mask updates (SSAM)")
-    g.add_argument("--num_samples", type=int, default=1024, help="examples for the Fisher (SSAM-F)")
-    g.add_argument("--fisher_mode", default="train", choices=("train", "eval"), help="model mode for the Fisher")
-    g.add_argument("--fisher_method", default="auto", choices=("auto", "loop", "vmap", "hooks"),
-                   help="per-example gradients for the Fisher (same values; auto = fastest for the device)")
-    g.add_argument("--drop_rate", type=float, default=0.5, help="SSAM-D initial death rate")
-    g.add_argument("--drop_strategy", default="gradient", help="SSAM-D death score: weight, gradient, random")
-    g.add_argument("--growth_strategy", default="random", help="SSAM-D growth score: weight, gradient, random")
+    g.add_argument("--update_freq", type=int, default=5, help="SSAM: epochs between mask updates")
+    g.add_argument("--num_samples", type=int, default=1024, help="SSAM-F: examples for the Fisher")
+    g.add_argument("--fisher_mode", default="train", choices=("train", "eval"),
+                   help="SSAM-F: model mode for the Fisher")
+    g.add_argument("--fisher_method", default="auto", choices=FISHER_METHODS,
+                   help="SSAM-F: per-example gradients for the Fisher (same values; auto = fastest for the device)")
+    g.add_argument("--drop_rate", type=float, default=0.5, help="SSAM-D: initial death rate")
+    g.add_argument("--drop_strategy", default="gradient", help=f"SSAM-D death score: {', '.join(STRATEGIES)}")
+    g.add_argument("--growth_strategy", default="random", help=f"SSAM-D growth score: {', '.join(STRATEGIES)}")
+    g.add_argument("--granularity", default="element",
+                   help="SSAM: what lives and dies together in the mask: element, channel, tensor or N:M (e.g. 2:4)")
+    g.add_argument("--cost_aware", action="store_true",
+                   help="SSAM, channel/tensor granularity: weigh each group's score against the first-pass work "
+                        "it keeps alive")
+    g.add_argument("--skip_dead", action="store_true",
+                   help="SSAM: the first pass computes no gradient for parameters without a live mask entry")
     g.add_argument("--sam_first_pass", default="sync", choices=("sync", "local"),
                    help="DDP: all-reduce the first gradient (sync) or perturb per device (local, under no_sync)")
     g.add_argument("--freeze_bn_second_pass", action="store_true",
                    help="do not update BatchNorm running statistics in SAM's second forward pass")
 
     g = p.add_argument_group("schedule")
-    g.add_argument("--epochs", type=int, default=None, help="epochs (200 by default, 15 on digits)")
-    g.add_argument("--start_epoch", type=int, default=0)
-    g.add_argument("--batch_size", type=int, default=None, help="per-process batch size (128; 64 on digits)")
+    g.add_argument("--epochs", type=int, default=None, help="epochs (default 200, 15 on digits)")
+    g.add_argument("--start_epoch", type=int, default=0, help="epoch to start at (the schedule starts there)")
+    g.add_argument("--batch_size", type=int, default=None, help="per-process batch size (default 128, 64 on digits)")
     g.add_argument("--grad_accum", type=int, default=1, help="micro-batches per step (both SAM passes)")
     g.add_argument("--lr_scheduler", default="CosineLRscheduler", help=" or ".join(SCHEDULERS))
-    g.add_argument("--eta_min", type=float, default=0.0)
-    g.add_argument("--milestone", type=int, nargs="+", default=[60, 120, 160])
-    g.add_argument("--gamma", type=float, default=0.2)
-    g.add_argument("--warmup_epoch", type=int, default=0)
-    g.add_argument("--warmup_init_lr", type=float, default=0.0)
-    g.add_argument("--seed", type=int, default=1234)
+    g.add_argument("--eta_min", type=float, default=0.0, help="cosine: the final learning rate")
+    g.add_argument("--milestone", type=int, nargs="+", default=[60, 120, 160],
+                   help="multi-step: epochs at which the learning rate is multiplied by --gamma")
+    g.add_argument("--gamma", type=float, default=0.2, help="multi-step: learning-rate factor at each milestone")
+    g.add_argument("--warmup_epoch", type=int, default=0, help="epochs of linear warm-up")
+    g.add_argument("--warmup_init_lr", type=float, default=0.0, help="learning rate at the start of the warm-up")
+    g.add_argument("--seed", type=int, default=1234, help="seed of weights, data order, augmentation, masks")
     g.add_argument("--deterministic", action="store_true", help="torch.use_deterministic_algorithms(True)")
 
     g = p.add_argument_group("run, logs, checkpoints")
-    g.add_argument("--output_dir", default="logs")
-    g.add_argument("--output_name", default=None, help="run folder name (built from the settings when absent)")
+    g.add_argument("--output_dir", default="logs", help="folder holding the run folders")
+    g.add_argument("--output_name", default=None,
+                   help="run folder name (default: a readable prefix and a hash of the settings that shape the run)")
     g.add_argument("--resume", action="store_true", help="continue from the run folder's last.pt")
     g.add_argument("--resume_path", default=None, help="checkpoint to continue from")
+    g.add_argument("--allow_changed_flags", action="store_true",
+                   help="--resume even though flags that shape the run differ from the checkpoint's (logged)")
     g.add_argument("--overwrite", action="store_true", help="replace a run folder that already holds a run")
     g.add_argument("--save_every_steps", type=int, default=0, help="also write last.pt every N steps (0: off)")
     g.add_argument("--log_freq", type=int, default=200, help="steps between progress lines when not on a terminal")
-    g.add_argument("--quiet", action="store_true", help="no progress bar")
-    g.add_argument("--wandb", action="store_true")
-    g.add_argument("--wandb_project", default="ssam")
-    g.add_argument("--wandb_name", default=None)
-    g.add_argument("--tensorboard", action="store_true")
-    g.add_argument("--eval_only", action="store_true", help="evaluate the checkpoint (--resume_path or best.pt) and exit")
+    g.add_argument("--quiet", action="store_true", help="no progress bar or step lines (the epoch lines stay)")
+    g.add_argument("--wandb", action="store_true", help="log to Weights & Biases (pip install 'sparse-sam[wandb]')")
+    g.add_argument("--wandb_project", default="ssam", help="wandb project")
+    g.add_argument("--wandb_name", default=None, help="wandb run name (default: the run folder name)")
+    g.add_argument("--tensorboard", action="store_true", help="write TensorBoard scalars to RUN/tensorboard")
+    g.add_argument("--eval_only", action="store_true",
+                   help="evaluate the checkpoint (--resume_path or best.pt) and exit")
     g.add_argument("--limit_train_batches", type=int, default=0, help="at most N training steps per epoch (0: all)")
     g.add_argument("--limit_val_batches", type=int, default=0, help="at most N evaluation batches (0: all)")
 
     g = p.add_argument_group("devices and speed")
-    g.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
-    g.add_argument("--amp", default="none", choices=("none", "bf16", "fp16"))
-    g.add_argument("--channels_last", action="store_true")
+    g.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="where to train")
+    g.add_argument("--amp", default="none", choices=("none", "bf16", "fp16"),
+                   help="mixed precision (fp16 with loss scaling over both SAM passes; CUDA only)")
+    g.add_argument("--channels_last", action="store_true", help="channels-last memory format for model and inputs")
     g.add_argument("--compile", action="store_true", help="torch.compile the model")
     g.add_argument("--dist_url", default="env://", help="torch.distributed init method under torchrun")
     g.add_argument("--distributed_val", action="store_true", help="every rank evaluates a shard (else rank 0 all)")
-    a("--config", default=None, help="YAML file of flag values; flags on the command line override it")
-    a("--debug", action="store_true", help="show Python tracebacks")
+    p.add_argument("--config", default=None, help="YAML file of flag values; flags on the command line override it")
+    p.add_argument("--debug", action="store_true", help="show Python tracebacks")
     return p
 
 
@@ -170,14 +198,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def parse_opt(opt: str) -> tuple[str | None, str]:
-    """'ssamf-sgd' -> ('ssamf', 'sgd'); 'adamw' -> (None, 'adamw')."""
-    allowed = ", ".join([*BASES] + [f"{w}-{b}" for w in WRAPPERS for b in BASES])
-    parts = opt.split("-")
-    if len(parts) == 1 and parts[0] in BASES:
-        return None, parts[0]
-    if len(parts) == 2 and parts[0] in WRAPPERS and parts[1] in BASES:
-        return parts[0], parts[1]
-    raise UsageError(f"--opt {opt!r} is not an optimizer; choose from: {allowed}")
+    """``--opt`` split into (wrapper, base); a bad form is one line naming the flag (with a "did you mean")."""
+    try:
+        return _parse_opt(opt)
+    except ValueError as e:
+        raise UsageError(f"--{e}" if str(e).startswith("opt ") else f"--opt {opt!r}: {e}") from None
+
+
+def granularity(cfg: argparse.Namespace) -> str:
+    """``--granularity`` in its canonical spelling; a malformed value is one line naming the flag."""
+    try:
+        return str(parse_granularity(cfg.granularity))
+    except ValueError as e:
+        raise UsageError(f"--{e}") from None
+
+
+# Data sets of tensors: worker processes only add start-up time and contention.
+IN_PROCESS_DATASETS = ("digits", "MNIST", "FashionMNIST")
 
 
 def resolve(cfg: argparse.Namespace) -> None:
@@ -189,29 +226,98 @@ def resolve(cfg: argparse.Namespace) -> None:
         if getattr(cfg, key) is None:
             setattr(cfg, key, value)
     if cfg.num_workers is None:
-        cfg.num_workers = 0 if cfg.dataset == "digits" else min(4, os.cpu_count() or 1)
-    wrapper, _ = parse_opt(cfg.opt)
+        cfg.num_workers = 0 if cfg.dataset in IN_PROCESS_DATASETS else min(4, os.cpu_count() or 1)
+    cfg.opt = cfg.opt.lower()
+    parse_opt(cfg.opt)
+    cfg.granularity = granularity(cfg)
+    implied = parse_granularity(cfg.granularity).implied_sparsity
     cfg.sparsity_given = cfg.sparsity is not None
     if cfg.sparsity is None:
-        cfg.sparsity = 0.2
+        cfg.sparsity = CLI_SPARSITY if implied is None else implied
+    elif implied is not None and abs(cfg.sparsity - implied) > 1e-12:
+        n, m = cfg.granularity.split(":")
+        raise UsageError(f"--sparsity {cfg.sparsity!r} contradicts --granularity {cfg.granularity} ({n} of every {m} "
+                         f"weights perturbed: sparsity {implied:g}); leave --sparsity out")
+    cfg.name_from_settings = cfg.output_name is None
     if cfg.output_name is None:
-        cfg.output_name = run_name(cfg, wrapper)
+        cfg.output_name = run_name(cfg)
 
 
-def run_name(cfg: argparse.Namespace, wrapper: str | None) -> str:
-    """A name from the settings that matter, so runs with different settings never share a folder."""
-    parts = [cfg.dataset, cfg.model, cfg.opt, f"lr{cfg.lr:g}", f"wd{cfg.weight_decay:g}", f"bs{cfg.batch_size}",
-             f"ep{cfg.epochs}"]
+# ------------------------------------------------------------------------------------------ a run's identity
+# Flags that change neither what is trained nor how it is computed: where the run lives, what is logged and how
+# fast it goes. They are left out of the run name's hash and may change when a run is resumed.
+NOT_SHAPING = ("output_dir", "output_name", "resume", "resume_path", "allow_changed_flags", "overwrite",
+               "save_every_steps", "log_freq", "quiet", "wandb", "wandb_project", "wandb_name", "tensorboard",
+               "eval_only", "limit_val_batches", "distributed_val", "num_workers", "datadir", "download", "device",
+               "dist_url", "compile", "channels_last", "deterministic", "fisher_method", "config", "debug")
+# May change on --resume besides those: the epoch count, so that a finished run can be extended. It is also left
+# out of the run name, so `--epochs 300 --resume` finds the 200-epoch run's folder.
+RESUME_MAY_CHANGE = ("epochs",)
+
+
+def _only_when(cfg: argparse.Namespace) -> dict[str, bool]:
+    """Settings that shape only some runs (rho only a SAM run's); elsewhere they are not part of its identity."""
+    wrapper, base = parse_opt(cfg.opt)
+    sam, sparse = wrapper is not None, wrapper in ("ssamf", "ssamd")
+    cosine = cfg.lr_scheduler == "CosineLRscheduler"
+    return {
+        "rho": sam, "adaptive": sam, "sam_first_pass": sam, "freeze_bn_second_pass": sam,
+        "sparsity": sparse, "update_freq": sparse, "renormalize": sparse, "granularity": sparse,
+        "cost_aware": sparse, "skip_dead": sparse,
+        "num_samples": wrapper == "ssamf", "fisher_mode": wrapper == "ssamf",
+        "drop_rate": wrapper == "ssamd", "drop_strategy": wrapper == "ssamd", "growth_strategy": wrapper == "ssamd",
+        "momentum": base == "sgd", "nesterov": base == "sgd", "betas": base == "adamw", "eps": base == "adamw",
+        "eta_min": cosine, "milestone": not cosine, "gamma": not cosine, "warmup_init_lr": cfg.warmup_epoch > 0,
+    }
+
+
+def run_settings(cfg: argparse.Namespace) -> dict[str, Any]:
+    """The settings that shape the run (every flag but NOT_SHAPING, the epoch count and the irrelevant ones)."""
+    relevant = _only_when(cfg)
+    plain = to_plain(cfg)
+    return {k: v for k, v in plain.items()
+            if k not in NOT_SHAPING and k not in RESUME_MAY_CHANGE and relevant.get(k, True)}
+
+
+def run_name(cfg: argparse.Namespace) -> str:
+    """``digits_cnn_small_ssamf-sgd_lr0.05_sp0.2_seed1234_1a2b3c4d``: a readable prefix and a hash of every
+    setting that shapes the run, so that runs with different settings never share a folder.
+
+    Settings at their parser default are left out of the hash: a flag added in a later version keeps old names.
+    """
+    wrapper, _ = parse_opt(cfg.opt)
+    parts = [cfg.dataset, cfg.model, cfg.opt, f"lr{cfg.lr:g}"]
     if wrapper:
-        parts.append(f"rho{cfg.rho:g}" + ("a" if cfg.adaptive else ""))
+        parts.append(f"rho{cfg.rho:g}")
     if wrapper in ("ssamf", "ssamd"):
-        parts += [f"sp{cfg.sparsity:g}", f"uf{cfg.update_freq}"]
-    if wrapper == "ssamf":
-        parts.append(f"ns{cfg.num_samples}")
-    if wrapper == "ssamd":
-        parts.append(f"dr{cfg.drop_rate:g}-{cfg.drop_strategy}-{cfg.growth_strategy}")
+        parts.append(f"sp{cfg.sparsity:g}" + ("" if cfg.granularity == "element" else f"-{cfg.granularity}"))
+    if cfg.label_noise:
+        parts.append(f"noise{cfg.label_noise:g}")
     parts.append(f"seed{cfg.seed}")
-    return "_".join(parts)
+    defaults = vars(build_parser().parse_args([]))
+    settings = {k: v for k, v in run_settings(cfg).items() if k not in defaults or v != _plain(defaults[k])}
+    digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:8]
+    return "_".join(parts) + "_" + digest
+
+
+def changed_flags(saved: dict[str, Any], cfg: argparse.Namespace) -> list[str]:
+    """``--flag OLD -> NEW`` for every setting that shapes the run and differs from a checkpoint's config."""
+    now = run_settings(cfg)
+    then = run_settings(argparse.Namespace(**{**vars(cfg), **saved}))
+    keys = sorted(k for k in now.keys() | then.keys() if k in saved and now.get(k) != then.get(k))
+    return [f"--{k} {_show(then.get(k))} -> {_show(now.get(k))}" for k in keys]
+
+
+def _show_value(value: Any) -> str:
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def _show(value: Any) -> str:
+    return " ".join(map(str, value)) if isinstance(value, list) else str(value)
+
+
+def _plain(value: Any) -> Any:
+    return list(value) if isinstance(value, tuple) else value
 
 
 def validate(cfg: argparse.Namespace) -> None:
@@ -222,8 +328,10 @@ def validate(cfg: argparse.Namespace) -> None:
         if not cond:
             raise UsageError(msg)
 
-    need(cfg.dataset in DATASETS, f"unknown --dataset {cfg.dataset!r}; choose from: {', '.join(DATASETS)}")
-    need(cfg.model in MODELS, f"unknown --model {cfg.model!r}; choose from: {', '.join(MODELS)}")
+    need(cfg.dataset in DATASETS, f"unknown --dataset {cfg.dataset!r}; choose from: {', '.join(DATASETS)}"
+         + did_you_mean(cfg.dataset, DATASETS))
+    need(cfg.model in MODELS, f"unknown --model {cfg.model!r}; choose from: {', '.join(MODELS)}"
+         + did_you_mean(cfg.model, MODELS))
     wrapper, _ = parse_opt(cfg.opt)
     need(cfg.lr_scheduler in SCHEDULERS,
          f"unknown --lr_scheduler {cfg.lr_scheduler!r}; choose from: {', '.join(SCHEDULERS)}")
@@ -234,10 +342,13 @@ def validate(cfg: argparse.Namespace) -> None:
     need(finite(cfg.lr) and cfg.lr > 0, f"--lr {cfg.lr!r} is out of range; allowed: a number > 0")
     need(finite(cfg.weight_decay) and cfg.weight_decay >= 0,
          f"--weight_decay {cfg.weight_decay!r} is out of range; allowed: a number >= 0")
-    need(finite(cfg.momentum) and 0 <= cfg.momentum < 1, f"--momentum {cfg.momentum!r} is out of range; allowed: [0, 1)")
+    need(finite(cfg.momentum) and 0 <= cfg.momentum < 1,
+         f"--momentum {cfg.momentum!r} is out of range; allowed: [0, 1)")
     need(finite(cfg.rho) and cfg.rho >= 0, f"--rho {cfg.rho!r} is out of range; allowed: a number >= 0")
     need(finite(cfg.sparsity) and 0 <= cfg.sparsity < 1,
          f"--sparsity {cfg.sparsity!r} is out of range; allowed: [0, 1) (fraction of weights not perturbed)")
+    need(finite(cfg.label_noise) and 0 <= cfg.label_noise < 1,
+         f"--label_noise {cfg.label_noise!r} is out of range; allowed: [0, 1) (fraction of training labels replaced)")
     need(0 <= cfg.drop_rate <= 1, f"--drop_rate {cfg.drop_rate!r} is out of range; allowed: [0, 1]")
     need(cfg.num_samples >= 1, f"--num_samples {cfg.num_samples} is out of range; allowed: an integer >= 1")
     need(cfg.update_freq >= 1, f"--update_freq {cfg.update_freq} is out of range; allowed: an integer >= 1 (epochs)")
@@ -260,19 +371,51 @@ def validate(cfg: argparse.Namespace) -> None:
     need(cfg.limit_train_batches >= 0 and cfg.limit_val_batches >= 0,
          "--limit_train_batches/--limit_val_batches must be >= 0 (0: no limit)")
     need(cfg.log_freq >= 1, f"--log_freq {cfg.log_freq} is out of range; allowed: >= 1")
-    need(cfg.dataset == "digits" or cfg.datadir is not None,
-         f"--dataset {cfg.dataset} needs --datadir (the folder holding the data); only 'digits' ships with ssam")
+    need(not DATASETS[cfg.dataset].needs_datadir or cfg.datadir is not None,
+         f"--dataset {cfg.dataset} needs --datadir (the folder holding the data)")
     need(not (cfg.nesterov and cfg.momentum == 0), "--nesterov needs --momentum > 0")
     need(os.sep not in cfg.output_name and cfg.output_name not in ("", ".", ".."),
          f"--output_name {cfg.output_name!r} must be a plain folder name (no '{os.sep}')")
-    if cfg.sparsity_given and wrapper not in ("ssamf", "ssamd"):
-        print(f"ssam: warning: --sparsity {cfg.sparsity:g} has no effect with --opt {cfg.opt} "
-              "(only ssamf-*/ssamd-* use it)", file=sys.stderr)
+    need(not cfg.cost_aware or cfg.granularity in ("channel", "tensor"),
+         f"--cost_aware needs --granularity channel or tensor (got {cfg.granularity})")
+    sparse = wrapper in ("ssamf", "ssamd")
+    for flag, on in (("sparsity", cfg.sparsity_given), ("granularity", cfg.granularity != "element"),
+                     ("cost_aware", cfg.cost_aware), ("skip_dead", cfg.skip_dead)):
+        if on and not sparse:
+            value = "" if isinstance(getattr(cfg, flag), bool) else f" {_show_value(getattr(cfg, flag))}"
+            print(f"ssam: warning: --{flag}{value} has no effect with --opt {cfg.opt} (only ssamf-*/ssamd-* use it)",
+                  file=sys.stderr)
     if cfg.amp == "fp16" and cfg.device == "cpu":
         raise UsageError("--amp fp16 needs a CUDA device; on CPU use --amp bf16 or none")
+
+
+# Attributes resolve() adds that are not flags (the saved config must load back with --config).
+INTERNAL = ("sparsity_given", "name_from_settings", "config")
 
 
 def to_plain(cfg: argparse.Namespace) -> dict[str, Any]:
     """The configuration as YAML/JSON-safe values (what the run folder saves)."""
     # Only flags: the saved file must load back with --config.
-    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in sorted(vars(cfg).items()) if k not in ("sparsity_given", "config")}
+    return {k: _plain(v) for k, v in sorted(vars(cfg).items()) if k not in INTERNAL}
+
+
+def flags_markdown() -> str:
+    """The flag table of docs/flags.md, generated from the parser (a test keeps the file in step)."""
+    parser = build_parser()
+    lines = []
+    # argparse's own group (--config, --debug) first holds the general options: they read best last.
+    for group in [*parser._action_groups[2:], parser._action_groups[1]]:
+        actions = [a for a in group._group_actions if a.option_strings and a.dest != "help"]
+        if not actions:
+            continue
+        title = "general" if group is parser._action_groups[1] else group.title
+        lines += [f"## {title}", "", "| flag | default | what it does |", "|---|---|---|"]
+        for a in actions:
+            flag = a.option_strings[0] + ("" if a.nargs == 0 else f" {a.metavar or a.dest.upper()}")
+            default = "" if a.default is None or a.default is False else f"`{_show(a.default)}`"
+            text = (a.help or "").replace("|", "\\|")
+            if a.choices:
+                text += f" (one of: {', '.join(map(str, a.choices))})"
+            lines.append(f"| `{flag}` | {default} | {text} |")
+        lines.append("")
+    return "\n".join(lines)

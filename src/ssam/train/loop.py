@@ -1,248 +1,63 @@
-"""The training loop: one readable function per stage, every knob from the configuration.
+"""The training loop, top to bottom: build the run, resume it, then epochs of steps, evaluation and checkpoints.
 
-A SAM-family step, as in the paper:
-    first forward + backward at w (grad-accumulated over micro-batches)
-    mask refresh when scheduled (SSAM-F before the epoch's first step, SSAM-D from that step's gradient)
-    perturb to w + e, second forward + backward there, restore w, base optimizer step
+The step itself is ``step.train_step``; several processes: ``distributed``; the run folder: ``rundir``; random
+generators: ``rng``; configuration: ``config``.
 """
 from __future__ import annotations
 
 import contextlib
-import datetime
 import itertools
 import json
 import os
-import random
-import shutil
 import signal
 import sys
 import time
 from argparse import Namespace
 from pathlib import Path
+from typing import Any, cast
 
-import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 import yaml
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader
 
-from ..data import GPULoader, build_datasets
-from ..errors import UsageError
-from ..models import build_model
-from ..optim import SAM, SSAMD, SSAMF, TwoPassScaler, frozen_bn_stats
-from .builders import EpochLR, build_optimizer, eval_loader, train_loader
 from ..checkpoint import VERSION, load_checkpoint
-from ..errors import Diverged, Interrupted
-from ..io import save_torch as save_atomic, write_atomic
-from .config import parse_opt, to_plain
+from ..data import GPULoader, apply_label_noise, build_datasets
+from ..errors import Diverged, Interrupted, UsageError
+from ..models import build_model
+from ..optim import TwoPassScaler
+from .builders import EpochLR, build_optimizer, eval_loader, set_loader_epoch, train_loader
+from .config import changed_flags, parse_opt, to_plain
+from .distributed import (
+    all_reduce_mean,
+    all_reduce_sum,
+    broadcast_masks,
+    check_masks_agree,
+    elastic_restart,
+    init_distributed,
+    pick_device,
+    unwrap,
+    weights_agree,
+)
+from .rng import rng_state, seed_everything, set_rng_state
+from .rundir import RunDir, Trackers
 from .step import train_step
 
-
-# ------------------------------------------------------------------------------------------ setup
-def init_distributed(cfg: Namespace) -> tuple[int, int, int]:
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return 0, 1, 0
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    use_cuda = cfg.device != "cpu" and torch.cuda.is_available()
-    if use_cuda:
-        torch.cuda.set_device(local_rank)
-    backend = "nccl" if use_cuda else "gloo"
-    if dist.is_initialized():
-        pass
-    elif cfg.dist_url == "env://" and "MASTER_ADDR" in os.environ:
-        # Keys of a previous torchrun attempt stay in the agent's store; a fresh prefix per attempt keeps a
-        # restarted job (--max-restarts) from dialling the dead ranks' addresses.
-        rank, attempt = int(os.environ["RANK"]), int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
-        agent = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
-        store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world,
-                              is_master=(not agent and rank == 0), timeout=datetime.timedelta(minutes=10))
-        dist.init_process_group(backend, store=dist.PrefixStore(f"ssam/attempt{attempt}", store), rank=rank,
-                                world_size=world)
-    else:
-        dist.init_process_group(backend, init_method=cfg.dist_url)
-    return dist.get_rank(), dist.get_world_size(), local_rank
-
-
-def elastic_restart() -> bool:
-    return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
-
-
-def pick_device(cfg: Namespace, local_rank: int) -> torch.device:
-    if cfg.device == "cuda" and not torch.cuda.is_available():
-        raise UsageError("--device cuda: no CUDA device is visible; use --device cpu or auto")
-    if cfg.device == "cpu" or not torch.cuda.is_available():
-        return torch.device("cpu")
-    return torch.device("cuda", local_rank)
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-def rng_state() -> dict:
-    """Every generator's state as tensors and plain values, so it loads with weights_only=True."""
-    _, keys, pos, has_gauss, gauss = np.random.get_state(legacy=True)
-    st = {"torch": torch.get_rng_state(), "python": random.getstate(),
-          "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos), "has_gauss": int(has_gauss),
-                    "gauss": float(gauss)}}
-    if torch.cuda.is_available():
-        st["cuda"] = torch.cuda.get_rng_state_all()
-    return st
-
-
-def set_rng_state(st: dict) -> None:
-    torch.set_rng_state(st["torch"].cpu())
-    if "cuda" in st and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all([s.cpu() for s in st["cuda"]])
-    version, internal, gauss = st["python"]
-    random.setstate((version, tuple(internal), gauss))
-    n = st["numpy"]
-    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
-
-
-def unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    model = getattr(model, "_orig_mod", model)
-    return getattr(model, "module", model)
-
-
-# ------------------------------------------------------------------------------------------ run folder
-class RunDir:
-    """The run folder; only rank 0 writes, and nothing is written before the configuration is known good."""
-
-    def __init__(self, cfg: Namespace, rank: int) -> None:
-        self.path = Path(cfg.output_dir) / cfg.output_name
-        self.rank = rank
-        self.main = rank == 0
-
-    def holds_run(self) -> bool:
-        return any((self.path / f).exists() for f in ("last.pt", "summary.json", "metrics.jsonl"))
-
-    def finished(self) -> bool:
-        try:
-            return bool(json.loads((self.path / "summary.json").read_text()).get("finished"))
-        except (OSError, ValueError):
-            return False
-
-    def prepare(self, cfg: Namespace) -> None:
-        if cfg.eval_only:
-            return
-        if self.holds_run() and not (cfg.resume or cfg.resume_path) and not cfg.overwrite:
-            kind = "a finished run" if self.finished() else "a run"
-            raise UsageError(f"output folder {self.path} already holds {kind}; pass --resume to continue it or "
-                             "--overwrite to replace it")
-        if cfg.overwrite and self.main and self.path.exists() and not (cfg.resume or cfg.resume_path):
-            shutil.rmtree(self.path)
-
-    def write_text(self, name: str, text: str) -> None:
-        if self.main:
-            write_atomic(self.path / name, text.encode())
-
-    def append(self, name: str, line: str) -> None:
-        if self.main:
-            self.path.mkdir(parents=True, exist_ok=True)
-            with open(self.path / name, "a") as f:
-                f.write(line.rstrip("\n") + "\n")
-
-    def log(self, line: str, quiet: bool = False) -> None:
-        if self.main:
-            if not quiet:
-                print(line, flush=True)
-            self.append("log.txt", line)
-
-    def save(self, name: str, obj: dict) -> None:
-        if self.main:
-            save_atomic(obj, self.path / name)
-
-    def truncate_metrics(self, epoch: int) -> None:
-        """On resume, forget records of epochs that will be run again."""
-        f = self.path / "metrics.jsonl"
-        if self.main and f.exists():
-            keep = [ln for ln in f.read_text().splitlines() if ln.strip() and json.loads(ln)["epoch"] < epoch]
-            self.write_text("metrics.jsonl", "".join(ln + "\n" for ln in keep))
-
-
-# ------------------------------------------------------------------------------------------ trackers
-class Trackers:
-    """Optional wandb / TensorBoard; asked for but not installed is a one-line error before any work."""
-
-    def __init__(self, cfg: Namespace, run: RunDir) -> None:
-        self.wandb = self.tb = None
-        if not run.main:
-            return
-        if cfg.wandb:
-            try:
-                import wandb
-            except ImportError:
-                raise UsageError("--wandb needs the wandb package: pip install wandb (or pip install 'ssam[wandb]')") from None
-            self.wandb = wandb.init(project=cfg.wandb_project, name=cfg.wandb_name or cfg.output_name,
-                                    config=to_plain(cfg), dir=str(run.path), resume="allow")
-        if cfg.tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-            except ImportError:
-                raise UsageError("--tensorboard needs the tensorboard package: pip install tensorboard") from None
-            self.tb = SummaryWriter(str(run.path / "tensorboard"))
-
-    def log(self, record: dict) -> None:
-        if self.wandb is not None:
-            self.wandb.log(record, step=record["epoch"])
-        if self.tb is not None:
-            for k, v in record.items():
-                if isinstance(v, (int, float)) and k != "epoch":
-                    self.tb.add_scalar(k, v, record["epoch"])
-
-    def close(self) -> None:
-        if self.wandb is not None:
-            self.wandb.finish()
-        if self.tb is not None:
-            self.tb.close()
-
-
-# ------------------------------------------------------------------------------------------ masks across ranks
-def mask_hash(opt: SAM) -> torch.Tensor:
-    flat = opt.flat_mask()
-    idx = torch.arange(flat.numel(), device=flat.device, dtype=torch.int64)
-    # Two position-weighted sums: equal masks give equal pairs; a moved entry changes them.
-    return torch.stack([(idx * flat).sum(), ((idx * 2654435761) % 1000000007 * flat).sum()])
-
-
-def same_on_all_ranks(value: torch.Tensor, world: int) -> bool:
-    if world <= 1:
-        return True
-    gathered = [torch.zeros_like(value) for _ in range(world)]
-    dist.all_gather(gathered, value)
-    return all(torch.equal(g, gathered[0]) for g in gathered)
-
-
-def check_masks_agree(opt: SAM, world: int, epoch: int) -> None:
-    if not same_on_all_ranks(mask_hash(opt), world):
-        raise RuntimeError(f"SSAM masks differ across ranks after the update at epoch {epoch}; "
-                           "refusing to train with inconsistent perturbations")
-
-
-def _all_reduce_sum(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
-    """Sum per-parameter tensors over ranks with one collective."""
-    flat = torch.cat([t.reshape(-1) for t in tensors])
-    dist.all_reduce(flat)
-    return [f.view_as(t) for f, t in zip(torch.split(flat, [t.numel() for t in tensors]), tensors)]
-
-
-def broadcast_masks(opt: SAM, world: int) -> None:
-    if world > 1:
-        flat = opt.flat_mask().to(torch.uint8)
-        dist.broadcast(flat, 0)
-        opt.set_flat_mask(flat.bool())
+__all__ = ["Trainer", "train"]
 
 
 # ------------------------------------------------------------------------------------------ the run
 class Trainer:
+    """One training run from a configuration: ``Trainer(cfg).fit()``."""
+
     def __init__(self, cfg: Namespace) -> None:
         self.cfg = cfg
         self.rank, self.world, local_rank = init_distributed(cfg)
         self.device = pick_device(cfg, local_rank)
+        if cfg.gpu_data and self.world > 1:
+            raise UsageError("--gpu_data is single-process; drop it under torchrun")
         self.run = RunDir(cfg, self.rank)
         if elastic_restart():
             # torchrun --max-restarts relaunched us after a rank died: continue from the last checkpoint.
@@ -256,19 +71,25 @@ class Trainer:
             torch.backends.cudnn.benchmark = True
 
         self.train_ds, self.test_ds, info = build_datasets(cfg.dataset, cfg.datadir, cfg.download, augment=True)
+        if cfg.label_noise:  # before any loader or the Fisher reads the labels; the test set stays clean
+            apply_label_noise(self.train_ds, cfg.label_noise, cfg.seed)
         self.model_args = {"name": cfg.model, "num_classes": info.num_classes, "in_channels": info.in_channels,
                            "image_size": info.image_size}
         self.model = build_model(cfg.model, info.num_classes, info.in_channels, info.image_size).to(self.device)
         if cfg.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
-        self.opt = build_optimizer(cfg, self.model)
+        # Any: the sparse optimizers' extra methods (update_mask, mask_stats ...) are reached by protocol.
+        self.opt: Any = build_optimizer(cfg, self.model)
         self.sched = EpochLR(self.opt, cfg)
         self.scaler = TwoPassScaler(enabled=cfg.amp == "fp16")
         self.autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.amp)
+        # How the optimizer's mask is refreshed (None: it has none); see ssam.optim's mask refresh protocol.
+        self.refresh: str | None = getattr(self.opt, "mask_refresh", None)
         # On a CPU, freed gradients come back as fresh pages to fault in on every backward (two per SAM step):
         # zeroing them in place measured ~3% faster for ResNet-18. Every parameter of these models gets a gradient
-        # in every pass, so zeros and None step the same.
+        # in every pass, so zeros and None step the same (train_step sets None itself when --skip_dead).
         self._grads_to_none = self.device.type != "cpu"
+        self.flag_changes: list[str] = []
 
         self.start_epoch, self.start_step, self.best_acc1, self.elapsed = cfg.start_epoch, 0, 0.0, 0.0
         self.partial: dict | None = None
@@ -278,22 +99,23 @@ class Trainer:
             self._restore(ckpt)
 
         self.net: torch.nn.Module = self.model
+        self.ddp: DistributedDataParallel | None = None
         if self.world > 1:
-            self.net = torch.nn.parallel.DistributedDataParallel(
+            self.ddp = DistributedDataParallel(
                 self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+            self.net = self.ddp
         if cfg.compile:
-            self.net = torch.compile(self.net)
+            self.net = cast(torch.nn.Module, torch.compile(self.net))
 
+        self.loader: GPULoader | DataLoader
         if cfg.gpu_data:
             self.loader = GPULoader.from_dataset(self.train_ds, cfg.batch_size, device=self.device, augment=True,
                                                  shuffle=True, drop_last=True, seed=cfg.seed)
-            if self.world > 1:
-                raise UsageError("--gpu_data is single-process; drop it under torchrun")
         else:
             self.loader = train_loader(cfg, self.train_ds, self.rank, self.world)
         val_world = self.world if cfg.distributed_val else 1
         self.val_loader = eval_loader(cfg, self.test_ds, self.rank if cfg.distributed_val else 0, val_world)
-        self.fisher_source = self.loader.dataset if not cfg.gpu_data else self.train_ds
+        self.fisher_source: Any = self.loader.dataset if not cfg.gpu_data else self.train_ds
         self.stop_signal: int | None = None
         self.trackers = Trackers(cfg, self.run) if not cfg.eval_only else None
 
@@ -312,7 +134,11 @@ class Trainer:
                 if self.run.holds_run():
                     raise UsageError(f"--resume: no checkpoint at {path}; the folder holds a run that never "
                                      "finished an epoch: pass --overwrite to start again")
-                raise UsageError(f"--resume: no checkpoint at {path}")
+                hint = ""
+                if getattr(cfg, "name_from_settings", False):
+                    hint = ("; the folder name holds a hash of the settings that shape the run, so a run with other "
+                            "flags lives in another folder (name it with --output_name)")
+                raise UsageError(f"--resume: no checkpoint at {path}{hint}")
         else:
             return None
         if not path.exists():
@@ -323,6 +149,13 @@ class Trainer:
             if key in saved and saved[key] != getattr(cfg, key):
                 raise UsageError(f"checkpoint {path} was written with --{key} {saved[key]}; this run has "
                                  f"--{key} {getattr(cfg, key)}: use the same --{key} or another --output_name")
+        if not cfg.eval_only:
+            self.flag_changes = changed_flags(saved, cfg)
+            if self.flag_changes and not cfg.allow_changed_flags:
+                raise UsageError(f"--resume: {path} was trained with other settings ({', '.join(self.flag_changes)}); "
+                                 "use the same flags, or add --allow_changed_flags to continue with the new values")
+            if "epochs" in saved and saved["epochs"] != cfg.epochs:
+                self.flag_changes.append(f"--epochs {saved['epochs']} -> {cfg.epochs}")
         return ckpt
 
     def _allow_fresh_resume(self) -> bool:
@@ -333,7 +166,8 @@ class Trainer:
         try:
             unwrap(self.model).load_state_dict(ckpt["model"])
         except RuntimeError as e:
-            raise UsageError(f"checkpoint does not fit --model {self.cfg.model}: {str(e).splitlines()[0][:200]}") from None
+            first = str(e).splitlines()[0][:200]
+            raise UsageError(f"checkpoint does not fit --model {self.cfg.model}: {first}") from None
         if self.cfg.eval_only:
             return
         try:
@@ -374,40 +208,32 @@ class Trainer:
         y = y.to(self.device, non_blocking=True)
         if cfg.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        refresh = _mask_refresh(opt)
-        # A run started at --start_epoch off the update grid still needs a first mask.
-        if refresh == "before_epoch" and ((step == 0 and opt.should_update(epoch)) or not opt.has_masks()):
-            self.update_fisher_mask(epoch)
+        refresh = self.refresh
+        # Mid-epoch resumes start at step > 0 with the checkpoint's mask; a run started at --start_epoch off the
+        # update grid gets its first mask here too (refresh_mask makes one when there is none).
+        if refresh == "before_epoch" and step == 0:
+            reduce = all_reduce_sum if self.world > 1 else None
+            if opt.refresh_mask(epoch, model=unwrap(self.model), data=FisherBatch(self, epoch), reduce=reduce):
+                check_masks_agree(opt, self.world, epoch)
 
         def after_first_backward() -> None:
-            if step == 0 and refresh == "first_backward" and _refresh_mask(opt, epoch):
+            if step == 0 and refresh == "first_backward" and opt.refresh_mask(epoch):
                 if cfg.sam_first_pass == "local":
                     broadcast_masks(opt, self.world)
                 check_masks_agree(opt, self.world, epoch)
 
         res = train_step(
             self.net, opt, list(zip(x.chunk(cfg.grad_accum), y.chunk(cfg.grad_accum))), model=self.model,
-            scaler=self.scaler, autocast=self._autocast, no_sync=self.net.no_sync if self.world > 1 else None,
+            scaler=self.scaler, autocast=self._autocast, no_sync=self.ddp.no_sync if self.ddp else None,
             sync_first_pass=not (self.wrapper is not None and cfg.sam_first_pass == "local"),
+            # An SSAM-D refresh reads the dense gradient: the epoch's first step runs a full first pass.
+            skip_dead=cfg.skip_dead and not (step == 0 and refresh == "first_backward"),
+            reduce_first_grads=all_reduce_mean if self.world > 1 else None,
             freeze_bn_second_pass=cfg.freeze_bn_second_pass, after_first_backward=after_first_backward,
             grads_to_none=self._grads_to_none)
         top5 = res.outputs.topk(min(5, res.outputs.shape[1]), dim=1).indices
         hit = top5 == y[:, None]
         return res.loss_sum, hit[:, 0].sum(), hit.any(1).sum(), res.nonfinite
-
-    @torch.no_grad()
-    def update_fisher_mask(self, epoch: int) -> None:
-        cfg, opt = self.cfg, self.opt
-        # The Fisher examples of an epoch depend only on (seed, epoch): resumes and ranks agree.
-        g = torch.Generator().manual_seed(cfg.seed * 7919 + epoch)
-        src = self.fisher_source
-        if hasattr(src, "epoch"):
-            src.epoch = epoch
-        chosen = torch.randperm(len(src), generator=g)[: opt.num_samples].tolist()
-        shard = chosen[self.rank::self.world]  # each rank measures its share; the sum is all-reduced
-        opt.update_mask(unwrap(self.model), [_as_batch(src, shard)],
-                        reduce=_all_reduce_sum if self.world > 1 else None)
-        check_masks_agree(opt, self.world, epoch)
 
     # ---------------------------------------------------------------- epochs
     @torch.no_grad()
@@ -436,11 +262,12 @@ class Trainer:
                 dist.broadcast(tot, 0)
         model.train(was)
         n = max(tot[3].item(), 1)
-        return {"test_loss": tot[0].item() / n, "test_acc1": 100 * tot[1].item() / n, "test_acc5": 100 * tot[2].item() / n}
+        return {"test_loss": tot[0].item() / n, "test_acc1": 100 * tot[1].item() / n,
+                "test_acc5": 100 * tot[2].item() / n}
 
     def _progress(self, total: int, epoch: int):
         from tqdm import tqdm
-        show = self.run.main and not self.cfg.quiet and sys.stderr.isatty()
+        show = self.run.main and not self.cfg.quiet and sys.stderr.isatty()  # --quiet: no bar
         return tqdm(total=total, desc=f"epoch {epoch + 1}/{self.cfg.epochs}", leave=False, disable=not show,
                     dynamic_ncols=True)
 
@@ -452,10 +279,9 @@ class Trainer:
         if isinstance(self.loader, GPULoader):
             self.loader.set_epoch(epoch)
             steps = len(self.loader)
-            batches = itertools.islice(iter(self.loader), start, None)
+            batches: Any = itertools.islice(iter(self.loader), start, None)
         else:
-            self.loader.batch_sampler.sampler.set_epoch(epoch, start * cfg.batch_size)
-            self.loader.dataset.epoch = epoch
+            set_loader_epoch(self.loader, epoch, start * cfg.batch_size)
             steps = start + len(self.loader)
             batches = iter(self.loader)
         if cfg.limit_train_batches:
@@ -535,18 +361,24 @@ class Trainer:
             run.write_text("config.yaml", yaml.safe_dump(to_plain(cfg), sort_keys=True))
             run.truncate_metrics(self.start_epoch)
         n_params = sum(p.numel() for p in self.model.parameters())
-        resumed = f", resumed at epoch {self.start_epoch + 1} step {self.start_step}" if hasattr(self, "resumed_from") else ""
+        resumed = ""
+        if hasattr(self, "resumed_from"):
+            resumed = f", resumed at epoch {self.start_epoch + 1} step {self.start_step}"
         run.log(f"ssam train | {cfg.dataset} {cfg.model} ({n_params:,} params) {cfg.opt} | {self.device}"
-                f"{f' x{self.world}' if self.world > 1 else ''} | {run.path}{resumed}", quiet=cfg.quiet)
+                f"{f' x{self.world}' if self.world > 1 else ''} | {run.path}{resumed}")
+        if cfg.label_noise:
+            run.log(f"label noise {cfg.label_noise:g}: {self.train_ds.label_noise['count']} training labels replaced")
+        if self.flag_changes:
+            run.log(f"resumed with changed flags: {', '.join(self.flag_changes)}")
         last = {}
         if self.start_epoch >= cfg.epochs:
-            run.log("nothing to do: the run already finished all epochs", quiet=cfg.quiet)
+            run.log("nothing to do: the run already finished all epochs")
         for epoch in range(self.start_epoch, cfg.epochs):
             tr = self.train_epoch(epoch)
             te = self.evaluate()
             new_best = te["test_acc1"] > self.best_acc1
             self.best_acc1 = max(self.best_acc1, te["test_acc1"])
-            density = self.opt.mask_density() if isinstance(self.opt, (SSAMF, SSAMD)) else 1.0
+            density = self.opt.mask_density() if self.refresh else 1.0  # type: ignore[attr-defined]
             rec = {"epoch": epoch, **{k: tr[k] for k in ("train_loss", "train_acc1", "train_acc5")}, **te,
                    "best_acc1": self.best_acc1, "lr": self.opt.param_groups[0]["lr"], "mask_density": density,
                    "epoch_time": tr["epoch_time"], "images_per_s": tr["images_per_s"],
@@ -555,9 +387,10 @@ class Trainer:
             run.log(
                 f"epoch {epoch + 1:>3}/{cfg.epochs} | train loss {tr['train_loss']:.4f} acc1 {tr['train_acc1']:.2f} "
                 f"acc5 {tr['train_acc5']:.2f} | test loss {te['test_loss']:.4f} acc1 {te['test_acc1']:.2f} "
-                f"acc5 {te['test_acc5']:.2f} | best {self.best_acc1:.2f} | lr {rec['lr']:.4g} | mask {density:.3f} | "
-                f"{tr['epoch_time']:.1f}s {tr['images_per_s']:.0f} img/s"
-                + (f" | {tr['skipped_steps']} fp16 steps skipped" if tr["skipped_steps"] else ""), quiet=cfg.quiet)
+                f"acc5 {te['test_acc5']:.2f} | best {self.best_acc1:.2f} | lr {rec['lr']:.4g} | "
+                + (f"mask {density:.3f} | " if self.refresh else "")
+                + f"{tr['epoch_time']:.1f}s {tr['images_per_s']:.0f} img/s"
+                + (f" | {tr['skipped_steps']} fp16 steps skipped" if tr["skipped_steps"] else ""))
             if self.trackers:
                 self.trackers.log(rec)
             finished = epoch + 1 == cfg.epochs
@@ -566,14 +399,14 @@ class Trainer:
             if new_best:
                 run.save("best.pt", ck)
             last = rec
-        if isinstance(self.opt, (SSAMF, SSAMD)):
+        if self.refresh:
             run.write_text("masks.json", json.dumps(self.opt.mask_stats(), indent=1))
         summary = {"finished": True, "best_acc1": self.best_acc1, "final_acc1": last.get("test_acc1"),
                    "final_train_loss": last.get("train_loss"), "epochs": cfg.epochs, "wall_time": self.elapsed,
                    "time_per_epoch": self.elapsed / max(1, cfg.epochs - cfg.start_epoch),
                    "skipped_steps": self.skipped_total}
         if self.world > 1:
-            summary["ranks_agree"] = self._weights_agree()
+            summary["ranks_agree"] = weights_agree(self.model, self.opt if self.refresh else None, self.world)
         # A resume with no epoch left keeps the summary of the run that trained them.
         if last or not (run.path / "summary.json").exists():
             run.write_text("summary.json", json.dumps(summary, indent=1))
@@ -581,37 +414,28 @@ class Trainer:
             self.trackers.close()
         return summary
 
-    def _weights_agree(self) -> bool:
-        flat = torch.cat([p.detach().reshape(-1).double() for p in self.model.parameters()])
-        h = torch.stack([flat.sum(), (flat * torch.arange(flat.numel(), device=flat.device)).sum()])
-        ok = same_on_all_ranks(h, self.world)
-        if isinstance(self.opt, (SSAMF, SSAMD)):
-            ok = same_on_all_ranks(mask_hash(self.opt), self.world) and ok
-        return ok
 
+class FisherBatch:
+    """SSAM-F's data for an epoch: this rank's share of ``num_samples`` training examples, as one batch.
 
-# TODO(C1): drop these two once the optimizers carry the mask refresh protocol (helper A).
-def _mask_refresh(opt) -> str | None:
-    if hasattr(opt, "mask_refresh"):
-        return opt.mask_refresh
-    return {SSAMF: "before_epoch", SSAMD: "first_backward"}.get(type(opt))
+    The examples depend only on (seed, epoch), so resumes and ranks agree; each rank measures its share and
+    ``refresh_mask``'s reduce hook sums the Fisher. Built only when iterated, i.e. when the mask is refreshed.
+    """
 
+    def __init__(self, trainer: Trainer, epoch: int) -> None:
+        self.trainer, self.epoch = trainer, epoch
 
-def _refresh_mask(opt, epoch: int) -> bool:
-    if hasattr(opt, "refresh_mask"):
-        return opt.refresh_mask(epoch)
-    if opt.should_update(epoch):
-        opt.update_mask(epoch)
-        return True
-    return False
-
-
-def _as_batch(dataset, indices: list[int]):
-    """The chosen examples as one (inputs, targets) batch for the Fisher."""
-    items = [dataset[i] for i in indices]
-    xs = torch.stack([torch.as_tensor(x) for x, _ in items]) if items else torch.zeros(0)
-    ys = torch.as_tensor([int(y) for _, y in items], dtype=torch.long)
-    return xs, ys
+    def __iter__(self):
+        t = self.trainer
+        src = t.fisher_source
+        if hasattr(src, "epoch"):
+            src.epoch = self.epoch
+        g = torch.Generator().manual_seed(t.cfg.seed * 7919 + self.epoch)
+        chosen = torch.randperm(len(src), generator=g)[: t.opt.num_samples].tolist()
+        items = [src[i] for i in chosen[t.rank::t.world]]
+        xs = torch.stack([torch.as_tensor(x) for x, _ in items]) if items else torch.zeros(0)
+        ys = torch.as_tensor([int(y) for _, y in items], dtype=torch.long)
+        yield xs, ys
 
 
 def train(cfg: Namespace) -> dict:

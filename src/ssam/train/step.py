@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
-from typing import Any, ContextManager
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -19,7 +20,7 @@ from torch import Tensor, nn
 
 from ..optim import SAM, TwoPassScaler, frozen_bn_stats
 
-__all__ = ["StepResult", "train_step", "all_reduce_mean"]
+__all__ = ["StepResult", "train_step"]
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
 
@@ -33,22 +34,9 @@ class StepResult:
     nonfinite: Tensor  # bool scalar: the loss (or, without loss scaling, the gradient norm) is not finite
 
 
-def all_reduce_mean(tensors: list[Tensor]) -> None:
-    """Average tensors over the ranks of the default process group in place, with one collective."""
-    import torch.distributed as dist
-
-    if not tensors:
-        return
-    flat = torch.cat([t.reshape(-1) for t in tensors])
-    dist.all_reduce(flat)
-    flat /= dist.get_world_size()
-    for t, f in zip(tensors, torch.split(flat, [t.numel() for t in tensors])):
-        t.copy_(f.view_as(t))
-
-
 def _forward_backward(net: nn.Module, model: nn.Module, micro_batches: Sequence[tuple[Tensor, Tensor]],
-                      loss_fn: LossFn, scaler: TwoPassScaler, autocast: Callable[[], ContextManager[Any]],
-                      no_sync: Callable[[], ContextManager[Any]] | None, sync_last: bool, freeze_bn: bool,
+                      loss_fn: LossFn, scaler: TwoPassScaler, autocast: Callable[[], AbstractContextManager[Any]],
+                      no_sync: Callable[[], AbstractContextManager[Any]] | None, sync_last: bool, freeze_bn: bool,
                       ) -> tuple[list[Tensor], Tensor]:
     """Forward + backward over the micro-batches; under DDP only the last one all-reduces, and only if sync_last."""
     n = sum(x.shape[0] for x, _ in micro_batches)
@@ -78,8 +66,8 @@ def _nonfinite(model: nn.Module, loss_sum: Tensor, scaler: TwoPassScaler) -> Ten
 
 def train_step(net: nn.Module, opt: torch.optim.Optimizer, micro_batches: Sequence[tuple[Tensor, Tensor]],
                loss_fn: LossFn = F.cross_entropy, *, model: nn.Module | None = None,
-               scaler: TwoPassScaler | None = None, autocast: Callable[[], ContextManager[Any]] | None = None,
-               no_sync: Callable[[], ContextManager[Any]] | None = None, sync_first_pass: bool = True,
+               scaler: TwoPassScaler | None = None, autocast: Callable[[], AbstractContextManager[Any]] | None = None,
+               no_sync: Callable[[], AbstractContextManager[Any]] | None = None, sync_first_pass: bool = True,
                skip_dead: bool = False, reduce_first_grads: Callable[[list[Tensor]], None] | None = None,
                freeze_bn_second_pass: bool = False, after_first_backward: Callable[[], None] | None = None,
                grads_to_none: bool = True) -> StepResult:
