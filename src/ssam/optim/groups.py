@@ -34,8 +34,8 @@ from torch import Tensor
 from .select import device_top_k_mask
 
 __all__ = ["Granularity", "GRANULARITY_WORDS", "parse_granularity", "group_sizes", "group_owner", "group_means",
-           "cost_aware_cut", "best_first_fit", "expand_groups", "structured_mask", "group_drop_grow", "nm_mask",
-           "nm_drop_grow"]
+           "cost_aware_cut", "best_first_fit", "expand_groups", "fit_groups", "structured_mask", "group_drop_grow",
+           "nm_mask", "nm_drop_grow", "resolve", "mask_from_scores", "random_mask", "drop_and_grow"]
 
 GRANULARITY_WORDS = ("element", "channel", "tensor")
 _NM_FORM = re.compile(r"(\d+):(\d+)")
@@ -161,30 +161,36 @@ def cost_aware_cut(keys: np.ndarray, sizes: np.ndarray, owner: np.ndarray, budge
     return 0
 
 
+def fit_groups(keys: np.ndarray, shapes: Sequence[Sequence[int]], kind: str, budget: int, cost_aware: bool = False,
+               device: torch.device | str = "cpu") -> tuple[Tensor, int]:
+    """Flat bool mask of the groups chosen best-first-fit by ``keys`` (one per group), at most ``budget`` entries,
+    and the first tensor allowed to be live (``cost_aware_cut`` with ``cost_aware``, else 0)."""
+    sizes = group_sizes(shapes, kind)
+    cut = cost_aware_cut(keys, sizes, group_owner(shapes, kind), budget) if cost_aware else 0
+    among = group_owner(shapes, kind) >= cut if cut else None
+    return expand_groups(best_first_fit(keys, sizes, budget, among), sizes, device), cut
+
+
 def structured_mask(scores: Sequence[Tensor], kind: str, budget: int, cost_aware: bool = False) -> Tensor:
     """Flat bool mask (on the scores' device) of the channel or tensor groups chosen best-first-fit by mean score,
     at most ``budget`` entries live; with ``cost_aware`` only among the tensors from ``cost_aware_cut`` on."""
     shapes = [tuple(s.shape) for s in scores]
-    sizes, keys = group_sizes(shapes, kind), group_means(scores, kind)
-    among = None
-    if cost_aware:
-        owner = group_owner(shapes, kind)
-        among = owner >= cost_aware_cut(keys, sizes, owner, budget)
-    return expand_groups(best_first_fit(keys, sizes, budget, among), sizes, scores[0].device)
+    return fit_groups(group_means(scores, kind), shapes, kind, budget, cost_aware, scores[0].device)[0]
 
 
-def group_drop_grow(live: Tensor, shapes: Sequence[Sequence[int]], kind: str, drop: Tensor, grow: np.ndarray | Tensor,
-                    budget: int, death_rate: float, grow_from: int = 0) -> Tensor:
+def group_drop_grow(live: Tensor, shapes: Sequence[Sequence[int]], kind: str, drop: np.ndarray | Tensor,
+                    grow: np.ndarray | Tensor, budget: int, death_rate: float, grow_from: int = 0) -> Tensor:
     """SSAM-D's update with whole groups: of the L live groups, the ``L - int(L * (1 - death_rate))`` with the
     lowest mean ``drop`` score die (no more than there are dead groups to regrow); then groups dead before the update
     are grown best-first-fit by ``grow`` into the budget the survivors leave (only groups of tensors ``grow_from``
-    on: the cost-aware cut). ``live`` and ``drop`` are flat over the entries; ``grow`` is flat over the entries
-    (averaged per group) or one key per group (numpy, e.g. random draws). Ties: first position; NaN lowest.
+    on: the cost-aware cut). ``live`` is flat over the entries; ``drop`` and ``grow`` are either flat over the
+    entries (averaged per group) or one key per group (numpy: random draws, which averaging would squeeze towards
+    0.5 in big groups). Ties: first position; NaN lowest.
     Returns the new flat mask."""
     sizes = group_sizes(shapes, kind)
     was_live = _flat_group_means(live, sizes) > 0.5
-    drop_key = np.nan_to_num(_flat_group_means(drop, sizes), nan=-np.inf)
-    grow_key = grow if isinstance(grow, np.ndarray) else _flat_group_means(grow, sizes)
+    drop_key = np.nan_to_num(_per_group(drop, sizes), nan=-np.inf)
+    grow_key = _per_group(grow, sizes)
     n_live = int(was_live.sum())
     n_die = min(n_live - int(n_live * (1 - death_rate)), int((~was_live).sum()))
     live_idx = np.flatnonzero(was_live)
@@ -193,6 +199,10 @@ def group_drop_grow(live: Tensor, shapes: Sequence[Sequence[int]], kind: str, dr
     may_grow = ~was_live & (group_owner(shapes, kind) >= grow_from)
     grown = best_first_fit(grow_key, sizes, budget - int(sizes[survive].sum()), among=may_grow)
     return expand_groups(survive | grown, sizes, live.device)
+
+
+def _per_group(score: np.ndarray | Tensor, sizes: np.ndarray) -> np.ndarray:
+    return np.asarray(score, dtype=np.float64) if isinstance(score, np.ndarray) else _flat_group_means(score, sizes)
 
 
 def _flat_group_means(flat: Tensor, sizes: np.ndarray) -> np.ndarray:
@@ -282,3 +292,55 @@ def nm_drop_grow(live: Tensor, shapes: Sequence[Sequence[int]], n: int, m: int, 
         grown = ~lv & (rank < per_block)
         out[sl] = ((lv & ~died[sl].reshape(b, size)) | grown).reshape(-1)
     return out
+
+
+# ------------------------------------------------------------------ what SSAMF and SSAMD call
+def resolve(granularity: object, sparsity: float | None, cost_aware: object,
+            default_sparsity: float = 0.5) -> tuple[Granularity, float | int]:
+    """Check the granularity keywords of SSAMF/SSAMD; return the granularity and the sparsity to use.
+
+    ``sparsity=None`` means the library default (0.5), or for N:M the implied 1 - N/M; an explicit sparsity that
+    differs from the implied one is an error (it could not be honoured)."""
+    gran = parse_granularity(granularity)
+    if not isinstance(cost_aware, bool):
+        raise ValueError(f"cost_aware: got {cost_aware!r}; allowed: True or False")
+    if cost_aware and not gran.grouped:
+        raise ValueError(f"cost_aware: got True with granularity={str(gran)!r}; allowed: True only with 'channel' "
+                         "or 'tensor' granularity")
+    implied = gran.implied_sparsity
+    if implied is None:
+        return gran, default_sparsity if sparsity is None else sparsity
+    if sparsity is not None and not (isinstance(sparsity, (int, float)) and math.isclose(sparsity, implied)):
+        raise ValueError(f"sparsity: got {sparsity!r} with granularity={str(gran)!r}, which implies {implied:g}; "
+                         f"allowed: None (implied) or {implied:g}")
+    return gran, implied
+
+
+def mask_from_scores(scores: Sequence[Tensor], gran: Granularity, budget: int, cost_aware: bool = False) -> Tensor:
+    """SSAM-F's flat mask for channel, tensor or N:M granularity (element is ``select.top_k_mask``)."""
+    if gran.kind == "nm":
+        return nm_mask(scores, gran.n, gran.m)
+    return structured_mask(scores, gran.kind, budget, cost_aware)
+
+
+def random_mask(shapes: Sequence[Sequence[int]], gran: Granularity, budget: int, cost_aware: bool,
+                generator: torch.Generator) -> tuple[Tensor, int]:
+    """SSAM-D's initial flat mask for channel, tensor or N:M granularity, drawn from ``generator``, and the
+    cost-aware cut (0 without it): random group keys for groups (one draw per group, whatever its size), random
+    entry scores for N:M."""
+    device = generator.device
+    if gran.kind == "nm":
+        numels = [math.prod(s) for s in shapes]
+        draws = torch.rand(sum(numels), generator=generator, device=device).split(numels)
+        return nm_mask([d.view(s) for d, s in zip(draws, shapes)], gran.n, gran.m), 0
+    keys = torch.rand(group_sizes(shapes, gran.kind).size, generator=generator, device=device).double().cpu().numpy()
+    return fit_groups(keys, shapes, gran.kind, budget, cost_aware, device)
+
+
+def drop_and_grow(live: Tensor, shapes: Sequence[Sequence[int]], gran: Granularity, drop: np.ndarray | Tensor,
+                  grow: np.ndarray | Tensor, budget: int, death_rate: float, grow_from: int = 0) -> Tensor:
+    """SSAM-D's update for channel, tensor (``group_drop_grow``) or N:M (``nm_drop_grow``) granularity."""
+    if gran.kind == "nm":
+        assert isinstance(drop, Tensor) and isinstance(grow, Tensor)  # N:M scores entries, never groups
+        return nm_drop_grow(live, shapes, gran.n, gran.m, drop, grow, death_rate)
+    return group_drop_grow(live, shapes, gran.kind, drop, grow, budget, death_rate, grow_from)

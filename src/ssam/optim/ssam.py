@@ -14,6 +14,9 @@ the base optimizer.
 - SSAM-D starts from a random mask; each update kills the weakest live entries (by |w|, |g| or at random) at a
   cosine-decaying death rate and regrows as many entries among those dead before the update.
 Every selection follows the one top-k rule of ``ssam.optim.select``.
+
+``granularity`` (both): ``"element"`` (the paper's, default), ``"channel"``, ``"tensor"`` or ``"N:M"``; the rules,
+the mean score per group and ``cost_aware`` are in ``ssam.optim.groups``.
 """
 from __future__ import annotations
 
@@ -21,10 +24,12 @@ import math
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
 from .fisher import FISHER_METHODS, empirical_fisher
+from .groups import drop_and_grow, group_sizes, mask_from_scores, random_mask, resolve
 from .mask import FlatMask, MaskSegment
 from .perturb import grad_norm
 from .sam import SAM
@@ -44,14 +49,19 @@ def _flat(tensors: list[Tensor]) -> Tensor:
 class _SparseSAM(SAM):
     """Shared machinery of SSAM-F and SSAM-D: the maskable set, the global mask and its bookkeeping."""
 
-    def __init__(self, params: Any, base_optimizer: Any, rho: float, sparsity: float, update_freq: int,
-                 renormalize: bool, adaptive: bool, **kwargs: Any) -> None:
+    def __init__(self, params: Any, base_optimizer: Any, rho: float, sparsity: float | None, update_freq: int,
+                 renormalize: bool, adaptive: bool, granularity: str = "element", cost_aware: bool = False,
+                 **kwargs: Any) -> None:
+        # sparsity=None: 0.5, or for N:M the implied 1 - N/M (an explicit different one is an error)
+        self._granularity, sparsity = resolve(granularity, sparsity, cost_aware)
         if not (isinstance(sparsity, (int, float)) and 0 <= sparsity < 1):
             raise ValueError(f"sparsity: got {sparsity!r}; allowed: a number in [0, 1) (fraction NOT perturbed)")
         if not (isinstance(update_freq, int) and not isinstance(update_freq, bool) and update_freq >= 1):
             raise ValueError(f"update_freq: got {update_freq!r}; allowed: an integer >= 1 (epochs between updates)")
         super().__init__(params, base_optimizer, rho=rho, adaptive=adaptive, **kwargs)
         self.sparsity = float(sparsity)
+        self.granularity = str(self._granularity)  # "element", "channel", "tensor" or "N:M"
+        self.cost_aware = cost_aware
         self.update_freq = update_freq
         self.renormalize = bool(renormalize)
         maskable = [p for p in self._all_params() if p.requires_grad]
@@ -84,6 +94,9 @@ class _SparseSAM(SAM):
         self._masks.clear()
 
     # --------------------------------------------------------------- masks
+    def _shapes(self) -> list[tuple[int, ...]]:
+        return [tuple(p.shape) for p in self._masks.params]
+
     def mask_params(self) -> list[Tensor]:
         """The maskable parameters, in group order: those the masks, the budget and the scores cover."""
         return list(self._masks.params)
@@ -95,7 +108,8 @@ class _SparseSAM(SAM):
 
     @property
     def num_live(self) -> int:
-        """Entries perturbed: ``int(N * (1 - sparsity))`` of the N entries of the maskable parameters."""
+        """The budget: ``int(N * (1 - sparsity))`` of the N maskable entries. Exactly the live count for element
+        masks; channel and tensor masks keep at most this many, N:M ones their own pattern (``mask_density()``)."""
         return int(self._masks.numel * (1 - self.sparsity))
 
     def has_masks(self) -> bool:
@@ -186,16 +200,18 @@ class SSAMF(_SparseSAM):
 
     mask_refresh = "before_epoch"
 
-    def __init__(self, params: Any, base_optimizer: Any, rho: float = 0.05, sparsity: float = 0.5,
+    def __init__(self, params: Any, base_optimizer: Any, rho: float = 0.05, sparsity: float | None = None,
                  num_samples: int = 128, update_freq: int = 1, renormalize: bool = False, adaptive: bool = False,
-                 fisher_mode: str = "train", fisher_method: str = "auto", **base_kwargs: Any) -> None:
+                 fisher_mode: str = "train", fisher_method: str = "auto", granularity: str = "element",
+                 cost_aware: bool = False, **base_kwargs: Any) -> None:
         if not (isinstance(num_samples, int) and not isinstance(num_samples, bool) and num_samples >= 1):
             raise ValueError(f"num_samples: got {num_samples!r}; allowed: an integer >= 1")
         if fisher_mode not in ("train", "eval"):
             raise ValueError(f"fisher_mode: got {fisher_mode!r}; allowed: 'train', 'eval'")
         if fisher_method not in FISHER_METHODS:
             raise ValueError(f"fisher_method: got {fisher_method!r}; allowed: {', '.join(map(repr, FISHER_METHODS))}")
-        super().__init__(params, base_optimizer, rho, sparsity, update_freq, renormalize, adaptive, **base_kwargs)
+        super().__init__(params, base_optimizer, rho, sparsity, update_freq, renormalize, adaptive, granularity,
+                         cost_aware, **base_kwargs)
         self.num_samples = num_samples
         self.fisher_mode = fisher_mode
         self.fisher_method = fisher_method
@@ -224,8 +240,12 @@ class SSAMF(_SparseSAM):
 
     @torch.no_grad()
     def set_mask_from_scores(self, scores: list[Tensor]) -> None:
-        """Keep the ``num_live`` entries with the highest scores (one tensor per maskable parameter, in order)."""
-        self.set_flat_mask(top_k_mask(_flat(scores).float(), self.num_live))
+        """Keep the ``num_live`` entries with the highest scores (one tensor per maskable parameter, in order); for
+        channel and tensor granularity the groups best-first by mean score that fit, for N:M the pattern."""
+        if self._granularity.kind == "element":
+            self.set_flat_mask(top_k_mask(_flat(scores).float(), self.num_live))
+        else:
+            self.set_flat_mask(mask_from_scores(scores, self._granularity, self.num_live, self.cost_aware))
         self.num_updates += 1
 
     def refresh_mask(self, epoch: int, *, model: nn.Module | None = None, data: Any = None,
@@ -256,10 +276,11 @@ class SSAMD(_SparseSAM):
 
     mask_refresh = "first_backward"
 
-    def __init__(self, params: Any, base_optimizer: Any, rho: float = 0.05, sparsity: float = 0.5,
+    def __init__(self, params: Any, base_optimizer: Any, rho: float = 0.05, sparsity: float | None = None,
                  drop_rate: float = 0.5, drop_strategy: str = "gradient", growth_strategy: str = "random",
                  update_freq: int = 1, T_start: int = 0, T_end: int = 200, renormalize: bool = False,
-                 adaptive: bool = False, seed: int | None = None, **base_kwargs: Any) -> None:
+                 adaptive: bool = False, seed: int | None = None, granularity: str = "element",
+                 cost_aware: bool = False, **base_kwargs: Any) -> None:
         if not (isinstance(drop_rate, (int, float)) and 0 <= drop_rate <= 1):
             raise ValueError(f"drop_rate: got {drop_rate!r}; allowed: a number in [0, 1]")
         if drop_strategy not in STRATEGIES:
@@ -268,7 +289,8 @@ class SSAMD(_SparseSAM):
             raise ValueError(f"growth_strategy: got {growth_strategy!r}; allowed: {', '.join(STRATEGIES)}")
         if not T_end > T_start:
             raise ValueError(f"T_end: got {T_end!r} with T_start={T_start!r}; allowed: T_end > T_start")
-        super().__init__(params, base_optimizer, rho, sparsity, update_freq, renormalize, adaptive, **base_kwargs)
+        super().__init__(params, base_optimizer, rho, sparsity, update_freq, renormalize, adaptive, granularity,
+                         cost_aware, **base_kwargs)
         self.drop_rate = float(drop_rate)
         self.drop_strategy = drop_strategy
         self.growth_strategy = growth_strategy
@@ -281,8 +303,15 @@ class SSAMD(_SparseSAM):
             seed = int(torch.randint(0, 2**62, (1,)).item())
         self._generator = torch.Generator(device=device)
         self._generator.manual_seed(seed)
-        n = self._masks.numel
-        self.set_flat_mask(top_k_mask(torch.rand(n, generator=self._generator, device=device), self.num_live))
+        #: First maskable tensor whose groups may grow: the cost-aware cut of the initial mask (0 without it).
+        self.grow_from = 0
+        if self._granularity.kind == "element":
+            n = self._masks.numel
+            self.set_flat_mask(top_k_mask(torch.rand(n, generator=self._generator, device=device), self.num_live))
+        else:
+            flat, self.grow_from = random_mask(self._shapes(), self._granularity, self.num_live, cost_aware,
+                                               self._generator)
+            self.set_flat_mask(flat)
 
     def _extend_mask(self, old: Tensor | None, n_new: int) -> None:
         """After add_param_group: the old entries keep their mask, the new ones get a random one, so that the total
@@ -290,8 +319,14 @@ class SSAMD(_SparseSAM):
         if old is None:
             return super()._extend_mask(old, n_new)
         k_new = self.num_live - int(old.sum())
-        draw = torch.rand(n_new, generator=self._generator, device=self._generator.device)
-        self.set_flat_mask(torch.cat([old, top_k_mask(draw, k_new).to(old.device)]))
+        if self._granularity.kind != "element":  # the new tensors come last: after any cost-aware cut
+            shapes, total = self._shapes(), 0
+            while total < n_new:
+                total += math.prod(shapes.pop())
+            new = random_mask(self._shapes()[len(shapes):], self._granularity, k_new, False, self._generator)[0]
+        else:
+            new = top_k_mask(torch.rand(n_new, generator=self._generator, device=self._generator.device), k_new)
+        self.set_flat_mask(torch.cat([old, new.to(old.device)]))
 
     def death_rate(self, epoch: int) -> float:
         """drop_rate * (1 + cos(pi * (epoch - T_start) / (T_end - T_start))) / 2, clamped to the schedule."""
@@ -318,6 +353,14 @@ class SSAMD(_SparseSAM):
                 return random_subset(among, m, int(torch.randint(0, 2**62, (1,), generator=self._generator)))
         return top_k_mask(self._scores(strategy), m, among)
 
+    def _keys(self, strategy: str) -> Tensor | np.ndarray:
+        """Scores for a grouped update: per entry (averaged per group later), or one uniform draw per channel or
+        tensor group for ``random``, so that a group's chance does not depend on its size."""
+        if strategy != "random" or not self._granularity.grouped:
+            return self._scores(strategy)
+        count = group_sizes(self._shapes(), self._granularity.kind).size
+        return torch.rand(count, generator=self._generator, device=self._generator.device).double().cpu().numpy()
+
     def _check_gradients(self) -> None:
         used = [s for s in (self.drop_strategy, self.growth_strategy) if s == "gradient"]
         if not used:
@@ -338,6 +381,13 @@ class SSAMD(_SparseSAM):
         """Drop the lowest-scored ``death_rate(epoch)`` fraction of live entries and regrow as many dead ones."""
         self._check_gradients()
         live = self.flat_mask()
+        if self._granularity.kind != "element":  # groups die and regrow whole; N:M blocks keep N live
+            self.set_flat_mask(drop_and_grow(live, self._shapes(), self._granularity, self._keys(self.drop_strategy),
+                                             self._keys(self.growth_strategy), self.num_live,
+                                             self.death_rate(epoch), self.grow_from))
+            self.num_updates += 1
+            self.last_update_epoch = epoch
+            return
         n, k = live.numel(), self.num_live
         # As many survive as the paper's int(L * (1 - death rate)); no more can die than there are places to regrow.
         n_die = min(k - int(k * (1 - self.death_rate(epoch))), n - k)
@@ -361,11 +411,13 @@ class SSAMD(_SparseSAM):
             "num_updates": self.num_updates,
             "last_update_epoch": -1 if self.last_update_epoch is None else self.last_update_epoch,
             "generator": self._generator.get_state(),
+            "grow_from": self.grow_from,
         }
 
     def _load_extra_state(self, extra: dict) -> None:
         self.num_updates = int(extra.get("num_updates", 0))
         last = int(extra.get("last_update_epoch", -1))
         self.last_update_epoch = None if last < 0 else last
+        self.grow_from = int(extra.get("grow_from", 0))
         if "generator" in extra:
             self._generator.set_state(extra["generator"].cpu())
