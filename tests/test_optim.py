@@ -609,6 +609,14 @@ def test_two_pass_scaler_equals_unscaled_and_skips_overflow():
     scaler.update()
     assert_same(params_of(m2), w)
     assert scaler.get_scale() == 2.0**9 and scaler.skipped_steps == 1
+    # skip() gives a step up from outside: w back, gradients dropped, the overflow counted.
+    scaler.scale(F.cross_entropy(m2(x), y)).backward()
+    assert scaler.first_step(o2)
+    scaler.skip(o2)
+    scaler.update()
+    assert_same(params_of(m2), w)
+    assert all(p.grad is None for p in m2.parameters()) and o2._perturbed is None
+    assert scaler.get_scale() == 2.0**8 and scaler.skipped_steps == 2
 
 
 def test_ssamd_update_with_nan_gradients_keeps_the_live_count():

@@ -154,6 +154,25 @@ def test_both_passes_in_one_call_equal_the_two_call_path(kind, zeroes_itself):
     assert_same(weights(m1), weights(m2))
 
 
+@pytest.mark.parametrize("kind", KINDS)
+def test_step_without_closure_finishes_a_first_step(kind):
+    x, y = batch()
+    m1, m2 = net(), net()
+    o1, o2 = build(kind, m1), build(kind, m2)
+    for o, m in ((o1, m1), (o2, m2)):
+        for _ in range(2):
+            o.zero_grad()
+            F.cross_entropy(m(x), y).backward()
+            o.first_step(zero_grad=True)
+            F.cross_entropy(m(x), y).backward()
+            o.second_step() if o is o1 else o.step()
+    assert_same(weights(m1), weights(m2))
+    w = weights(m2)
+    with pytest.raises(RuntimeError, match="needs a closure"):  # nothing pending: not a SAM step
+        o2.step()
+    assert_same(weights(m2), w)
+
+
 # ---------------------------------------------------------------------------------------------- maskable set
 def frozen_net():
     m = net()
@@ -238,6 +257,21 @@ def test_ssamf_refresh_follows_update_freq():
     assert torch.equal(opt.flat_mask(), twin.flat_mask())
     late = SSAMF(m.parameters(), torch.optim.SGD, lr=0.1, update_freq=2)
     assert late.refresh_mask(3, model=m, data=[(x, y)])  # no mask yet: builds one whatever the epoch
+
+
+def test_ssamf_refresh_passes_the_loss_on():
+    x, y = batch()
+    m = net()
+
+    def flipped(out, target):  # a loss whose Fisher differs from cross-entropy's
+        return F.cross_entropy(-out, target)
+
+    opt, twin, plain = (SSAMF(m.parameters(), torch.optim.SGD, lr=0.1) for _ in range(3))
+    assert opt.refresh_mask(0, model=m, data=[(x, y)], loss_fn=flipped)
+    twin.update_mask(m, [(x, y)], loss_fn=flipped)
+    plain.update_mask(m, [(x, y)])
+    assert torch.equal(opt.flat_mask(), twin.flat_mask())
+    assert not torch.equal(opt.flat_mask(), plain.flat_mask())
 
 
 def test_ssamd_refresh_once_per_epoch():

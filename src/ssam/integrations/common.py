@@ -10,7 +10,7 @@ so every rank builds the same mask.
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import torch
@@ -47,9 +47,21 @@ def _all_reduce_sum(tensors: list[Tensor]) -> list[Tensor]:
     return tensors
 
 
+class _OneBatch:
+    """An iterable of one batch, collated only when iterated: ``refresh_mask`` reads it only on epochs it updates."""
+
+    def __init__(self, dataset: Any, indices: list[int], collate: Callable[[list], Any]) -> None:
+        self.dataset, self.indices, self.collate = dataset, indices, collate
+
+    def __iter__(self) -> Iterator[Any]:
+        if self.indices:
+            yield self.collate([self.dataset[i] for i in self.indices])
+
+
 def fisher_sample(dataset: Any, num_samples: int, seed: int, epoch: int,
-                  collate: Callable[[list], Any] = default_collate) -> tuple[list, Callable | None]:
-    """This rank's share of the epoch's Fisher examples as one batch, and the reduce hook that sums the shares.
+                  collate: Callable[[list], Any] = default_collate) -> tuple[Iterable, Callable | None]:
+    """This rank's share of the epoch's Fisher examples as one batch (collated when iterated), and the reduce hook
+    that sums the shares.
 
     ``dataset`` is map-style (examples chosen at random by a generator seeded from ``(seed, epoch)``) or an iterable
     of batches (used as given: every rank then measures the same first ``num_samples`` examples, no reduce).
@@ -62,8 +74,7 @@ def fisher_sample(dataset: Any, num_samples: int, seed: int, epoch: int,
     g = torch.Generator().manual_seed(seed * 7919 + epoch)
     chosen = torch.randperm(len(dataset), generator=g)[:num_samples].tolist()
     shard = chosen[rank::world]
-    batch = [collate([dataset[i] for i in shard])] if shard else []
-    return batch, (_all_reduce_sum if world > 1 else None)
+    return _OneBatch(dataset, shard, collate), (_all_reduce_sum if world > 1 else None)
 
 
 def refresh_before_epoch(opt: SAM, epoch: int, model: nn.Module, dataset: Any, seed: int = 0,
@@ -73,11 +84,8 @@ def refresh_before_epoch(opt: SAM, epoch: int, model: nn.Module, dataset: Any, s
     off the grid). False, and nothing done, for optimizers that refresh otherwise or not at all."""
     if getattr(opt, "mask_refresh", None) != "before_epoch":
         return False
-    if opt.has_masks() and not opt.should_update(epoch):
-        return False
     data, reduce = fisher_sample(dataset, opt.num_samples, seed, epoch, collate)
-    opt.update_mask(model, data, loss_fn=loss_fn, reduce=reduce)
-    return True
+    return bool(opt.refresh_mask(epoch, model=model, data=data, reduce=reduce, loss_fn=loss_fn))
 
 
 def refresh_after_first_backward(opt: SAM, epoch: int) -> bool:

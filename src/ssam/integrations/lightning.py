@@ -185,7 +185,7 @@ class SAMMixedPrecision(MixedPrecision):
             if ok:
                 out = optimizer.step(**kwargs)
             else:
-                out = scaler._skip(optimizer)
+                out = scaler.skip(optimizer)
             scaler.update()
             return out
         loss = None
@@ -196,7 +196,7 @@ class SAMMixedPrecision(MixedPrecision):
                 return None
         # Pass one's gradient is in .grad, scaled. Unscale it, let hooks and clipping see it, perturb.
         if not scaler.unscale_(optimizer):
-            scaler._skip(optimizer)
+            scaler.skip(optimizer)
             scaler.update()
             return loss
         self._after_closure(model, optimizer)
@@ -210,8 +210,7 @@ class SAMMixedPrecision(MixedPrecision):
             self._after_closure(model, optimizer)
             optimizer.second_step()
         else:
-            optimizer.restore()
-            scaler._skip(optimizer)
+            scaler.skip(optimizer)  # restores w
         scaler.update()
         return loss if loss is not None else second
 

@@ -13,8 +13,9 @@ The Trainer calls ``optimizer.step()`` without a closure, after its own loop has
 and backward. ``SAMTrainer.training_step`` therefore runs SAM's two passes itself, on the last micro-batch of each
 gradient-accumulation window: by then the window's gradient at w is complete (pass one, as the Trainer computes
 it), so the perturbation comes from all micro-batches, as ``ssam train --grad_accum`` does; then it perturbs and
-runs pass two over the window's micro-batches at w + e (under DDP only the last one syncs), and restores w. The
-Trainer then clips and steps the base optimizer with the gradient of pass two; its LR scheduler, logging
+runs pass two over the window's micro-batches at w + e (under DDP only the last one syncs). The Trainer then clips
+the gradient of pass two and calls ``optimizer.step()``, which with a perturbation pending finishes SAM's step
+(restores w, steps the base optimizer); its LR scheduler, logging
 (``mask_density`` joins the logged values), bf16 and checkpoints are untouched. Checkpoints hold the optimizer's
 ``state_dict``: masks, the base optimizer's state and SSAM-D's generator.
 
@@ -26,7 +27,6 @@ the logits against ``labels``, one example at a time.
 from __future__ import annotations
 
 import math
-import types
 from typing import Any
 
 import torch
@@ -42,14 +42,6 @@ transformers = require("transformers", "transformers")
 from transformers import Trainer, TrainerCallback  # noqa: E402
 
 __all__ = ["SAMTrainer"]
-
-
-def _finish_step(self: SAM, closure: Any = None) -> Any:
-    """``optimizer.step()`` as the Trainer calls it: both passes already ran in training_step and w is restored,
-    so what is left is the base optimizer's step with pass two's (clipped) gradient."""
-    if closure is not None:
-        return type(self).step(self, closure)
-    return self.base_optimizer.step()
 
 
 class _StackedInputs(nn.Module):
@@ -115,8 +107,6 @@ class SAMTrainer(Trainer):
             if base == "adamw" else {}
         sam = create_optimizer(model if model is not None else self.model, opt, lr=a.learning_rate,
                                weight_decay=a.weight_decay, no_decay_bias_norm=True, **{**base_kw, **cfg})
-        # A bound method, so that the LR scheduler's step counter can wrap it as it wraps any optimizer's step.
-        sam.step = types.MethodType(_finish_step, sam)  # type: ignore[method-assign]
         self.optimizer = sam
         return sam
 
@@ -172,8 +162,11 @@ class SAMTrainer(Trainer):
                         super().training_step(model, dict(inp), n)
                 else:
                     super().training_step(model, dict(inp), n)
-        finally:
+        except BaseException:
             sam.restore()
+            raise
+        # w + e stays until the Trainer clips and calls optimizer.step(), which finishes the step that first_step
+        # began (second_step: restore w, base step with pass two's gradient).
         return loss
 
     def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:

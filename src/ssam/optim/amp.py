@@ -66,7 +66,7 @@ class TwoPassScaler:
         if self.unscale_(optimizer):
             optimizer.step()
             return True
-        self._skip(optimizer)
+        self.skip(optimizer)
         return False
 
     def first_step(self, optimizer, zero_grad: bool = True) -> bool:
@@ -74,7 +74,7 @@ class TwoPassScaler:
         if self.unscale_(optimizer):
             optimizer.first_step(zero_grad=zero_grad)
             return True
-        self._skip(optimizer)
+        self.skip(optimizer)
         return False
 
     def second_step(self, optimizer, zero_grad: bool = True) -> bool:
@@ -82,11 +82,15 @@ class TwoPassScaler:
         if self.unscale_(optimizer):
             optimizer.second_step(zero_grad=zero_grad)
             return True
-        optimizer.restore()
-        self._skip(optimizer)
+        self.skip(optimizer)  # (restores w)
         return False
 
-    def _skip(self, optimizer) -> None:
+    def skip(self, optimizer: torch.optim.Optimizer) -> None:
+        """Give up this step: put back w if a SAM perturbation is pending, drop the gradients and count an overflow,
+        so that ``update`` backs the scale off. For callers that unscale themselves (``unscale_`` returned False)."""
+        restore = getattr(optimizer, "restore", None)
+        if restore is not None:
+            restore()
         self._found_inf = True
         self.skipped_steps += 1
         optimizer.zero_grad()

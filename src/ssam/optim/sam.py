@@ -290,11 +290,18 @@ class SAM(torch.optim.Optimizer):
           loss of pass one. The closure may zero the gradients itself or not.
 
         With no gradient after pass one, ``first_step`` raises: a step never silently skips the perturbation.
+
+        Without a closure, ``step()`` finishes a step that ``first_step()`` began (it is ``second_step()``): for
+        trainers that run both passes themselves and then call ``optimizer.step()`` (the Hugging Face Trainer). With
+        no perturbation pending it raises, as a step without a second pass cannot be SAM.
         """
         if closure is None:
+            if self._perturbed is not None:
+                self.second_step()
+                return None
             raise RuntimeError(
                 f"{type(self).__name__}.step needs a closure that runs forward + backward; or call "
-                "first_step(), then forward + backward, then second_step()"
+                "first_step(), then forward + backward, then second_step() (or step())"
             )
         closure = torch.enable_grad()(closure)
         first_loss = None
@@ -330,10 +337,12 @@ class SAM(torch.optim.Optimizer):
                 p.requires_grad_(True)
 
     def refresh_mask(self, epoch: int, *, model: torch.nn.Module | None = None, data: Any = None,
-                     generator: torch.Generator | None = None, reduce: Callable | None = None) -> bool:
+                     generator: torch.Generator | None = None, reduce: Callable | None = None,
+                     loss_fn: Callable[[Tensor, Tensor], Tensor] | None = None) -> bool:
         """Refresh the mask if ``epoch`` calls for it; True when it did. Dense SAM has no mask: False. Call it where
         ``mask_refresh`` says: ``"before_epoch"`` before an epoch's first step, ``"first_backward"`` after the
-        first backward of an epoch's first step."""
+        first backward of an epoch's first step. ``model``, ``data``, ``generator``, ``reduce`` and ``loss_fn``
+        (``loss_fn(model(x), y)``, default cross-entropy) are what SSAM-F measures its Fisher with."""
         return False
 
     # ------------------------------------------------------------------ state

@@ -249,14 +249,15 @@ class SSAMF(_SparseSAM):
         self.num_updates += 1
 
     def refresh_mask(self, epoch: int, *, model: nn.Module | None = None, data: Any = None,
-                     generator: torch.Generator | None = None, reduce: Callable | None = None) -> bool:
+                     generator: torch.Generator | None = None, reduce: Callable | None = None,
+                     loss_fn: Callable[[Tensor, Tensor], Tensor] | None = None) -> bool:
         """``update_mask(model, data, ...)`` when ``should_update(epoch)`` or there is no mask yet; True if it ran."""
         if not (self.should_update(epoch) or not self.has_masks()):
             return False
         if model is None or data is None:
             raise ValueError(f"model, data: got {type(model).__name__}, {type(data).__name__}; allowed: the model and "
                              "its training data (SSAM-F measures the Fisher on them)")
-        self.update_mask(model, data, generator=generator, reduce=reduce)
+        self.update_mask(model, data, loss_fn=loss_fn, generator=generator, reduce=reduce)
         return True
 
     def _extra_state(self) -> dict:
@@ -399,7 +400,8 @@ class SSAMD(_SparseSAM):
         self.last_update_epoch = epoch
 
     def refresh_mask(self, epoch: int, *, model: nn.Module | None = None, data: Any = None,
-                     generator: torch.Generator | None = None, reduce: Callable | None = None) -> bool:
+                     generator: torch.Generator | None = None, reduce: Callable | None = None,
+                     loss_fn: Callable[[Tensor, Tensor], Tensor] | None = None) -> bool:
         """``update_mask(epoch)`` when ``should_update(epoch)`` and not yet done at this epoch; True if it ran."""
         if not self.should_update(epoch) or self.last_update_epoch == epoch:
             return False
