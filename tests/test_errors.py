@@ -1,4 +1,5 @@
 """Every row of docs/errors.md: one line on stderr, exit code 2, nothing written."""
+
 import re
 import shlex
 from pathlib import Path
@@ -29,16 +30,46 @@ def _setup(kind, tmp):
     elif kind == "mismatched_imagefolder":
         make_imagefolder(data, train_classes=("cat", "dog"), val_classes=("cat", "bird"))
     elif kind == "truncated_ckpt":
-        assert main(["train", "--output_dir", str(tmp / "src"), "--output_name", "r", "--epochs", "1", "--quiet",
-                     "--limit_train_batches", "1"]) == 0
+        assert (
+            main(
+                [
+                    "train",
+                    "--output_dir",
+                    str(tmp / "src"),
+                    "--output_name",
+                    "r",
+                    "--epochs",
+                    "1",
+                    "--quiet",
+                    "--limit_train_batches",
+                    "1",
+                ]
+            )
+            == 0
+        )
         (tmp / "bad.pt").write_bytes((tmp / "src" / "r" / "last.pt").read_bytes()[:1500])
     elif kind == "yaml_unknown":
         (tmp / "c.yaml").write_text("learning_rate: 0.1\n")
     elif kind == "yaml_type":
         (tmp / "c.yaml").write_text("epochs: ten\n")
     elif kind == "finished_run":
-        assert main(["train", "--output_dir", str(tmp / "out"), "--output_name", "r", "--epochs", "1", "--quiet",
-                     "--limit_train_batches", "1"]) == 0
+        assert (
+            main(
+                [
+                    "train",
+                    "--output_dir",
+                    str(tmp / "out"),
+                    "--output_name",
+                    "r",
+                    "--epochs",
+                    "1",
+                    "--quiet",
+                    "--limit_train_batches",
+                    "1",
+                ]
+            )
+            == 0
+        )
     elif kind in IDX_SETUPS:  # broken MNIST / Fashion-MNIST folders, one per row
         IDX_SETUPS[kind](data)
     else:
@@ -70,8 +101,24 @@ def test_bad_input(num, case, setup, flags, expect, tmp_path, capsys):
 
 
 def test_sparsity_with_dense_optimizer_warns_and_trains(tmp_path, capsys):
-    rc = main(["train", "--output_dir", str(tmp_path), "--output_name", "r", "--opt", "sam-sgd", "--sparsity", "0.5",
-               "--epochs", "1", "--quiet", "--limit_train_batches", "1"])
+    rc = main(
+        [
+            "train",
+            "--output_dir",
+            str(tmp_path),
+            "--output_name",
+            "r",
+            "--opt",
+            "sam-sgd",
+            "--sparsity",
+            "0.5",
+            "--epochs",
+            "1",
+            "--quiet",
+            "--limit_train_batches",
+            "1",
+        ]
+    )
     assert rc == 0
     assert "--sparsity 0.5 has no effect with --opt sam-sgd" in capsys.readouterr().err
 
@@ -85,11 +132,13 @@ def test_wandb_missing_is_one_line(tmp_path, capsys):
     pytest.importorskip("torch")
     try:
         import wandb  # noqa: F401
+
         pytest.skip("wandb is installed")
     except ImportError:
         pass
     rc = main(["train", "--output_dir", str(tmp_path), "--output_name", "r", "--wandb", "--epochs", "1", "--quiet"])
     err = capsys.readouterr().err.strip()
-    assert rc == 2 and err.endswith("needs the wandb package: pip install 'sparse-sam[wandb]' "
-                                  "(from a clone: pip install -e '.[wandb]')")
+    assert rc == 2 and err.endswith(
+        "needs the wandb package: pip install 'sparse-sam[wandb]' (from a clone: pip install -e '.[wandb]')"
+    )
     assert not (tmp_path / "r" / "last.pt").exists()

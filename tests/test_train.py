@@ -1,4 +1,5 @@
 """The training command end to end: real data formats, run folder, resume, DDP, divergence, safe loading."""
+
 import json
 import os
 import signal
@@ -12,8 +13,8 @@ import torch
 import yaml
 
 from fakedata import make_cifar10, make_imagefolder
-from ssam.cli import main
 from ssam.checkpoint import load_checkpoint
+from ssam.cli import main
 
 QUICK = ["--epochs", "2", "--quiet", "--num_workers", "0"]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
@@ -34,8 +35,19 @@ def test_digits_default_run_writes_the_run_folder(tmp_path, capsys):
         assert (d / f).exists(), f
     recs = [json.loads(ln) for ln in (d / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in recs] == [0, 1]
-    for key in ("train_loss", "train_acc1", "train_acc5", "test_loss", "test_acc1", "test_acc5", "best_acc1", "lr",
-                "mask_density", "epoch_time", "images_per_s"):
+    for key in (
+        "train_loss",
+        "train_acc1",
+        "train_acc5",
+        "test_loss",
+        "test_acc1",
+        "test_acc5",
+        "best_acc1",
+        "lr",
+        "mask_density",
+        "epoch_time",
+        "images_per_s",
+    ):
         assert key in recs[0]
     assert abs(recs[0]["mask_density"] - 0.5) < 1e-3
     assert recs[1]["best_acc1"] == max(r["test_acc1"] for r in recs)
@@ -54,8 +66,21 @@ def test_digits_default_run_writes_the_run_folder(tmp_path, capsys):
 
 def test_paper_commands_on_tiny_real_format_cifar(tmp_path):
     make_cifar10(tmp_path / "data", n=16)
-    common = ["--datadir", str(tmp_path / "data"), "--epochs", "1", "--limit_train_batches", "1",
-              "--limit_val_batches", "1", "--batch_size", "8", "--num_workers", "0", "--quiet"]
+    common = [
+        "--datadir",
+        str(tmp_path / "data"),
+        "--epochs",
+        "1",
+        "--limit_train_batches",
+        "1",
+        "--limit_val_batches",
+        "1",
+        "--batch_size",
+        "8",
+        "--num_workers",
+        "0",
+        "--quiet",
+    ]
     # The official README's commands (minus --wandb, which needs the package), shrunk by the limit flags.
     cmds = [
         "--model resnet18 --dataset CIFAR10_cutout --opt sgd --lr 0.05 --weight_decay 5e-4 --seed 1234",
@@ -72,8 +97,25 @@ def test_paper_commands_on_tiny_real_format_cifar(tmp_path):
 def test_worker_count_does_not_change_the_run(tmp_path):
     # Augmentation is drawn from (seed, epoch, index), so DataLoader workers cannot change what is trained.
     make_cifar10(tmp_path / "data", n=16)
-    args = ["--dataset", "CIFAR10_cutout", "--datadir", str(tmp_path / "data"), "--model", "resnet8", "--epochs", "2",
-            "--batch_size", "16", "--opt", "ssamf-sgd", "--num_samples", "8", "--update_freq", "1", "--quiet"]
+    args = [
+        "--dataset",
+        "CIFAR10_cutout",
+        "--datadir",
+        str(tmp_path / "data"),
+        "--model",
+        "resnet8",
+        "--epochs",
+        "2",
+        "--batch_size",
+        "16",
+        "--opt",
+        "ssamf-sgd",
+        "--num_samples",
+        "8",
+        "--update_freq",
+        "1",
+        "--quiet",
+    ]
     for workers in ("0", "2"):
         assert train(tmp_path / "runs", *args, "--num_workers", workers, name=f"w{workers}") == 0
     a = load_checkpoint(tmp_path / "runs" / "w0" / "last.pt")["model"]
@@ -83,9 +125,27 @@ def test_worker_count_does_not_change_the_run(tmp_path):
 
 def test_imagenet_folders(tmp_path):
     make_imagefolder(tmp_path / "in")
-    assert train(tmp_path / "runs", "--dataset", "ImageNet_base", "--datadir", str(tmp_path / "in"), "--model",
-                 "cnn_small", "--batch_size", "2", "--epochs", "1", "--quiet", "--num_workers", "0",
-                 "--opt", "sam-sgd") == 0
+    assert (
+        train(
+            tmp_path / "runs",
+            "--dataset",
+            "ImageNet_base",
+            "--datadir",
+            str(tmp_path / "in"),
+            "--model",
+            "cnn_small",
+            "--batch_size",
+            "2",
+            "--epochs",
+            "1",
+            "--quiet",
+            "--num_workers",
+            "0",
+            "--opt",
+            "sam-sgd",
+        )
+        == 0
+    )
     ck = load_checkpoint(tmp_path / "runs" / "r" / "last.pt")
     assert ck["model_args"]["image_size"] == 224 and ck["model_args"]["num_classes"] == 2
 
@@ -129,8 +189,26 @@ def test_eval_only(tmp_path, capsys):
 
 
 def test_grad_accum_and_bf16_run(tmp_path):
-    assert train(tmp_path, "--opt", "ssamf-sgd", "--num_samples", "8", "--grad_accum", "2", "--amp", "bf16",
-                 "--epochs", "1", "--quiet", "--limit_train_batches", "3", "--freeze_bn_second_pass") == 0
+    assert (
+        train(
+            tmp_path,
+            "--opt",
+            "ssamf-sgd",
+            "--num_samples",
+            "8",
+            "--grad_accum",
+            "2",
+            "--amp",
+            "bf16",
+            "--epochs",
+            "1",
+            "--quiet",
+            "--limit_train_batches",
+            "3",
+            "--freeze_bn_second_pass",
+        )
+        == 0
+    )
 
 
 def test_unsafe_checkpoint_is_rejected(tmp_path, capsys):
@@ -160,7 +238,7 @@ def test_checkpoint_from_another_model_names_both(tmp_path, capsys):
 def test_truncated_checkpoint(tmp_path, capsys):
     assert train(tmp_path, "--epochs", "1", "--quiet", "--limit_train_batches", "1") == 0
     p = run_dir(tmp_path) / "last.pt"
-    p.write_bytes(p.read_bytes()[: 2000])
+    p.write_bytes(p.read_bytes()[:2000])
     assert train(tmp_path, "--epochs", "2", "--quiet", "--resume") == 2
     assert "truncated or corrupt" in capsys.readouterr().err
 
@@ -176,8 +254,9 @@ def test_divergence_stops_with_exit_3_and_keeps_last_good_checkpoint(tmp_path, c
     torch.save(ck, p)
     (run_dir(tmp_path) / "summary.json").unlink()
     before = p.read_bytes()
-    assert train(tmp_path, "--epochs", "2", "--quiet", "--limit_train_batches", "2", "--opt", "sam-sgd",
-                 "--resume") == 3
+    assert (
+        train(tmp_path, "--epochs", "2", "--quiet", "--limit_train_batches", "2", "--opt", "sam-sgd", "--resume") == 3
+    )
     err = capsys.readouterr().err
     assert "non-finite loss at epoch 2, step 1" in err
     assert p.read_bytes() == before
@@ -185,10 +264,35 @@ def test_divergence_stops_with_exit_3_and_keeps_last_good_checkpoint(tmp_path, c
 
 # ------------------------------------------------------------------------------------------ kill and resume
 def _cmd(out, opt, extra=()):
-    return [sys.executable, "-m", "ssam.cli", "train", "--output_dir", str(out), "--output_name", "r",
-            "--opt", opt, "--epochs", "3", "--limit_train_batches", "8", "--save_every_steps", "2",
-            "--sparsity", "0.5", "--num_samples", "16", "--update_freq", "1", "--quiet", "--deterministic",
-            "--rho", "0.1", *extra]
+    return [
+        sys.executable,
+        "-m",
+        "ssam.cli",
+        "train",
+        "--output_dir",
+        str(out),
+        "--output_name",
+        "r",
+        "--opt",
+        opt,
+        "--epochs",
+        "3",
+        "--limit_train_batches",
+        "8",
+        "--save_every_steps",
+        "2",
+        "--sparsity",
+        "0.5",
+        "--num_samples",
+        "16",
+        "--update_freq",
+        "1",
+        "--quiet",
+        "--deterministic",
+        "--rho",
+        "0.1",
+        *extra,
+    ]
 
 
 def _final_weights(out):
@@ -241,10 +345,39 @@ def test_sigterm_finishes_the_step_and_says_how_to_resume(tmp_path):
 
 
 def _torchrun(out, name, opt, extra=(), restarts=0):
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-            "--max-restarts", str(restarts), "-m", "ssam.cli", "train", "--output_dir", str(out), "--output_name",
-            name, "--opt", opt, "--epochs", "2", "--limit_train_batches", "4", "--sparsity", "0.5",
-            "--num_samples", "16", "--update_freq", "1", "--quiet", "--device", "cpu", *extra]
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        "--max-restarts",
+        str(restarts),
+        "-m",
+        "ssam.cli",
+        "train",
+        "--output_dir",
+        str(out),
+        "--output_name",
+        name,
+        "--opt",
+        opt,
+        "--epochs",
+        "2",
+        "--limit_train_batches",
+        "4",
+        "--sparsity",
+        "0.5",
+        "--num_samples",
+        "16",
+        "--update_freq",
+        "1",
+        "--quiet",
+        "--device",
+        "cpu",
+        *extra,
+    ]
 
 
 def test_ddp_two_gloo_ranks_agree_on_masks_and_weights(tmp_path):
@@ -259,12 +392,18 @@ def test_ddp_two_gloo_ranks_agree_on_masks_and_weights(tmp_path):
 
 def test_ddp_rank_death_stops_the_job_and_max_restarts_resumes(tmp_path):
     extra = ["--save_every_steps", "1", "--deterministic", "--sam_first_pass", "local"]
-    ref = subprocess.run(_torchrun(tmp_path, "ref", "ssamd-sgd", extra), env=ENV, capture_output=True, text=True,
-                         timeout=300)
+    ref = subprocess.run(
+        _torchrun(tmp_path, "ref", "ssamd-sgd", extra), env=ENV, capture_output=True, text=True, timeout=300
+    )
     assert ref.returncode == 0, ref.stderr[-2000:]
     assert json.loads((tmp_path / "ref" / "summary.json").read_text())["ranks_agree"] is True
-    proc = subprocess.Popen(_torchrun(tmp_path, "faulty", "ssamd-sgd", extra, restarts=1), env=ENV,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        _torchrun(tmp_path, "faulty", "ssamd-sgd", extra, restarts=1),
+        env=ENV,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     last = tmp_path / "faulty" / "last.pt"
     deadline = time.time() + 120
     while not last.exists() and time.time() < deadline:
@@ -351,9 +490,19 @@ def test_run_names_differ_for_every_setting_that_shapes_the_run():
         return parse_args(["--opt", "ssamf-sgd", *flags]).output_name
 
     base = name()
-    shaping = [["--freeze_bn_second_pass"], ["--nesterov"], ["--momentum", "0.5"], ["--lr_scheduler",
-               "MultiStepLRscheduler"], ["--eta_min", "0.001"], ["--renormalize"], ["--label_noise", "0.2"],
-               ["--granularity", "tensor"], ["--skip_dead"], ["--weight_decay", "0.001"], ["--batch_size", "32"]]
+    shaping = [
+        ["--freeze_bn_second_pass"],
+        ["--nesterov"],
+        ["--momentum", "0.5"],
+        ["--lr_scheduler", "MultiStepLRscheduler"],
+        ["--eta_min", "0.001"],
+        ["--renormalize"],
+        ["--label_noise", "0.2"],
+        ["--granularity", "tensor"],
+        ["--skip_dead"],
+        ["--weight_decay", "0.001"],
+        ["--batch_size", "32"],
+    ]
     names = [name(*f) for f in shaping]
     assert len(set(names + [base])) == len(shaping) + 1, names
     # Not part of the identity: the epoch count (so that an extension finds its run) and how a run is watched.
@@ -388,8 +537,24 @@ def test_quiet_keeps_epoch_lines_and_plain_sam_prints_no_mask(tmp_path, capsys):
     assert train(tmp_path, "--epochs", "1", "--quiet", "--limit_train_batches", "2", "--opt", "sam-sgd") == 0
     lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("epoch")]
     assert len(lines) == 1 and "mask" not in lines[0]
-    assert train(tmp_path, "--epochs", "1", "--quiet", "--limit_train_batches", "2", "--opt", "ssamf-sgd",
-                 "--num_samples", "8", "--sparsity", "0.5", name="f") == 0
+    assert (
+        train(
+            tmp_path,
+            "--epochs",
+            "1",
+            "--quiet",
+            "--limit_train_batches",
+            "2",
+            "--opt",
+            "ssamf-sgd",
+            "--num_samples",
+            "8",
+            "--sparsity",
+            "0.5",
+            name="f",
+        )
+        == 0
+    )
     assert "| mask 0.500 |" in capsys.readouterr().out
 
 
@@ -410,8 +575,9 @@ def test_docs_flags_md_is_generated_from_the_parser():
     from ssam.train.config import flags_markdown
 
     doc = (Path(__file__).resolve().parents[1] / "docs" / "flags.md").read_text()
-    assert doc[doc.index("## "):].rstrip() == flags_markdown().rstrip(), \
+    assert doc[doc.index("## ") :].rstrip() == flags_markdown().rstrip(), (
         "docs/flags.md is stale: regenerate the tables with ssam.train.config.flags_markdown()"
+    )
 
 
 def test_label_noise_is_recorded_and_changes_the_training_labels(tmp_path):
@@ -423,8 +589,22 @@ def test_label_noise_is_recorded_and_changes_the_training_labels(tmp_path):
 
 
 def test_granularity_and_skip_dead_reach_the_optimizer(tmp_path):
-    args = ["--epochs", "1", "--quiet", "--limit_train_batches", "2", "--opt", "ssamf-sgd", "--num_samples", "8",
-            "--granularity", "tensor", "--sparsity", "0.9", "--skip_dead"]
+    args = [
+        "--epochs",
+        "1",
+        "--quiet",
+        "--limit_train_batches",
+        "2",
+        "--opt",
+        "ssamf-sgd",
+        "--num_samples",
+        "8",
+        "--granularity",
+        "tensor",
+        "--sparsity",
+        "0.9",
+        "--skip_dead",
+    ]
     assert train(tmp_path, *args) == 0
     d = run_dir(tmp_path)
     assert yaml.safe_load((d / "config.yaml").read_text())["granularity"] == "tensor"
@@ -456,8 +636,16 @@ def _skip_dead_steps(net, model, opt, batches, **kw):
 
     first_grad_absent = []
     for _ in range(2):
-        train_step(net, opt, batches, model=model, skip_dead=True, grads_to_none=False,
-                   after_first_backward=lambda: first_grad_absent.append(model[0].weight.grad is None), **kw)
+        train_step(
+            net,
+            opt,
+            batches,
+            model=model,
+            skip_dead=True,
+            grads_to_none=False,
+            after_first_backward=lambda: first_grad_absent.append(model[0].weight.grad is None),
+            **kw,
+        )
     # numpy, not tensors: a tensor put on a queue is shared through a file the exiting worker may remove first
     return first_grad_absent, [p.detach().numpy().copy() for p in model.parameters()]
 
@@ -472,8 +660,14 @@ def _skip_dead_worker(rank, world, port, queue):
     try:
         model, opt, batches = _skip_dead_setup()
         ddp = DistributedDataParallel(model)  # no find_unused_parameters, as in the trainer
-        queue.put((rank, _skip_dead_steps(ddp, model, opt, [batches[rank]], no_sync=ddp.no_sync,
-                                          reduce_first_grads=all_reduce_mean)))
+        queue.put(
+            (
+                rank,
+                _skip_dead_steps(
+                    ddp, model, opt, [batches[rank]], no_sync=ddp.no_sync, reduce_first_grads=all_reduce_mean
+                ),
+            )
+        )
     finally:
         dist.destroy_process_group()
 

@@ -1,4 +1,5 @@
 """The training system: configuration, loop, checkpoints. ``main(argv)`` is ``ssam train``."""
+
 from .config import build_parser, parse_args
 
 

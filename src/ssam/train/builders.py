@@ -1,8 +1,10 @@
 """Turn the configuration into the objects of a run: loaders, optimizer, learning-rate schedule."""
+
 from __future__ import annotations
 
 import math
 from argparse import Namespace
+from collections.abc import Iterator
 
 import torch
 from torch.utils.data import BatchSampler, DataLoader, Dataset, Sampler
@@ -37,7 +39,7 @@ class EpochSampler(Sampler[int]):
             order = list(range(self.n))
         total = self.per_rank * self.world
         order += order[: total - self.n]  # pad so every rank gets the same count, as DistributedSampler does
-        return iter(order[self.rank:total:self.world][self.start:])
+        return iter(order[self.rank : total : self.world][self.start :])
 
     def __len__(self) -> int:
         return self.per_rank - self.start
@@ -67,8 +69,12 @@ def train_loader(cfg: Namespace, dataset: Dataset, rank: int, world: int) -> Dat
     sampler = EpochSampler(n, cfg.seed, shuffle=True, rank=rank, world=world)
     # The official code drops the last partial batch; so do we (BatchNorm dislikes a batch of 1).
     batches = BatchSampler(sampler, cfg.batch_size, drop_last=n // world >= cfg.batch_size)
-    return DataLoader(SeededAugment(dataset, cfg.seed), batch_sampler=batches, num_workers=cfg.num_workers,
-                      pin_memory=torch.cuda.is_available())
+    return DataLoader(
+        SeededAugment(dataset, cfg.seed),
+        batch_sampler=batches,
+        num_workers=cfg.num_workers,
+        pin_memory=torch.cuda.is_available(),
+    )
 
 
 def set_loader_epoch(loader: DataLoader, epoch: int, start: int = 0) -> None:
@@ -80,8 +86,37 @@ def set_loader_epoch(loader: DataLoader, epoch: int, start: int = 0) -> None:
 def eval_loader(cfg: Namespace, dataset: Dataset, rank: int, world: int) -> DataLoader:
     n = len(dataset)  # type: ignore[arg-type]
     sampler = EpochSampler(n, cfg.seed, shuffle=False, rank=rank, world=world) if world > 1 else None
-    return DataLoader(dataset, batch_size=max(cfg.batch_size, 256), shuffle=False, sampler=sampler,
-                      num_workers=cfg.num_workers, pin_memory=torch.cuda.is_available())
+    return DataLoader(
+        dataset,
+        batch_size=max(cfg.batch_size, 256),
+        shuffle=False,
+        sampler=sampler,
+        num_workers=cfg.num_workers,
+        pin_memory=torch.cuda.is_available(),
+    )
+
+
+class FisherBatch:
+    """SSAM-F's data for an epoch: this rank's share of ``num_samples`` training examples, as one batch.
+
+    The examples depend only on (seed, epoch), so resumes and ranks agree; each rank measures its share and
+    ``refresh_mask``'s reduce hook sums the Fisher. Built only when iterated, i.e. when the mask is refreshed.
+    """
+
+    def __init__(self, source: Dataset, seed: int, epoch: int, num_samples: int, rank: int = 0, world: int = 1) -> None:
+        self.source, self.seed, self.epoch, self.num_samples = source, seed, epoch, num_samples
+        self.rank, self.world = rank, world
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        src = self.source
+        if hasattr(src, "epoch"):  # SeededAugment: the examples as augmented in this epoch
+            src.epoch = self.epoch
+        g = torch.Generator().manual_seed(self.seed * 7919 + self.epoch)
+        chosen = torch.randperm(len(src), generator=g)[: self.num_samples].tolist()  # type: ignore[arg-type]
+        items = [src[i] for i in chosen[self.rank :: self.world]]
+        xs = torch.stack([torch.as_tensor(x) for x, _ in items]) if items else torch.zeros(0)
+        ys = torch.as_tensor([int(y) for _, y in items], dtype=torch.long)
+        yield xs, ys
 
 
 # ------------------------------------------------------------------------------------------ optimizer
@@ -104,8 +139,14 @@ def optimizer_settings(cfg: Namespace) -> dict:
     if wrapper == "ssamf":
         kw.update(num_samples=cfg.num_samples, fisher_mode=cfg.fisher_mode, fisher_method=cfg.fisher_method)
     if wrapper == "ssamd":
-        kw.update(drop_rate=cfg.drop_rate, drop_strategy=cfg.drop_strategy, growth_strategy=cfg.growth_strategy,
-                  T_start=0, T_end=cfg.epochs, seed=cfg.seed)
+        kw.update(
+            drop_rate=cfg.drop_rate,
+            drop_strategy=cfg.drop_strategy,
+            growth_strategy=cfg.growth_strategy,
+            T_start=0,
+            T_end=cfg.epochs,
+            seed=cfg.seed,
+        )
     return kw
 
 

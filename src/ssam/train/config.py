@@ -3,11 +3,10 @@
 One ``argparse.Namespace`` is the configuration: parsed here, checked here, saved with the run, passed down.
 ``--config FILE.yaml`` supplies values for any flag (keys = flag names without dashes); the command line wins.
 """
+
 from __future__ import annotations
 
 import argparse
-import hashlib
-import json
 import os
 import sys
 from typing import Any
@@ -20,6 +19,7 @@ from ..optim.factory import parse_opt as _parse_opt
 from ..optim.fisher import FISHER_METHODS
 from ..optim.groups import parse_granularity
 from ..optim.ssam import STRATEGIES
+from .identity import run_name
 
 SCHEDULERS = ("CosineLRscheduler", "MultiStepLRscheduler")
 
@@ -34,24 +34,41 @@ CLI_SPARSITY = 0.2
 def build_parser(prog: str = "ssam train") -> argparse.ArgumentParser:
     p = ArgumentParser(prog=prog, description="Train an image classifier with SGD/AdamW, SAM, SSAM-F or SSAM-D.")
     g = p.add_argument_group("data and model")
-    g.add_argument("--dataset", default=None,
-                   help=f"one of {', '.join(DATASETS)}; default CIFAR10_cutout with --datadir, else digits")
+    g.add_argument(
+        "--dataset",
+        default=None,
+        help=f"one of {', '.join(DATASETS)}; default CIFAR10_cutout with --datadir, else digits",
+    )
     g.add_argument("--datadir", default=None, help="folder holding the data set (see README for layouts)")
-    g.add_argument("--download", action="store_true",
-                   help="allow torchvision to download CIFAR, MNIST or FashionMNIST into --datadir")
+    g.add_argument(
+        "--download",
+        action="store_true",
+        help="allow torchvision to download CIFAR, MNIST or FashionMNIST into --datadir",
+    )
     g.add_argument("--model", default=None, help="model name (default resnet18, cnn_small on digits)")
-    g.add_argument("--num_workers", type=int, default=None,
-                   help="DataLoader workers (default 0 for digits, MNIST, FashionMNIST; else min(4, cpus))")
-    g.add_argument("--gpu_data", action="store_true",
-                   help="keep an in-memory data set (CIFAR*, digits, MNIST, FashionMNIST) on the device and augment "
-                        "there in batches")
-    g.add_argument("--label_noise", type=float, default=0.0, metavar="P",
-                   help="replace a fraction P in [0, 1) of the training labels by a random other class, fixed by "
-                        "--seed (the test set stays clean)")
+    g.add_argument(
+        "--num_workers",
+        type=int,
+        default=None,
+        help="DataLoader workers (default 0 for digits, MNIST, FashionMNIST; else min(4, cpus))",
+    )
+    g.add_argument(
+        "--gpu_data",
+        action="store_true",
+        help="keep an in-memory data set (CIFAR*, digits, MNIST, FashionMNIST) on the device and augment "
+        "there in batches",
+    )
+    g.add_argument(
+        "--label_noise",
+        type=float,
+        default=0.0,
+        metavar="P",
+        help="replace a fraction P in [0, 1) of the training labels by a random other class, fixed by "
+        "--seed (the test set stays clean)",
+    )
 
     g = p.add_argument_group("optimizer")
-    g.add_argument("--opt", default="sgd",
-                   help="sgd, adamw, or sam-/ssamf-/ssamd- in front of either, e.g. ssamf-sgd")
+    g.add_argument("--opt", default="sgd", help="sgd, adamw, or sam-/ssamf-/ssamd- in front of either, e.g. ssamf-sgd")
     g.add_argument("--lr", type=float, default=0.05, help="learning rate (peak, after any warm-up)")
     g.add_argument("--weight_decay", type=float, default=5e-4, help="L2 penalty (SGD) / decoupled decay (AdamW)")
     g.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
@@ -60,30 +77,54 @@ def build_parser(prog: str = "ssam train") -> argparse.ArgumentParser:
     g.add_argument("--eps", type=float, default=1e-8, help="AdamW epsilon (reaches AdamW under SAM/SSAM too)")
     g.add_argument("--rho", type=float, default=0.05, help="SAM radius")
     g.add_argument("--adaptive", action="store_true", help="ASAM: scale the perturbation by |w|")
-    g.add_argument("--sparsity", type=float, default=None,
-                   help=f"SSAM: fraction of weights NOT perturbed (default {CLI_SPARSITY}, the paper code's; "
-                        "1 - N/M with --granularity N:M)")
+    g.add_argument(
+        "--sparsity",
+        type=float,
+        default=None,
+        help=f"SSAM: fraction of weights NOT perturbed (default {CLI_SPARSITY}, the paper code's; "
+        "1 - N/M with --granularity N:M)",
+    )
     g.add_argument("--renormalize", action="store_true", help="SSAM: rescale the masked perturbation to norm rho")
     g.add_argument("--update_freq", type=int, default=5, help="SSAM: epochs between mask updates")
     g.add_argument("--num_samples", type=int, default=1024, help="SSAM-F: examples for the Fisher")
-    g.add_argument("--fisher_mode", default="train", choices=("train", "eval"),
-                   help="SSAM-F: model mode for the Fisher")
-    g.add_argument("--fisher_method", default="auto", choices=FISHER_METHODS,
-                   help="SSAM-F: per-example gradients for the Fisher (same values; auto = fastest for the device)")
+    g.add_argument(
+        "--fisher_mode", default="train", choices=("train", "eval"), help="SSAM-F: model mode for the Fisher"
+    )
+    g.add_argument(
+        "--fisher_method",
+        default="auto",
+        choices=FISHER_METHODS,
+        help="SSAM-F: per-example gradients for the Fisher (same values; auto = fastest for the device)",
+    )
     g.add_argument("--drop_rate", type=float, default=0.5, help="SSAM-D: initial death rate")
     g.add_argument("--drop_strategy", default="gradient", help=f"SSAM-D death score: {', '.join(STRATEGIES)}")
     g.add_argument("--growth_strategy", default="random", help=f"SSAM-D growth score: {', '.join(STRATEGIES)}")
-    g.add_argument("--granularity", default="element",
-                   help="SSAM: what lives and dies together in the mask: element, channel, tensor or N:M (e.g. 2:4)")
-    g.add_argument("--cost_aware", action="store_true",
-                   help="SSAM, channel/tensor granularity: weigh each group's score against the first-pass work "
-                        "it keeps alive")
-    g.add_argument("--skip_dead", action="store_true",
-                   help="SSAM: the first pass computes no gradient for parameters without a live mask entry")
-    g.add_argument("--sam_first_pass", default="sync", choices=("sync", "local"),
-                   help="DDP: all-reduce the first gradient (sync) or perturb per device (local, under no_sync)")
-    g.add_argument("--freeze_bn_second_pass", action="store_true",
-                   help="do not update BatchNorm running statistics in SAM's second forward pass")
+    g.add_argument(
+        "--granularity",
+        default="element",
+        help="SSAM: what lives and dies together in the mask: element, channel, tensor or N:M (e.g. 2:4)",
+    )
+    g.add_argument(
+        "--cost_aware",
+        action="store_true",
+        help="SSAM, channel/tensor granularity: weigh each group's score against the first-pass work it keeps alive",
+    )
+    g.add_argument(
+        "--skip_dead",
+        action="store_true",
+        help="SSAM: the first pass computes no gradient for parameters without a live mask entry",
+    )
+    g.add_argument(
+        "--sam_first_pass",
+        default="sync",
+        choices=("sync", "local"),
+        help="DDP: all-reduce the first gradient (sync) or perturb per device (local, under no_sync)",
+    )
+    g.add_argument(
+        "--freeze_bn_second_pass",
+        action="store_true",
+        help="do not update BatchNorm running statistics in SAM's second forward pass",
+    )
 
     g = p.add_argument_group("schedule")
     g.add_argument("--epochs", type=int, default=None, help="epochs (default 200, 15 on digits)")
@@ -92,8 +133,13 @@ def build_parser(prog: str = "ssam train") -> argparse.ArgumentParser:
     g.add_argument("--grad_accum", type=int, default=1, help="micro-batches per step (both SAM passes)")
     g.add_argument("--lr_scheduler", default="CosineLRscheduler", help=" or ".join(SCHEDULERS))
     g.add_argument("--eta_min", type=float, default=0.0, help="cosine: the final learning rate")
-    g.add_argument("--milestone", type=int, nargs="+", default=[60, 120, 160],
-                   help="multi-step: epochs at which the learning rate is multiplied by --gamma")
+    g.add_argument(
+        "--milestone",
+        type=int,
+        nargs="+",
+        default=[60, 120, 160],
+        help="multi-step: epochs at which the learning rate is multiplied by --gamma",
+    )
     g.add_argument("--gamma", type=float, default=0.2, help="multi-step: learning-rate factor at each milestone")
     g.add_argument("--warmup_epoch", type=int, default=0, help="epochs of linear warm-up")
     g.add_argument("--warmup_init_lr", type=float, default=0.0, help="learning rate at the start of the warm-up")
@@ -102,12 +148,18 @@ def build_parser(prog: str = "ssam train") -> argparse.ArgumentParser:
 
     g = p.add_argument_group("run, logs, checkpoints")
     g.add_argument("--output_dir", default="logs", help="folder holding the run folders")
-    g.add_argument("--output_name", default=None,
-                   help="run folder name (default: a readable prefix and a hash of the settings that shape the run)")
+    g.add_argument(
+        "--output_name",
+        default=None,
+        help="run folder name (default: a readable prefix and a hash of the settings that shape the run)",
+    )
     g.add_argument("--resume", action="store_true", help="continue from the run folder's last.pt")
     g.add_argument("--resume_path", default=None, help="checkpoint to continue from")
-    g.add_argument("--allow_changed_flags", action="store_true",
-                   help="--resume even though flags that shape the run differ from the checkpoint's (logged)")
+    g.add_argument(
+        "--allow_changed_flags",
+        action="store_true",
+        help="--resume even though flags that shape the run differ from the checkpoint's (logged)",
+    )
     g.add_argument("--overwrite", action="store_true", help="replace a run folder that already holds a run")
     g.add_argument("--save_every_steps", type=int, default=0, help="also write last.pt every N steps (0: off)")
     g.add_argument("--log_freq", type=int, default=200, help="steps between progress lines when not on a terminal")
@@ -116,15 +168,20 @@ def build_parser(prog: str = "ssam train") -> argparse.ArgumentParser:
     g.add_argument("--wandb_project", default="ssam", help="wandb project")
     g.add_argument("--wandb_name", default=None, help="wandb run name (default: the run folder name)")
     g.add_argument("--tensorboard", action="store_true", help="write TensorBoard scalars to RUN/tensorboard")
-    g.add_argument("--eval_only", action="store_true",
-                   help="evaluate the checkpoint (--resume_path or best.pt) and exit")
+    g.add_argument(
+        "--eval_only", action="store_true", help="evaluate the checkpoint (--resume_path or best.pt) and exit"
+    )
     g.add_argument("--limit_train_batches", type=int, default=0, help="at most N training steps per epoch (0: all)")
     g.add_argument("--limit_val_batches", type=int, default=0, help="at most N evaluation batches (0: all)")
 
     g = p.add_argument_group("devices and speed")
     g.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="where to train")
-    g.add_argument("--amp", default="none", choices=("none", "bf16", "fp16"),
-                   help="mixed precision (fp16 with loss scaling over both SAM passes; CUDA only)")
+    g.add_argument(
+        "--amp",
+        default="none",
+        choices=("none", "bf16", "fp16"),
+        help="mixed precision (fp16 with loss scaling over both SAM passes; CUDA only)",
+    )
     g.add_argument("--channels_last", action="store_true", help="channels-last memory format for model and inputs")
     g.add_argument("--compile", action="store_true", help="torch.compile the model")
     g.add_argument("--dist_url", default="env://", help="torch.distributed init method under torchrun")
@@ -148,8 +205,10 @@ def _yaml_defaults(parser: argparse.ArgumentParser, path: str) -> dict[str, Any]
     out = {}
     for key, value in raw.items():
         if key not in actions:
-            raise UsageError(f"--config {path!r}: unknown key {key!r}; allowed keys are the flag names, e.g. "
-                             f"{', '.join(sorted(actions)[:8])}, ...")
+            raise UsageError(
+                f"--config {path!r}: unknown key {key!r}; allowed keys are the flag names, e.g. "
+                f"{', '.join(sorted(actions)[:8])}, ..."
+            )
         act = actions[key]
         out[key] = _check_type(path, key, act, value)
     return out
@@ -236,76 +295,13 @@ def resolve(cfg: argparse.Namespace) -> None:
         cfg.sparsity = CLI_SPARSITY if implied is None else implied
     elif implied is not None and abs(cfg.sparsity - implied) > 1e-12:
         n, m = cfg.granularity.split(":")
-        raise UsageError(f"--sparsity {cfg.sparsity!r} contradicts --granularity {cfg.granularity} ({n} of every {m} "
-                         f"weights perturbed: sparsity {implied:g}); leave --sparsity out")
+        raise UsageError(
+            f"--sparsity {cfg.sparsity!r} contradicts --granularity {cfg.granularity} ({n} of every {m} "
+            f"weights perturbed: sparsity {implied:g}); leave --sparsity out"
+        )
     cfg.name_from_settings = cfg.output_name is None
     if cfg.output_name is None:
-        cfg.output_name = run_name(cfg)
-
-
-# ------------------------------------------------------------------------------------------ a run's identity
-# Flags that change neither what is trained nor how it is computed: where the run lives, what is logged and how
-# fast it goes. They are left out of the run name's hash and may change when a run is resumed.
-NOT_SHAPING = ("output_dir", "output_name", "resume", "resume_path", "allow_changed_flags", "overwrite",
-               "save_every_steps", "log_freq", "quiet", "wandb", "wandb_project", "wandb_name", "tensorboard",
-               "eval_only", "limit_val_batches", "distributed_val", "num_workers", "datadir", "download", "device",
-               "dist_url", "compile", "channels_last", "deterministic", "fisher_method", "config", "debug")
-# May change on --resume besides those: the epoch count, so that a finished run can be extended. It is also left
-# out of the run name, so `--epochs 300 --resume` finds the 200-epoch run's folder.
-RESUME_MAY_CHANGE = ("epochs",)
-
-
-def _only_when(cfg: argparse.Namespace) -> dict[str, bool]:
-    """Settings that shape only some runs (rho only a SAM run's); elsewhere they are not part of its identity."""
-    wrapper, base = parse_opt(cfg.opt)
-    sam, sparse = wrapper is not None, wrapper in ("ssamf", "ssamd")
-    cosine = cfg.lr_scheduler == "CosineLRscheduler"
-    return {
-        "rho": sam, "adaptive": sam, "sam_first_pass": sam, "freeze_bn_second_pass": sam,
-        "sparsity": sparse, "update_freq": sparse, "renormalize": sparse, "granularity": sparse,
-        "cost_aware": sparse, "skip_dead": sparse,
-        "num_samples": wrapper == "ssamf", "fisher_mode": wrapper == "ssamf",
-        "drop_rate": wrapper == "ssamd", "drop_strategy": wrapper == "ssamd", "growth_strategy": wrapper == "ssamd",
-        "momentum": base == "sgd", "nesterov": base == "sgd", "betas": base == "adamw", "eps": base == "adamw",
-        "eta_min": cosine, "milestone": not cosine, "gamma": not cosine, "warmup_init_lr": cfg.warmup_epoch > 0,
-    }
-
-
-def run_settings(cfg: argparse.Namespace) -> dict[str, Any]:
-    """The settings that shape the run (every flag but NOT_SHAPING, the epoch count and the irrelevant ones)."""
-    relevant = _only_when(cfg)
-    plain = to_plain(cfg)
-    return {k: v for k, v in plain.items()
-            if k not in NOT_SHAPING and k not in RESUME_MAY_CHANGE and relevant.get(k, True)}
-
-
-def run_name(cfg: argparse.Namespace) -> str:
-    """``digits_cnn_small_ssamf-sgd_lr0.05_sp0.2_seed1234_1a2b3c4d``: a readable prefix and a hash of every
-    setting that shapes the run, so that runs with different settings never share a folder.
-
-    Settings at their parser default are left out of the hash: a flag added in a later version keeps old names.
-    """
-    wrapper, _ = parse_opt(cfg.opt)
-    parts = [cfg.dataset, cfg.model, cfg.opt, f"lr{cfg.lr:g}"]
-    if wrapper:
-        parts.append(f"rho{cfg.rho:g}")
-    if wrapper in ("ssamf", "ssamd"):
-        parts.append(f"sp{cfg.sparsity:g}" + ("" if cfg.granularity == "element" else f"-{cfg.granularity}"))
-    if cfg.label_noise:
-        parts.append(f"noise{cfg.label_noise:g}")
-    parts.append(f"seed{cfg.seed}")
-    defaults = vars(build_parser().parse_args([]))
-    settings = {k: v for k, v in run_settings(cfg).items() if k not in defaults or v != _plain(defaults[k])}
-    digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:8]
-    return "_".join(parts) + "_" + digest
-
-
-def changed_flags(saved: dict[str, Any], cfg: argparse.Namespace) -> list[str]:
-    """``--flag OLD -> NEW`` for every setting that shapes the run and differs from a checkpoint's config."""
-    now = run_settings(cfg)
-    then = run_settings(argparse.Namespace(**{**vars(cfg), **saved}))
-    keys = sorted(k for k in now.keys() | then.keys() if k in saved and now.get(k) != then.get(k))
-    return [f"--{k} {_show(then.get(k))} -> {_show(now.get(k))}" for k in keys]
+        cfg.output_name = run_name(to_plain(cfg), to_plain(build_parser().parse_args([])))
 
 
 def _show_value(value: Any) -> str:
@@ -328,63 +324,96 @@ def validate(cfg: argparse.Namespace) -> None:
         if not cond:
             raise UsageError(msg)
 
-    need(cfg.dataset in DATASETS, f"unknown --dataset {cfg.dataset!r}; choose from: {', '.join(DATASETS)}"
-         + did_you_mean(cfg.dataset, DATASETS))
-    need(cfg.model in MODELS, f"unknown --model {cfg.model!r}; choose from: {', '.join(MODELS)}"
-         + did_you_mean(cfg.model, MODELS))
+    need(
+        cfg.dataset in DATASETS,
+        f"unknown --dataset {cfg.dataset!r}; choose from: {', '.join(DATASETS)}" + did_you_mean(cfg.dataset, DATASETS),
+    )
+    need(
+        cfg.model in MODELS,
+        f"unknown --model {cfg.model!r}; choose from: {', '.join(MODELS)}" + did_you_mean(cfg.model, MODELS),
+    )
     wrapper, _ = parse_opt(cfg.opt)
-    need(cfg.lr_scheduler in SCHEDULERS,
-         f"unknown --lr_scheduler {cfg.lr_scheduler!r}; choose from: {', '.join(SCHEDULERS)}")
+    need(
+        cfg.lr_scheduler in SCHEDULERS,
+        f"unknown --lr_scheduler {cfg.lr_scheduler!r}; choose from: {', '.join(SCHEDULERS)}",
+    )
     for flag in ("drop_strategy", "growth_strategy"):
         v = getattr(cfg, flag)
         need(v in STRATEGIES, f"unknown --{flag} {v!r}; choose from: {', '.join(STRATEGIES)}")
     finite = lambda x: x == x and abs(x) != float("inf")  # noqa: E731
     need(finite(cfg.lr) and cfg.lr > 0, f"--lr {cfg.lr!r} is out of range; allowed: a number > 0")
-    need(finite(cfg.weight_decay) and cfg.weight_decay >= 0,
-         f"--weight_decay {cfg.weight_decay!r} is out of range; allowed: a number >= 0")
-    need(finite(cfg.momentum) and 0 <= cfg.momentum < 1,
-         f"--momentum {cfg.momentum!r} is out of range; allowed: [0, 1)")
+    need(
+        finite(cfg.weight_decay) and cfg.weight_decay >= 0,
+        f"--weight_decay {cfg.weight_decay!r} is out of range; allowed: a number >= 0",
+    )
+    need(
+        finite(cfg.momentum) and 0 <= cfg.momentum < 1, f"--momentum {cfg.momentum!r} is out of range; allowed: [0, 1)"
+    )
     need(finite(cfg.rho) and cfg.rho >= 0, f"--rho {cfg.rho!r} is out of range; allowed: a number >= 0")
-    need(finite(cfg.sparsity) and 0 <= cfg.sparsity < 1,
-         f"--sparsity {cfg.sparsity!r} is out of range; allowed: [0, 1) (fraction of weights not perturbed)")
-    need(finite(cfg.label_noise) and 0 <= cfg.label_noise < 1,
-         f"--label_noise {cfg.label_noise!r} is out of range; allowed: [0, 1) (fraction of training labels replaced)")
+    need(
+        finite(cfg.sparsity) and 0 <= cfg.sparsity < 1,
+        f"--sparsity {cfg.sparsity!r} is out of range; allowed: [0, 1) (fraction of weights not perturbed)",
+    )
+    need(
+        finite(cfg.label_noise) and 0 <= cfg.label_noise < 1,
+        f"--label_noise {cfg.label_noise!r} is out of range; allowed: [0, 1) (fraction of training labels replaced)",
+    )
     need(0 <= cfg.drop_rate <= 1, f"--drop_rate {cfg.drop_rate!r} is out of range; allowed: [0, 1]")
     need(cfg.num_samples >= 1, f"--num_samples {cfg.num_samples} is out of range; allowed: an integer >= 1")
     need(cfg.update_freq >= 1, f"--update_freq {cfg.update_freq} is out of range; allowed: an integer >= 1 (epochs)")
     need(cfg.epochs >= 1, f"--epochs {cfg.epochs} is out of range; allowed: an integer >= 1")
-    need(0 <= cfg.start_epoch < cfg.epochs,
-         f"--start_epoch {cfg.start_epoch} is out of range; allowed: 0 <= start_epoch < epochs ({cfg.epochs})")
+    need(
+        0 <= cfg.start_epoch < cfg.epochs,
+        f"--start_epoch {cfg.start_epoch} is out of range; allowed: 0 <= start_epoch < epochs ({cfg.epochs})",
+    )
     need(cfg.batch_size >= 1, f"--batch_size {cfg.batch_size} is out of range; allowed: an integer >= 1")
     need(cfg.grad_accum >= 1, f"--grad_accum {cfg.grad_accum} is out of range; allowed: an integer >= 1")
-    need(cfg.batch_size % cfg.grad_accum == 0,
-         f"--grad_accum {cfg.grad_accum} does not divide --batch_size {cfg.batch_size}; allowed: a divisor")
+    need(
+        cfg.batch_size % cfg.grad_accum == 0,
+        f"--grad_accum {cfg.grad_accum} does not divide --batch_size {cfg.batch_size}; allowed: a divisor",
+    )
     need(cfg.num_workers >= 0, f"--num_workers {cfg.num_workers} is out of range; allowed: >= 0")
-    need(0 <= cfg.warmup_epoch < cfg.epochs,
-         f"--warmup_epoch {cfg.warmup_epoch} is out of range; allowed: 0 <= warmup_epoch < epochs ({cfg.epochs})")
+    need(
+        0 <= cfg.warmup_epoch < cfg.epochs,
+        f"--warmup_epoch {cfg.warmup_epoch} is out of range; allowed: 0 <= warmup_epoch < epochs ({cfg.epochs})",
+    )
     need(cfg.warmup_init_lr >= 0, f"--warmup_init_lr {cfg.warmup_init_lr!r} is out of range; allowed: >= 0")
     need(cfg.eta_min >= 0, f"--eta_min {cfg.eta_min!r} is out of range; allowed: >= 0")
     need(cfg.gamma > 0, f"--gamma {cfg.gamma!r} is out of range; allowed: > 0")
     need(cfg.eps > 0, f"--eps {cfg.eps!r} is out of range; allowed: > 0")
     need(all(0 <= b < 1 for b in cfg.betas), f"--betas {cfg.betas} is out of range; allowed: two numbers in [0, 1)")
     need(cfg.save_every_steps >= 0, f"--save_every_steps {cfg.save_every_steps} is out of range; allowed: >= 0")
-    need(cfg.limit_train_batches >= 0 and cfg.limit_val_batches >= 0,
-         "--limit_train_batches/--limit_val_batches must be >= 0 (0: no limit)")
+    need(
+        cfg.limit_train_batches >= 0 and cfg.limit_val_batches >= 0,
+        "--limit_train_batches/--limit_val_batches must be >= 0 (0: no limit)",
+    )
     need(cfg.log_freq >= 1, f"--log_freq {cfg.log_freq} is out of range; allowed: >= 1")
-    need(not DATASETS[cfg.dataset].needs_datadir or cfg.datadir is not None,
-         f"--dataset {cfg.dataset} needs --datadir (the folder holding the data)")
+    need(
+        not DATASETS[cfg.dataset].needs_datadir or cfg.datadir is not None,
+        f"--dataset {cfg.dataset} needs --datadir (the folder holding the data)",
+    )
     need(not (cfg.nesterov and cfg.momentum == 0), "--nesterov needs --momentum > 0")
-    need(os.sep not in cfg.output_name and cfg.output_name not in ("", ".", ".."),
-         f"--output_name {cfg.output_name!r} must be a plain folder name (no '{os.sep}')")
-    need(not cfg.cost_aware or cfg.granularity in ("channel", "tensor"),
-         f"--cost_aware needs --granularity channel or tensor (got {cfg.granularity})")
+    need(
+        os.sep not in cfg.output_name and cfg.output_name not in ("", ".", ".."),
+        f"--output_name {cfg.output_name!r} must be a plain folder name (no '{os.sep}')",
+    )
+    need(
+        not cfg.cost_aware or cfg.granularity in ("channel", "tensor"),
+        f"--cost_aware needs --granularity channel or tensor (got {cfg.granularity})",
+    )
     sparse = wrapper in ("ssamf", "ssamd")
-    for flag, on in (("sparsity", cfg.sparsity_given), ("granularity", cfg.granularity != "element"),
-                     ("cost_aware", cfg.cost_aware), ("skip_dead", cfg.skip_dead)):
+    for flag, on in (
+        ("sparsity", cfg.sparsity_given),
+        ("granularity", cfg.granularity != "element"),
+        ("cost_aware", cfg.cost_aware),
+        ("skip_dead", cfg.skip_dead),
+    ):
         if on and not sparse:
             value = "" if isinstance(getattr(cfg, flag), bool) else f" {_show_value(getattr(cfg, flag))}"
-            print(f"ssam: warning: --{flag}{value} has no effect with --opt {cfg.opt} (only ssamf-*/ssamd-* use it)",
-                  file=sys.stderr)
+            print(
+                f"ssam: warning: --{flag}{value} has no effect with --opt {cfg.opt} (only ssamf-*/ssamd-* use it)",
+                file=sys.stderr,
+            )
     if cfg.amp == "fp16" and cfg.device == "cpu":
         raise UsageError("--amp fp16 needs a CUDA device; on CPU use --amp bf16 or none")
 

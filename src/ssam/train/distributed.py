@@ -3,6 +3,7 @@
 SSAM adds one rule to data-parallel training: every rank must perturb with the same mask. The mask helpers below
 build it from sharded work (the Fisher), hand it from rank 0 to the others, and check that ranks agree.
 """
+
 from __future__ import annotations
 
 import datetime
@@ -15,8 +16,19 @@ from torch import Tensor, nn
 
 from ..errors import UsageError
 
-__all__ = ["init_distributed", "elastic_restart", "pick_device", "unwrap", "all_reduce_sum", "all_reduce_mean",
-           "same_on_all_ranks", "mask_hash", "check_masks_agree", "broadcast_masks", "weights_agree"]
+__all__ = [
+    "init_distributed",
+    "elastic_restart",
+    "pick_device",
+    "unwrap",
+    "all_reduce_sum",
+    "all_reduce_mean",
+    "same_on_all_ranks",
+    "mask_hash",
+    "check_masks_agree",
+    "broadcast_masks",
+    "weights_agree",
+]
 
 
 def init_distributed(cfg: Namespace) -> tuple[int, int, int]:
@@ -36,10 +48,16 @@ def init_distributed(cfg: Namespace) -> tuple[int, int, int]:
         # restarted job (--max-restarts) from dialling the dead ranks' addresses.
         rank, attempt = int(os.environ["RANK"]), int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
         agent = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
-        store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world,
-                              is_master=(not agent and rank == 0), timeout=datetime.timedelta(minutes=10))
-        dist.init_process_group(backend, store=dist.PrefixStore(f"ssam/attempt{attempt}", store), rank=rank,
-                                world_size=world)
+        store = dist.TCPStore(
+            os.environ["MASTER_ADDR"],
+            int(os.environ["MASTER_PORT"]),
+            world,
+            is_master=(not agent and rank == 0),
+            timeout=datetime.timedelta(minutes=10),
+        )
+        dist.init_process_group(
+            backend, store=dist.PrefixStore(f"ssam/attempt{attempt}", store), rank=rank, world_size=world
+        )
     else:
         dist.init_process_group(backend, init_method=cfg.dist_url)
     return dist.get_rank(), dist.get_world_size(), local_rank
@@ -96,8 +114,10 @@ def mask_hash(opt: torch.optim.Optimizer) -> Tensor:
 
 def check_masks_agree(opt: torch.optim.Optimizer, world: int, epoch: int) -> None:
     if not same_on_all_ranks(mask_hash(opt), world):
-        raise RuntimeError(f"SSAM masks differ across ranks after the update at epoch {epoch}; "
-                           "refusing to train with inconsistent perturbations")
+        raise RuntimeError(
+            f"SSAM masks differ across ranks after the update at epoch {epoch}; "
+            "refusing to train with inconsistent perturbations"
+        )
 
 
 def broadcast_masks(opt: torch.optim.Optimizer, world: int) -> None:

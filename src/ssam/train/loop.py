@@ -3,17 +3,16 @@
 The step itself is ``step.train_step``; several processes: ``distributed``; the run folder: ``rundir``; random
 generators: ``rng``; configuration: ``config``.
 """
+
 from __future__ import annotations
 
 import contextlib
 import itertools
 import json
-import os
 import signal
 import sys
 import time
 from argparse import Namespace
-from pathlib import Path
 from typing import Any, cast
 
 import torch
@@ -23,13 +22,13 @@ import yaml
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
-from ..checkpoint import VERSION, load_checkpoint
+from ..checkpoint import VERSION
 from ..data import GPULoader, apply_label_noise, build_datasets
 from ..errors import Diverged, Interrupted, UsageError
 from ..models import build_model
 from ..optim import TwoPassScaler
-from .builders import EpochLR, build_optimizer, eval_loader, set_loader_epoch, train_loader
-from .config import changed_flags, parse_opt, to_plain
+from .builders import EpochLR, FisherBatch, build_optimizer, eval_loader, set_loader_epoch, train_loader
+from .config import parse_opt, to_plain
 from .distributed import (
     all_reduce_mean,
     all_reduce_sum,
@@ -42,7 +41,7 @@ from .distributed import (
     weights_agree,
 )
 from .rng import rng_state, seed_everything, set_rng_state
-from .rundir import RunDir, Trackers
+from .rundir import RunDir, Trackers, checkpoint_to_resume
 from .step import train_step
 
 __all__ = ["Trainer", "train"]
@@ -73,8 +72,12 @@ class Trainer:
         self.train_ds, self.test_ds, info = build_datasets(cfg.dataset, cfg.datadir, cfg.download, augment=True)
         if cfg.label_noise:  # before any loader or the Fisher reads the labels; the test set stays clean
             apply_label_noise(self.train_ds, cfg.label_noise, cfg.seed)
-        self.model_args = {"name": cfg.model, "num_classes": info.num_classes, "in_channels": info.in_channels,
-                           "image_size": info.image_size}
+        self.model_args = {
+            "name": cfg.model,
+            "num_classes": info.num_classes,
+            "in_channels": info.in_channels,
+            "image_size": info.image_size,
+        }
         self.model = build_model(cfg.model, info.num_classes, info.in_channels, info.image_size).to(self.device)
         if cfg.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
@@ -89,12 +92,11 @@ class Trainer:
         # zeroing them in place measured ~3% faster for ResNet-18. Every parameter of these models gets a gradient
         # in every pass, so zeros and None step the same (train_step sets None itself when --skip_dead).
         self._grads_to_none = self.device.type != "cpu"
-        self.flag_changes: list[str] = []
 
         self.start_epoch, self.start_step, self.best_acc1, self.elapsed = cfg.start_epoch, 0, 0.0, 0.0
         self.partial: dict | None = None
         self.skipped_total = 0
-        ckpt = self._checkpoint_to_resume()
+        ckpt, self.flag_changes = checkpoint_to_resume(cfg, self.run, self.device)
         if ckpt is not None:
             self._restore(ckpt)
 
@@ -102,15 +104,23 @@ class Trainer:
         self.ddp: DistributedDataParallel | None = None
         if self.world > 1:
             self.ddp = DistributedDataParallel(
-                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None
+            )
             self.net = self.ddp
         if cfg.compile:
             self.net = cast(torch.nn.Module, torch.compile(self.net))
 
         self.loader: GPULoader | DataLoader
         if cfg.gpu_data:
-            self.loader = GPULoader.from_dataset(self.train_ds, cfg.batch_size, device=self.device, augment=True,
-                                                 shuffle=True, drop_last=True, seed=cfg.seed)
+            self.loader = GPULoader.from_dataset(
+                self.train_ds,
+                cfg.batch_size,
+                device=self.device,
+                augment=True,
+                shuffle=True,
+                drop_last=True,
+                seed=cfg.seed,
+            )
         else:
             self.loader = train_loader(cfg, self.train_ds, self.rank, self.world)
         val_world = self.world if cfg.distributed_val else 1
@@ -120,48 +130,6 @@ class Trainer:
         self.trackers = Trackers(cfg, self.run) if not cfg.eval_only else None
 
     # ---------------------------------------------------------------- resume
-    def _checkpoint_to_resume(self) -> dict | None:
-        cfg = self.cfg
-        if cfg.eval_only:
-            path = Path(cfg.resume_path) if cfg.resume_path else self.run.path / "best.pt"
-        elif cfg.resume_path:
-            path = Path(cfg.resume_path)
-        elif cfg.resume:
-            path = self.run.path / "last.pt"
-            if not path.exists():
-                if self._allow_fresh_resume():
-                    return None
-                if self.run.holds_run():
-                    raise UsageError(f"--resume: no checkpoint at {path}; the folder holds a run that never "
-                                     "finished an epoch: pass --overwrite to start again")
-                hint = ""
-                if getattr(cfg, "name_from_settings", False):
-                    hint = ("; the folder name holds a hash of the settings that shape the run, so a run with other "
-                            "flags lives in another folder (name it with --output_name)")
-                raise UsageError(f"--resume: no checkpoint at {path}{hint}")
-        else:
-            return None
-        if not path.exists():
-            raise UsageError(f"--resume: no checkpoint at {path}")
-        ckpt = load_checkpoint(path, map_location=self.device)
-        saved = ckpt.get("config", {})
-        for key in ("model", "opt", "dataset"):
-            if key in saved and saved[key] != getattr(cfg, key):
-                raise UsageError(f"checkpoint {path} was written with --{key} {saved[key]}; this run has "
-                                 f"--{key} {getattr(cfg, key)}: use the same --{key} or another --output_name")
-        if not cfg.eval_only:
-            self.flag_changes = changed_flags(saved, cfg)
-            if self.flag_changes and not cfg.allow_changed_flags:
-                raise UsageError(f"--resume: {path} was trained with other settings ({', '.join(self.flag_changes)}); "
-                                 "use the same flags, or add --allow_changed_flags to continue with the new values")
-            if "epochs" in saved and saved["epochs"] != cfg.epochs:
-                self.flag_changes.append(f"--epochs {saved['epochs']} -> {cfg.epochs}")
-        return ckpt
-
-    def _allow_fresh_resume(self) -> bool:
-        # `ssam compare` resumes every run folder it manages; an empty one simply starts.
-        return os.environ.get("SSAM_RESUME_OR_START") == "1" or elastic_restart()
-
     def _restore(self, ckpt: dict) -> None:
         try:
             unwrap(self.model).load_state_dict(ckpt["model"])
@@ -189,11 +157,21 @@ class Trainer:
 
     def checkpoint(self, epoch: int, step: int, partial: dict | None = None, finished: bool = False) -> dict:
         return {
-            "version": VERSION, "model": unwrap(self.model).state_dict(), "model_args": self.model_args,
-            "config": to_plain(self.cfg), "optimizer": self.opt.state_dict(), "scheduler": self.sched.state_dict(),
-            "scaler": self.scaler.state_dict(), "epoch": epoch, "step": step, "best_acc1": self.best_acc1,
-            "elapsed": self.elapsed, "skipped_steps": self.skipped_total, "rng": rng_state(),
-            "partial": partial, "finished": finished,
+            "version": VERSION,
+            "model": unwrap(self.model).state_dict(),
+            "model_args": self.model_args,
+            "config": to_plain(self.cfg),
+            "optimizer": self.opt.state_dict(),
+            "scheduler": self.sched.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "epoch": epoch,
+            "step": step,
+            "best_acc1": self.best_acc1,
+            "elapsed": self.elapsed,
+            "skipped_steps": self.skipped_total,
+            "rng": rng_state(),
+            "partial": partial,
+            "finished": finished,
         }
 
     # ---------------------------------------------------------------- steps
@@ -213,7 +191,12 @@ class Trainer:
         # update grid gets its first mask here too (refresh_mask makes one when there is none).
         if refresh == "before_epoch" and step == 0:
             reduce = all_reduce_sum if self.world > 1 else None
-            if opt.refresh_mask(epoch, model=unwrap(self.model), data=FisherBatch(self, epoch), reduce=reduce):
+            if opt.refresh_mask(
+                epoch,
+                model=unwrap(self.model),
+                data=FisherBatch(self.fisher_source, cfg.seed, epoch, opt.num_samples, self.rank, self.world),
+                reduce=reduce,
+            ):
                 check_masks_agree(opt, self.world, epoch)
 
         def after_first_backward() -> None:
@@ -223,14 +206,21 @@ class Trainer:
                 check_masks_agree(opt, self.world, epoch)
 
         res = train_step(
-            self.net, opt, list(zip(x.chunk(cfg.grad_accum), y.chunk(cfg.grad_accum))), model=self.model,
-            scaler=self.scaler, autocast=self._autocast, no_sync=self.ddp.no_sync if self.ddp else None,
+            self.net,
+            opt,
+            list(zip(x.chunk(cfg.grad_accum), y.chunk(cfg.grad_accum))),
+            model=self.model,
+            scaler=self.scaler,
+            autocast=self._autocast,
+            no_sync=self.ddp.no_sync if self.ddp else None,
             sync_first_pass=not (self.wrapper is not None and cfg.sam_first_pass == "local"),
             # An SSAM-D refresh reads the dense gradient: the epoch's first step runs a full first pass.
             skip_dead=cfg.skip_dead and not (step == 0 and refresh == "first_backward"),
             reduce_first_grads=all_reduce_mean if self.world > 1 else None,
-            freeze_bn_second_pass=cfg.freeze_bn_second_pass, after_first_backward=after_first_backward,
-            grads_to_none=self._grads_to_none)
+            freeze_bn_second_pass=cfg.freeze_bn_second_pass,
+            after_first_backward=after_first_backward,
+            grads_to_none=self._grads_to_none,
+        )
         top5 = res.outputs.topk(min(5, res.outputs.shape[1]), dim=1).indices
         hit = top5 == y[:, None]
         return res.loss_sum, hit[:, 0].sum(), hit.any(1).sum(), res.nonfinite
@@ -253,8 +243,14 @@ class Trainer:
                     out = model(x)
                 loss = F.cross_entropy(out.float(), y, reduction="sum")
                 hit = out.topk(min(5, out.shape[1]), 1).indices == y[:, None]
-                tot += torch.stack([loss.double(), hit[:, 0].sum().double(), hit.any(1).sum().double(),
-                                    torch.tensor(float(len(y)), device=self.device, dtype=torch.float64)])
+                tot += torch.stack(
+                    [
+                        loss.double(),
+                        hit[:, 0].sum().double(),
+                        hit.any(1).sum().double(),
+                        torch.tensor(float(len(y)), device=self.device, dtype=torch.float64),
+                    ]
+                )
         if self.world > 1:
             if cfg.distributed_val:
                 dist.all_reduce(tot)
@@ -262,14 +258,19 @@ class Trainer:
                 dist.broadcast(tot, 0)
         model.train(was)
         n = max(tot[3].item(), 1)
-        return {"test_loss": tot[0].item() / n, "test_acc1": 100 * tot[1].item() / n,
-                "test_acc5": 100 * tot[2].item() / n}
+        return {
+            "test_loss": tot[0].item() / n,
+            "test_acc1": 100 * tot[1].item() / n,
+            "test_acc5": 100 * tot[2].item() / n,
+        }
 
     def _progress(self, total: int, epoch: int):
         from tqdm import tqdm
+
         show = self.run.main and not self.cfg.quiet and sys.stderr.isatty()  # --quiet: no bar
-        return tqdm(total=total, desc=f"epoch {epoch + 1}/{self.cfg.epochs}", leave=False, disable=not show,
-                    dynamic_ncols=True)
+        return tqdm(
+            total=total, desc=f"epoch {epoch + 1}/{self.cfg.epochs}", leave=False, disable=not show, dynamic_ncols=True
+        )
 
     def train_epoch(self, epoch: int) -> dict:
         cfg = self.cfg
@@ -305,13 +306,21 @@ class Trainer:
             if pending is not None:
                 self._raise_if_bad(pending, epoch)
             pending = (bad, loss_sum, step)
-            acc += torch.stack([loss_sum.double(), c1.double(), c5.double(),
-                                torch.tensor(float(len(y)), dtype=torch.float64, device=self.device)])
+            acc += torch.stack(
+                [
+                    loss_sum.double(),
+                    c1.double(),
+                    c5.double(),
+                    torch.tensor(float(len(y)), dtype=torch.float64, device=self.device),
+                ]
+            )
             bar.update(1)
             if (step + 1) % cfg.log_freq == 0 and self.run.main:
                 if bar.disable and not cfg.quiet:
-                    print(f"  epoch {epoch + 1} step {step + 1}/{steps} loss {acc[0].item() / acc[3].item():.4f}",
-                          flush=True)
+                    print(
+                        f"  epoch {epoch + 1} step {step + 1}/{steps} loss {acc[0].item() / acc[3].item():.4f}",
+                        flush=True,
+                    )
                 else:
                     bar.set_postfix(loss=f"{acc[0].item() / acc[3].item():.4f}")
             save_now = cfg.save_every_steps and (step + 1) % cfg.save_every_steps == 0 and step + 1 < steps
@@ -323,9 +332,11 @@ class Trainer:
                 self.run.save("last.pt", self.checkpoint(epoch, step + 1, {"acc": acc.cpu()}))
                 if self.stop_signal is not None:
                     bar.close()
-                    raise Interrupted(f"stopped by signal {self.stop_signal} at epoch {epoch + 1}, step {step + 1}; "
-                                      f"last.pt written in {self.run.path}; continue with the same command "
-                                      "and --resume")
+                    raise Interrupted(
+                        f"stopped by signal {self.stop_signal} at epoch {epoch + 1}, step {step + 1}; "
+                        f"last.pt written in {self.run.path}; continue with the same command "
+                        "and --resume"
+                    )
         if pending is not None:
             self._raise_if_bad(pending, epoch)
         bar.close()
@@ -339,16 +350,23 @@ class Trainer:
         images = acc[3].item() - seen_before * (self.world if self.world > 1 else 1)
         skipped = self.scaler.skipped_steps - skipped0
         self.skipped_total += skipped
-        return {"train_loss": acc[0].item() / n, "train_acc1": 100 * acc[1].item() / n,
-                "train_acc5": 100 * acc[2].item() / n, "epoch_time": dt, "images_per_s": images / max(dt, 1e-9),
-                "skipped_steps": skipped}
+        return {
+            "train_loss": acc[0].item() / n,
+            "train_acc1": 100 * acc[1].item() / n,
+            "train_acc5": 100 * acc[2].item() / n,
+            "epoch_time": dt,
+            "images_per_s": images / max(dt, 1e-9),
+            "skipped_steps": skipped,
+        }
 
     def _raise_if_bad(self, pending, epoch: int) -> None:
         bad, loss_sum, step = pending
         if bool(bad):
             what = "loss" if not torch.isfinite(loss_sum) else "gradient norm"
-            raise Diverged(f"non-finite {what} at epoch {epoch + 1}, step {step + 1}; stopped. The last good "
-                           f"checkpoint is kept in {self.run.path}; lower --lr or --rho, or try --amp none")
+            raise Diverged(
+                f"non-finite {what} at epoch {epoch + 1}, step {step + 1}; stopped. The last good "
+                f"checkpoint is kept in {self.run.path}; lower --lr or --rho, or try --amp none"
+            )
 
     def fit(self) -> dict:
         cfg, run = self.cfg, self.run
@@ -364,8 +382,10 @@ class Trainer:
         resumed = ""
         if hasattr(self, "resumed_from"):
             resumed = f", resumed at epoch {self.start_epoch + 1} step {self.start_step}"
-        run.log(f"ssam train | {cfg.dataset} {cfg.model} ({n_params:,} params) {cfg.opt} | {self.device}"
-                f"{f' x{self.world}' if self.world > 1 else ''} | {run.path}{resumed}")
+        run.log(
+            f"ssam train | {cfg.dataset} {cfg.model} ({n_params:,} params) {cfg.opt} | {self.device}"
+            f"{f' x{self.world}' if self.world > 1 else ''} | {run.path}{resumed}"
+        )
         if cfg.label_noise:
             run.log(f"label noise {cfg.label_noise:g}: {self.train_ds.label_noise['count']} training labels replaced")
         if self.flag_changes:
@@ -379,10 +399,17 @@ class Trainer:
             new_best = te["test_acc1"] > self.best_acc1
             self.best_acc1 = max(self.best_acc1, te["test_acc1"])
             density = self.opt.mask_density() if self.refresh else 1.0  # type: ignore[attr-defined]
-            rec = {"epoch": epoch, **{k: tr[k] for k in ("train_loss", "train_acc1", "train_acc5")}, **te,
-                   "best_acc1": self.best_acc1, "lr": self.opt.param_groups[0]["lr"], "mask_density": density,
-                   "epoch_time": tr["epoch_time"], "images_per_s": tr["images_per_s"],
-                   "skipped_steps": tr["skipped_steps"]}
+            rec = {
+                "epoch": epoch,
+                **{k: tr[k] for k in ("train_loss", "train_acc1", "train_acc5")},
+                **te,
+                "best_acc1": self.best_acc1,
+                "lr": self.opt.param_groups[0]["lr"],
+                "mask_density": density,
+                "epoch_time": tr["epoch_time"],
+                "images_per_s": tr["images_per_s"],
+                "skipped_steps": tr["skipped_steps"],
+            }
             run.append("metrics.jsonl", json.dumps(rec))
             run.log(
                 f"epoch {epoch + 1:>3}/{cfg.epochs} | train loss {tr['train_loss']:.4f} acc1 {tr['train_acc1']:.2f} "
@@ -390,7 +417,8 @@ class Trainer:
                 f"acc5 {te['test_acc5']:.2f} | best {self.best_acc1:.2f} | lr {rec['lr']:.4g} | "
                 + (f"mask {density:.3f} | " if self.refresh else "")
                 + f"{tr['epoch_time']:.1f}s {tr['images_per_s']:.0f} img/s"
-                + (f" | {tr['skipped_steps']} fp16 steps skipped" if tr["skipped_steps"] else ""))
+                + (f" | {tr['skipped_steps']} fp16 steps skipped" if tr["skipped_steps"] else "")
+            )
             if self.trackers:
                 self.trackers.log(rec)
             finished = epoch + 1 == cfg.epochs
@@ -401,10 +429,16 @@ class Trainer:
             last = rec
         if self.refresh:
             run.write_text("masks.json", json.dumps(self.opt.mask_stats(), indent=1))
-        summary = {"finished": True, "best_acc1": self.best_acc1, "final_acc1": last.get("test_acc1"),
-                   "final_train_loss": last.get("train_loss"), "epochs": cfg.epochs, "wall_time": self.elapsed,
-                   "time_per_epoch": self.elapsed / max(1, cfg.epochs - cfg.start_epoch),
-                   "skipped_steps": self.skipped_total}
+        summary = {
+            "finished": True,
+            "best_acc1": self.best_acc1,
+            "final_acc1": last.get("test_acc1"),
+            "final_train_loss": last.get("train_loss"),
+            "epochs": cfg.epochs,
+            "wall_time": self.elapsed,
+            "time_per_epoch": self.elapsed / max(1, cfg.epochs - cfg.start_epoch),
+            "skipped_steps": self.skipped_total,
+        }
         if self.world > 1:
             summary["ranks_agree"] = weights_agree(self.model, self.opt if self.refresh else None, self.world)
         # A resume with no epoch left keeps the summary of the run that trained them.
@@ -413,29 +447,6 @@ class Trainer:
         if self.trackers:
             self.trackers.close()
         return summary
-
-
-class FisherBatch:
-    """SSAM-F's data for an epoch: this rank's share of ``num_samples`` training examples, as one batch.
-
-    The examples depend only on (seed, epoch), so resumes and ranks agree; each rank measures its share and
-    ``refresh_mask``'s reduce hook sums the Fisher. Built only when iterated, i.e. when the mask is refreshed.
-    """
-
-    def __init__(self, trainer: Trainer, epoch: int) -> None:
-        self.trainer, self.epoch = trainer, epoch
-
-    def __iter__(self):
-        t = self.trainer
-        src = t.fisher_source
-        if hasattr(src, "epoch"):
-            src.epoch = self.epoch
-        g = torch.Generator().manual_seed(t.cfg.seed * 7919 + self.epoch)
-        chosen = torch.randperm(len(src), generator=g)[: t.opt.num_samples].tolist()
-        items = [src[i] for i in chosen[t.rank::t.world]]
-        xs = torch.stack([torch.as_tensor(x) for x, _ in items]) if items else torch.zeros(0)
-        ys = torch.as_tensor([int(y) for _, y in items], dtype=torch.long)
-        yield xs, ys
 
 
 def train(cfg: Namespace) -> dict:

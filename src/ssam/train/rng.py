@@ -1,4 +1,5 @@
 """Every random generator's state: seeded at the start, saved in checkpoints, restored on resume."""
+
 from __future__ import annotations
 
 import random
@@ -20,9 +21,14 @@ def rng_state() -> dict[str, Any]:
     """Every generator's state as tensors and plain values, so that a checkpoint loads with weights_only=True."""
     _, keys, pos, has_gauss, gauss = cast(tuple, np.random.get_state(legacy=True))
     st: dict[str, Any] = {
-        "torch": torch.get_rng_state(), "python": random.getstate(),
-        "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos), "has_gauss": int(has_gauss),
-                  "gauss": float(gauss)},
+        "torch": torch.get_rng_state(),
+        "python": random.getstate(),
+        "numpy": {
+            "keys": torch.from_numpy(keys.astype(np.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "gauss": float(gauss),
+        },
     }
     if torch.cuda.is_available():
         st["cuda"] = torch.cuda.get_rng_state_all()

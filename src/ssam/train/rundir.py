@@ -1,20 +1,28 @@
-"""The run folder (config.yaml, log.txt, metrics.jsonl, checkpoints, summary.json) and the optional trackers.
+"""The run folder (config.yaml, log.txt, metrics.jsonl, checkpoints, summary.json), the checkpoint a run resumes
+from, and the optional trackers.
 
 Only rank 0 writes, and nothing is written before the configuration is known good.
 """
+
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from argparse import Namespace
 from pathlib import Path
 from typing import Any
 
+import torch
+
+from ..checkpoint import load_checkpoint
 from ..errors import UsageError
 from ..io import save_torch, write_atomic
 from .config import to_plain
+from .distributed import elastic_restart
+from .identity import changed_flags
 
-__all__ = ["RunDir", "Trackers"]
+__all__ = ["RunDir", "Trackers", "checkpoint_to_resume"]
 
 
 class RunDir:
@@ -39,8 +47,10 @@ class RunDir:
         resuming = cfg.resume or cfg.resume_path
         if self.holds_run() and not resuming and not cfg.overwrite:
             kind = "a finished run" if self.finished() else "a run"
-            raise UsageError(f"output folder {self.path} already holds {kind}; pass --resume to continue it or "
-                             "--overwrite to replace it")
+            raise UsageError(
+                f"output folder {self.path} already holds {kind}; pass --resume to continue it or "
+                "--overwrite to replace it"
+            )
         if cfg.overwrite and self.main and self.path.exists() and not resuming:
             shutil.rmtree(self.path)
 
@@ -84,10 +94,17 @@ class Trackers:
             try:
                 import wandb
             except ImportError:
-                raise UsageError("--wandb needs the wandb package: pip install 'sparse-sam[wandb]' "
-                                 "(from a clone: pip install -e '.[wandb]')") from None
-            self.wandb = wandb.init(project=cfg.wandb_project, name=cfg.wandb_name or cfg.output_name,
-                                    config=to_plain(cfg), dir=str(run.path), resume="allow")
+                raise UsageError(
+                    "--wandb needs the wandb package: pip install 'sparse-sam[wandb]' "
+                    "(from a clone: pip install -e '.[wandb]')"
+                ) from None
+            self.wandb = wandb.init(
+                project=cfg.wandb_project,
+                name=cfg.wandb_name or cfg.output_name,
+                config=to_plain(cfg),
+                dir=str(run.path),
+                resume="allow",
+            )
         if cfg.tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
@@ -108,3 +125,57 @@ class Trackers:
             self.wandb.finish()
         if self.tb is not None:
             self.tb.close()
+
+
+def checkpoint_to_resume(cfg: Namespace, run: RunDir, device: torch.device) -> tuple[dict | None, list[str]]:
+    """The checkpoint this run continues from (None: a fresh start) and the flags that changed since it was written.
+
+    Flags that shape the run must match the checkpoint's unless --allow_changed_flags (see identity.py); the
+    model, optimizer and data set must always match, or the checkpoint cannot be loaded.
+    """
+    if cfg.eval_only:
+        path = Path(cfg.resume_path) if cfg.resume_path else run.path / "best.pt"
+    elif cfg.resume_path:
+        path = Path(cfg.resume_path)
+    elif cfg.resume:
+        path = run.path / "last.pt"
+        if not path.exists():
+            # `ssam compare` resumes every run folder it manages, and an elastic restart may come before the
+            # first checkpoint: an empty folder simply starts.
+            if os.environ.get("SSAM_RESUME_OR_START") == "1" or elastic_restart():
+                return None, []
+            if run.holds_run():
+                raise UsageError(
+                    f"--resume: no checkpoint at {path}; the folder holds a run that never "
+                    "finished an epoch: pass --overwrite to start again"
+                )
+            hint = ""
+            if getattr(cfg, "name_from_settings", False):
+                hint = (
+                    "; the folder name holds a hash of the settings that shape the run, so a run with other "
+                    "flags lives in another folder (name it with --output_name)"
+                )
+            raise UsageError(f"--resume: no checkpoint at {path}{hint}")
+    else:
+        return None, []
+    if not path.exists():
+        raise UsageError(f"--resume: no checkpoint at {path}")
+    ckpt = load_checkpoint(path, map_location=device)
+    saved = ckpt.get("config", {})
+    for key in ("model", "opt", "dataset"):
+        if key in saved and saved[key] != getattr(cfg, key):
+            raise UsageError(
+                f"checkpoint {path} was written with --{key} {saved[key]}; this run has "
+                f"--{key} {getattr(cfg, key)}: use the same --{key} or another --output_name"
+            )
+    if cfg.eval_only:
+        return ckpt, []
+    changes = changed_flags(saved, to_plain(cfg))
+    if changes and not cfg.allow_changed_flags:
+        raise UsageError(
+            f"--resume: {path} was trained with other settings ({', '.join(changes)}); "
+            "use the same flags, or add --allow_changed_flags to continue with the new values"
+        )
+    if "epochs" in saved and saved["epochs"] != cfg.epochs:
+        changes.append(f"--epochs {saved['epochs']} -> {cfg.epochs}")
+    return ckpt, changes

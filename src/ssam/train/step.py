@@ -6,6 +6,7 @@ A SAM-family step, as in the paper:
     perturb to w + e, pass two: forward + backward there, restore w, base optimizer step
 A plain optimizer (SGD, AdamW) takes pass one and steps.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -34,10 +35,17 @@ class StepResult:
     nonfinite: Tensor  # bool scalar: the loss (or, without loss scaling, the gradient norm) is not finite
 
 
-def _forward_backward(net: nn.Module, model: nn.Module, micro_batches: Sequence[tuple[Tensor, Tensor]],
-                      loss_fn: LossFn, scaler: TwoPassScaler, autocast: Callable[[], AbstractContextManager[Any]],
-                      no_sync: Callable[[], AbstractContextManager[Any]] | None, sync_last: bool, freeze_bn: bool,
-                      ) -> tuple[list[Tensor], Tensor]:
+def _forward_backward(
+    net: nn.Module,
+    model: nn.Module,
+    micro_batches: Sequence[tuple[Tensor, Tensor]],
+    loss_fn: LossFn,
+    scaler: TwoPassScaler,
+    autocast: Callable[[], AbstractContextManager[Any]],
+    no_sync: Callable[[], AbstractContextManager[Any]] | None,
+    sync_last: bool,
+    freeze_bn: bool,
+) -> tuple[list[Tensor], Tensor]:
     """Forward + backward over the micro-batches; under DDP only the last one all-reduces, and only if sync_last."""
     n = sum(x.shape[0] for x, _ in micro_batches)
     outs: list[Tensor] = []
@@ -64,13 +72,23 @@ def _nonfinite(model: nn.Module, loss_sum: Tensor, scaler: TwoPassScaler) -> Ten
     return ~(torch.isfinite(loss_sum) & torch.isfinite(gnorm))
 
 
-def train_step(net: nn.Module, opt: torch.optim.Optimizer, micro_batches: Sequence[tuple[Tensor, Tensor]],
-               loss_fn: LossFn = F.cross_entropy, *, model: nn.Module | None = None,
-               scaler: TwoPassScaler | None = None, autocast: Callable[[], AbstractContextManager[Any]] | None = None,
-               no_sync: Callable[[], AbstractContextManager[Any]] | None = None, sync_first_pass: bool = True,
-               skip_dead: bool = False, reduce_first_grads: Callable[[list[Tensor]], None] | None = None,
-               freeze_bn_second_pass: bool = False, after_first_backward: Callable[[], None] | None = None,
-               grads_to_none: bool = True) -> StepResult:
+def train_step(
+    net: nn.Module,
+    opt: torch.optim.Optimizer,
+    micro_batches: Sequence[tuple[Tensor, Tensor]],
+    loss_fn: LossFn = F.cross_entropy,
+    *,
+    model: nn.Module | None = None,
+    scaler: TwoPassScaler | None = None,
+    autocast: Callable[[], AbstractContextManager[Any]] | None = None,
+    no_sync: Callable[[], AbstractContextManager[Any]] | None = None,
+    sync_first_pass: bool = True,
+    skip_dead: bool = False,
+    reduce_first_grads: Callable[[list[Tensor]], None] | None = None,
+    freeze_bn_second_pass: bool = False,
+    after_first_backward: Callable[[], None] | None = None,
+    grads_to_none: bool = True,
+) -> StepResult:
     """One training step over ``micro_batches`` (a list of ``(inputs, targets)``; one pair for no accumulation).
 
     net: the module called (a DDP or compiled wrapper); model: the plain module (BatchNorm, gradients), default net.
@@ -88,16 +106,27 @@ def train_step(net: nn.Module, opt: torch.optim.Optimizer, micro_batches: Sequen
     sam = isinstance(opt, SAM)
     skip = sam and skip_dead
     if skip and no_sync is not None and sync_first_pass and reduce_first_grads is None:
-        raise ValueError("reduce_first_grads: got None; allowed: a function averaging gradients over the ranks "
-                         "(needed with skip_dead under DDP when the first pass is synced)")
+        raise ValueError(
+            "reduce_first_grads: got None; allowed: a function averaging gradients over the ranks "
+            "(needed with skip_dead under DDP when the first pass is synced)"
+        )
     # With skipping, a parameter may have no gradient this pass: a zero left from the last pass would be read
     # as a gradient, so gradients go back to None.
     to_none = grads_to_none or skip
 
     first_pass = opt.first_pass() if skip else contextlib.nullcontext()  # type: ignore[attr-defined]
     with first_pass:
-        outs, loss_sum = _forward_backward(net, model, micro_batches, loss_fn, scaler, autocast, no_sync,
-                                           sync_last=sync_first_pass and not skip, freeze_bn=False)
+        outs, loss_sum = _forward_backward(
+            net,
+            model,
+            micro_batches,
+            loss_fn,
+            scaler,
+            autocast,
+            no_sync,
+            sync_last=sync_first_pass and not skip,
+            freeze_bn=False,
+        )
     if skip and no_sync is not None and sync_first_pass:
         reduce_first_grads([p.grad for p in model.parameters() if p.grad is not None])  # type: ignore[misc]
     bad = _nonfinite(model, loss_sum, scaler)
@@ -106,8 +135,17 @@ def train_step(net: nn.Module, opt: torch.optim.Optimizer, micro_batches: Sequen
     if sam:
         if scaler.first_step(opt, zero_grad=False):
             opt.zero_grad(set_to_none=to_none)
-            _forward_backward(net, model, micro_batches, loss_fn, scaler, autocast, no_sync, sync_last=True,
-                              freeze_bn=freeze_bn_second_pass)
+            _forward_backward(
+                net,
+                model,
+                micro_batches,
+                loss_fn,
+                scaler,
+                autocast,
+                no_sync,
+                sync_last=True,
+                freeze_bn=freeze_bn_second_pass,
+            )
             scaler.second_step(opt, zero_grad=False)
     else:
         scaler.step(opt)
