@@ -79,7 +79,8 @@ def create_optimizer(model: nn.Module, opt: str, lr: float, weight_decay: float 
     if wrapper is None:
         plain = [{**g, "params": [p for _, p in g["params"]]} for g in groups]
         try:
-            return BASE_OPTIMIZERS[base](plain, lr=lr, **kwargs)
+            base_class: Any = BASE_OPTIMIZERS[base]  # Optimizer itself takes no lr; its subclasses do
+            return base_class(plain, lr=lr, **kwargs)
         except TypeError as e:
             raise ValueError(f"{opt}: {e}; a plain {base} takes no SAM settings (use sam-{base}, ssamf-{base} ...)") \
                 from None
