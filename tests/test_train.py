@@ -381,13 +381,18 @@ def _torchrun(out, name, opt, extra=(), restarts=0):
 
 
 def test_ddp_two_gloo_ranks_agree_on_masks_and_weights(tmp_path):
-    for opt, extra in (("ssamf-sgd", []),):  # SSAM-D with local first passes: the rank-death test below
-        r = subprocess.run(_torchrun(tmp_path, opt, opt, extra), env=ENV, capture_output=True, text=True, timeout=300)
+    # SSAM-D with local first passes: the rank-death test below. With --skip_dead, dead tensors take no gradient
+    # in the first pass, which DDP's reducer would wait for: the trainer runs that pass under no_sync.
+    skip = ["--granularity", "tensor", "--sparsity", "0.9", "--skip_dead"]
+    for name, extra in (("ssamf", []), ("ssamf_skip", skip)):
+        r = subprocess.run(
+            _torchrun(tmp_path, name, "ssamf-sgd", extra), env=ENV, capture_output=True, text=True, timeout=300
+        )
         assert r.returncode == 0, r.stderr[-2000:]
-        summary = json.loads((tmp_path / opt / "summary.json").read_text())
+        summary = json.loads((tmp_path / name / "summary.json").read_text())
         assert summary["ranks_agree"] is True
         # only rank 0 writes: one log line per epoch, not two
-        assert len((tmp_path / opt / "metrics.jsonl").read_text().splitlines()) == 2
+        assert len((tmp_path / name / "metrics.jsonl").read_text().splitlines()) == 2
 
 
 def test_ddp_rank_death_stops_the_job_and_max_restarts_resumes(tmp_path):
@@ -586,6 +591,18 @@ def test_label_noise_is_recorded_and_changes_the_training_labels(tmp_path):
     d = run_dir(tmp_path, "n")
     assert yaml.safe_load((d / "config.yaml").read_text())["label_noise"] == 0.25
     assert "training labels replaced" in (d / "log.txt").read_text()
+
+
+def test_granularity_flags_build_the_optimizer_they_name():
+    from ssam.train.builders import build_optimizer
+    from ssam.train.config import parse_args
+
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 4))
+    opt = build_optimizer(parse_args(["--opt", "ssamd-sgd", "--granularity", "channel", "--cost_aware"]), model)
+    assert (opt.granularity, opt.cost_aware, opt.sparsity) == ("channel", True, 0.2)
+    cfg = parse_args(["--opt", "ssamf-sgd", "--granularity", "2:4"])
+    assert cfg.sparsity == 0.5  # implied by N:M, not the CLI's 0.2
+    assert build_optimizer(cfg, model).granularity == "2:4"
 
 
 def test_granularity_and_skip_dead_reach_the_optimizer(tmp_path):

@@ -130,12 +130,13 @@ def optimizer_settings(cfg: Namespace) -> dict:
     if wrapper is not None:
         kw.update(rho=cfg.rho, adaptive=cfg.adaptive)
     if wrapper in ("ssamf", "ssamd"):
-        kw.update(sparsity=cfg.sparsity, update_freq=cfg.update_freq, renormalize=cfg.renormalize)
-        # Passed only when set, so the default element mask needs nothing beyond the paper's optimizer.
-        if cfg.granularity != "element":
-            kw["granularity"] = cfg.granularity
-        if cfg.cost_aware:
-            kw["cost_aware"] = True
+        kw.update(
+            sparsity=cfg.sparsity,
+            update_freq=cfg.update_freq,
+            renormalize=cfg.renormalize,
+            granularity=cfg.granularity,
+            cost_aware=cfg.cost_aware,
+        )
     if wrapper == "ssamf":
         kw.update(num_samples=cfg.num_samples, fisher_mode=cfg.fisher_mode, fisher_method=cfg.fisher_method)
     if wrapper == "ssamd":
