@@ -44,7 +44,8 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
     def _get_help_string(self, action: argparse.Action) -> str:
         help_text = action.help or ""
-        if action.default in (None, False, argparse.SUPPRESS) or "default" in help_text:
+        default = action.default
+        if default is None or default is False or default == argparse.SUPPRESS or "default" in help_text:
             return help_text
         return super()._get_help_string(action) or help_text
 
