@@ -11,7 +11,8 @@ One step, as in Foret et al. (2021) and the SSAM paper (Mi et al., 2022):
 
 The math lives in ``ssam.optim.perturb`` (single-tensor and foreach paths); this class gathers the tensors. The
 wrapper and the base optimizer share one ``param_groups`` list, so a learning-rate scheduler attached to either
-changes both, and ``zero_grad`` on either clears every gradient.
+changes both, and ``zero_grad`` on either clears every gradient. Parameters sharded by FSDP2's ``fully_shard`` are
+perturbed shard by shard, with the norm summed over the ranks in one all-reduce (``ssam.optim.sharded``).
 """
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ from torch import Tensor
 
 from .mask import MaskSegment
 from .perturb import grad_norm, perturb_, restore_, use_foreach
+from .sharded import ShardLayout, local, shard_layout
 
 __all__ = ["SAM", "CLOSURE_PASSES"]
 
@@ -146,6 +148,12 @@ class SAM(torch.optim.Optimizer):
         self.defaults.update(self.base_optimizer.defaults)
         # Parameters perturbed by the last first_step, with their saved weights, for restore to copy back.
         self._perturbed: tuple[list[Tensor], list[Tensor]] | None = None
+        self._set_layout()
+
+    def _set_layout(self) -> None:
+        """FSDP2-sharded parameters (``ssam.optim.sharded``): SAM then works on the local shards with one
+        all-reduce for the norm. DTensors laid out otherwise keep dense SAM on DTensor operations."""
+        self._layout: ShardLayout | None = shard_layout(self._all_params())[0]
 
     def _check_base_kwargs(self, base: type[torch.optim.Optimizer], kwargs: dict[str, Any]) -> None:
         """A keyword the base class does not take: one line naming it, instead of a TypeError in its __init__."""
@@ -182,6 +190,7 @@ class SAM(torch.optim.Optimizer):
         self.base_optimizer.add_param_group(group)  # appends to the shared list, with the base's defaults
         self.param_groups[-1].setdefault("rho", self.defaults["rho"])
         self.param_groups[-1].setdefault("adaptive", self.defaults["adaptive"])
+        self._set_layout()
 
     # ------------------------------------------------------------------ hooks for the sparse subclasses
     def _mask_for(self, p: Tensor) -> Tensor | None:
@@ -204,7 +213,18 @@ class SAM(torch.optim.Optimizer):
         """Raise if the optimizer cannot perturb yet (SSAM-F before its first mask)."""
 
     def _grad_norm(self, params: list[Tensor], grads: list[Tensor], adaptive: bool, foreach: bool) -> Tensor:
-        return grad_norm(params, grads, adaptive=adaptive, foreach=foreach)
+        norm = grad_norm(self._locals(params), self._locals(grads), adaptive=adaptive, foreach=foreach)
+        return self._global_norm(norm)
+
+    def _locals(self, tensors: list[Tensor]) -> list[Tensor]:
+        """The local shards when the parameters are FSDP2-sharded, else the tensors themselves."""
+        return tensors if self._layout is None else [local(t) for t in tensors]
+
+    def _global_norm(self, norm: Tensor) -> Tensor:
+        """This rank's norm -> the norm over every shard: one all-reduce of the squared norm (sharded only)."""
+        if self._layout is None:
+            return norm
+        return self._layout.all_reduce_(norm.square()).sqrt()
 
     # ------------------------------------------------------------------ the two passes
     @torch.no_grad()
@@ -238,10 +258,12 @@ class SAM(torch.optim.Optimizer):
             if group["rho"] == 0:
                 continue
             saved = [self._buffer(p) for p in ps]
-            segment = self._mask_segment(ps, gs) if foreach else None
-            perturb_(ps, gs, saved, [self._mask_for(p) for p in ps], scale=group["rho"] / (norm + self.perturb_eps),
-                     adaptive=group["adaptive"], foreach=foreach, segment=segment)
-            perturbed_p.extend(ps)
+            segment = self._mask_segment(ps, gs) if foreach and self._layout is None else None
+            lp = self._locals(ps)
+            perturb_(lp, self._locals(gs), saved, [self._mask_for(p) for p in ps],
+                     scale=group["rho"] / (norm + self.perturb_eps), adaptive=group["adaptive"], foreach=foreach,
+                     segment=segment)
+            perturbed_p.extend(lp)
             perturbed_w.extend(saved)
         self._perturbed = (perturbed_p, perturbed_w)
         if zero_grad:
@@ -250,6 +272,7 @@ class SAM(torch.optim.Optimizer):
     def _buffer(self, p: Tensor) -> Tensor:
         """The persistent copy of w kept during a step (reused every step, so it is allocated once)."""
         st = self.state[p]
+        p = self._locals([p])[0]
         w = st.get("w_saved")
         if w is None or w.shape != p.shape or w.dtype != p.dtype or w.device != p.device:
             w = torch.empty_like(p, memory_format=torch.preserve_format)
@@ -387,10 +410,10 @@ class SAM(torch.optim.Optimizer):
             new = {}
             for k, v in st.items():
                 if isinstance(v, Tensor):
-                    if v.shape != p.shape and k == "mask":
+                    if v.shape != local(p).shape and k == "mask":  # (sharded: the local shard's, per rank)
                         raise ValueError(
                             f"state_dict: mask of parameter {idx} has shape {tuple(v.shape)}, the parameter "
-                            f"{tuple(p.shape)}; allowed: a state_dict of the same model"
+                            f"{tuple(local(p).shape)}; allowed: a state_dict of the same model"
                         )
                     v = v.to(p.device)
                 new[k] = v

@@ -17,9 +17,14 @@ Every selection follows the one top-k rule of ``ssam.optim.select``.
 
 ``granularity`` (both): ``"element"`` (the paper's, default), ``"channel"``, ``"tensor"`` or ``"N:M"``; the rules,
 the mean score per group and ``cost_aware`` are in ``ssam.optim.groups``.
+
+FSDP2 (``fully_shard``): masks are held over each rank's local shards and every selection is the same global top-k
+as unsharded, on a flat vector gathered across the ranks (``ssam.optim.sharded``); element granularity only.
+``flat_mask``, ``mask_density`` and ``mask_stats`` are then collectives (every rank calls them).
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable
 from typing import Any
@@ -34,6 +39,7 @@ from .mask import FlatMask, MaskSegment
 from .perturb import grad_norm
 from .sam import SAM
 from .select import random_subset, top_k_mask
+from .sharded import ShardLayout, shard_layout, unsharded
 
 __all__ = ["SSAMF", "SSAMD", "top_k_mask", "STRATEGIES"]
 
@@ -69,8 +75,22 @@ class _SparseSAM(SAM):
             raise ValueError("params: none has requires_grad=True; allowed: at least one trainable parameter")
         self._set_maskable(maskable)
 
+    def _set_layout(self) -> None:
+        layout, why = shard_layout(self._all_params())
+        if why:
+            raise ValueError(f"params: DTensor parameters with {why}; {type(self).__name__} runs on plain tensors or "
+                             "on FSDP2's fully_shard parameters (Shard(dim=0) on one 1-D mesh)")
+        if layout is not None and self._granularity.kind != "element":
+            raise ValueError(f"granularity: got {str(self._granularity)!r} with FSDP-sharded parameters; allowed: "
+                             "'element' (channel, tensor and N:M groups would straddle the shards)")
+        self._layout = layout
+
     def _set_maskable(self, maskable: list[Tensor]) -> None:
-        self._masks = FlatMask(maskable)
+        self._maskable = list(maskable)
+        self._numel = sum(p.numel() for p in maskable)  # (a DTensor's numel is the global one)
+        # Sharded: the masks are held over the local shards, and a global flat mask is gathered from them.
+        self._mask_layout = None if self._layout is None else ShardLayout(maskable, self._layout.group)
+        self._masks = FlatMask(self._locals(maskable))
         # None when every parameter is maskable: the per-step filter in _perturbable is then skipped.
         ids = {id(p) for p in maskable}
         self._maskable_ids = None if len(ids) == len(self._all_params()) else ids
@@ -84,7 +104,7 @@ class _SparseSAM(SAM):
         new = [p for p in self.param_groups[-1]["params"] if p.requires_grad]
         if new:
             old = self._masks.flat() if self.has_masks() else None
-            self._set_maskable(self._masks.params + new)
+            self._set_maskable(self._maskable + new)
             self._extend_mask(old, sum(p.numel() for p in new))
 
     def _extend_mask(self, old: Tensor | None, n_new: int) -> None:
@@ -95,33 +115,45 @@ class _SparseSAM(SAM):
 
     # --------------------------------------------------------------- masks
     def _shapes(self) -> list[tuple[int, ...]]:
-        return [tuple(p.shape) for p in self._masks.params]
+        return [tuple(p.shape) for p in self._maskable]
 
     def mask_params(self) -> list[Tensor]:
         """The maskable parameters, in group order: those the masks, the budget and the scores cover."""
-        return list(self._masks.params)
+        return list(self._maskable)
 
     def excluded_params(self) -> list[str]:
         """Names of the parameters left out of the masks (frozen when the optimizer was built or their group added)."""
-        maskable = {id(p) for p in self._masks.params}
+        maskable = {id(p) for p in self._maskable}
         return [self.param_name(p, i) for i, p in enumerate(self._all_params()) if id(p) not in maskable]
 
     @property
     def num_live(self) -> int:
         """The budget: ``int(N * (1 - sparsity))`` of the N maskable entries. Exactly the live count for element
         masks; channel and tensor masks keep at most this many, N:M ones their own pattern (``mask_density()``)."""
-        return int(self._masks.numel * (1 - self.sparsity))
+        return int(self._numel * (1 - self.sparsity))
 
     def has_masks(self) -> bool:
         return self._masks.is_set
 
     def set_flat_mask(self, flat: Tensor) -> None:
-        """Set every mask from one flat tensor over all maskable entries, in param-group order."""
-        for p, view in zip(self._masks.params, self._masks.set(flat)):
+        """Set every mask from one flat tensor over all maskable entries, in param-group order (sharded: the global
+        mask, the same on every rank; each keeps its own pieces)."""
+        if self._mask_layout is not None:
+            if flat.numel() != self._numel:
+                raise ValueError(f"flat mask: got {flat.numel()} entries; allowed: exactly {self._numel}, one per "
+                                 "entry of the maskable parameters (all shards)")
+            flat = self._mask_layout.local(flat)
+        self._set_local(flat)
+
+    def _set_local(self, flat: Tensor) -> None:
+        for p, view in zip(self._maskable, self._masks.set(flat)):
             self.state[p]["mask"] = view
 
     def flat_mask(self) -> Tensor:
-        """A new flat bool tensor of every mask, in param-group order."""
+        """A new flat bool tensor of every mask, in param-group order. Sharded: the global mask, gathered from every
+        rank (a collective: every rank must call it)."""
+        if self._mask_layout is not None:
+            return self._mask_layout.gather(self._masks.flat())
         return self._masks.flat()
 
     def _mask_for(self, p: Tensor) -> Tensor | None:
@@ -137,19 +169,21 @@ class _SparseSAM(SAM):
         return [p for p in group["params"] if p.grad is not None and id(p) in ids]
 
     def _dead_params(self) -> list[Tensor]:
+        if self._mask_layout is not None:  # a shard may be dead on one rank only: nothing is frozen
+            return []
         dead = self._masks.dead()
         # With every tensor dead the perturbation is zero anyway; freezing all would leave backward nothing to do.
-        return [] if len(dead) == len(self._masks.params) else dead
+        return [] if len(dead) == len(self._maskable) else dead
 
     def load_state_dict(self, state_dict: dict) -> None:
         super().load_state_dict(state_dict)
-        maskable = {id(p) for p in self._masks.params}
+        maskable = {id(p) for p in self._maskable}
         for p in self._all_params():
             if id(p) not in maskable and p in self.state:
                 self.state[p].pop("mask", None)
-        masks = [self.state[p].get("mask") for p in self._masks.params]
+        masks = [self.state[p].get("mask") for p in self._maskable]
         if all(m is not None for m in masks):  # loaded masks are separate tensors: gather them into one buffer again
-            self.set_flat_mask(_flat(masks))  # type: ignore[arg-type]
+            self._set_local(_flat(masks))  # type: ignore[arg-type]  # (sharded: this rank's state, its shards)
         else:
             self._extend_mask(None, 0)
 
@@ -162,18 +196,20 @@ class _SparseSAM(SAM):
         the first mask. Parameters outside the maskable set (``excluded_params()``) are not counted."""
         if not self.has_masks():
             return float("nan")
-        return int(self.flat_mask().sum()) / max(1, self._masks.numel)
+        return int(self.flat_mask().sum()) / max(1, self._numel)
 
     def mask_stats(self) -> list[dict]:
         """One row per maskable parameter tensor: name (``param{i}`` when unnamed, i its position among all the
         optimizer's parameters), shape, numel, live fraction (NaN before the first mask). Frozen parameters have no
-        row; ``excluded_params()`` names them."""
-        maskable = {id(p) for p in self._masks.params}
+        row; ``excluded_params()`` names them. Sharded: of the whole tensors (a collective, as ``flat_mask``)."""
+        masks = dict(zip(map(id, self._maskable), self.flat_mask().split([p.numel() for p in self._maskable]))) \
+            if self.has_masks() else {}
+        maskable = {id(p) for p in self._maskable}
         rows = []
         for i, p in enumerate(self._all_params()):
             if id(p) not in maskable:
                 continue
-            m = self.state[p].get("mask") if p in self.state else None
+            m = masks.get(id(p))
             rows.append({
                 "name": self.param_name(p, i),
                 "shape": tuple(p.shape),
@@ -186,8 +222,10 @@ class _SparseSAM(SAM):
         if not self.renormalize:
             return super()._grad_norm(params, grads, adaptive, foreach)
         masks = [self.state[p]["mask"] for p in params]
-        segment = self._masks.segment(params, grads) if foreach and not adaptive else None
-        return grad_norm(params, grads, adaptive=adaptive, foreach=foreach, masks=masks, segment=segment)
+        segment = self._masks.segment(params, grads) if foreach and not adaptive and self._layout is None else None
+        norm = grad_norm(self._locals(params), self._locals(grads), adaptive=adaptive, foreach=foreach, masks=masks,
+                         segment=segment)
+        return self._global_norm(norm)
 
 
 class SSAMF(_SparseSAM):
@@ -231,19 +269,25 @@ class SSAMF(_SparseSAM):
         """Recompute the mask from the Fisher of ``num_samples`` examples of ``data`` (a Dataset or batches).
 
         ``reduce`` (distributed training) turns this process's Fisher into the sum over all processes, so that each
-        can measure its own share of the examples and every one still builds the same mask.
+        can measure its own share of the examples and every one still builds the same mask. FSDP-sharded
+        parameters: the Fisher is measured on full copies of them (``ssam.optim.sharded.unsharded``).
         """
-        with torch.enable_grad():
-            fisher = empirical_fisher(model, self.mask_params(), data, self.num_samples, loss_fn,
-                                      mode=self.fisher_mode, method=self.fisher_method, generator=generator)
+        with torch.enable_grad(), unsharded(model, self._maskable) if self._layout is not None \
+                else contextlib.nullcontext(self._maskable) as params:
+            fisher = empirical_fisher(model, params, data, self.num_samples, loss_fn, mode=self.fisher_mode,
+                                      method=self.fisher_method, generator=generator)
         self.set_mask_from_scores(reduce(fisher) if reduce is not None else fisher)
 
     @torch.no_grad()
     def set_mask_from_scores(self, scores: list[Tensor]) -> None:
         """Keep the ``num_live`` entries with the highest scores (one tensor per maskable parameter, in order); for
-        channel and tensor granularity the groups best-first by mean score that fit, for N:M the pattern."""
+        channel and tensor granularity the groups best-first by mean score that fit, for N:M the pattern.
+        Sharded: whole-tensor scores (the same on every rank), or each rank's local-shard scores (gathered)."""
         if self._granularity.kind == "element":
-            self.set_flat_mask(top_k_mask(_flat(scores).float(), self.num_live))
+            flat = _flat(scores).float()
+            if self._mask_layout is not None and flat.numel() != self._numel:
+                flat = self._mask_layout.gather(flat)
+            self.set_flat_mask(top_k_mask(flat, self.num_live))
         else:
             self.set_flat_mask(mask_from_scores(scores, self._granularity, self.num_live, self.cost_aware))
         self.num_updates += 1
@@ -307,7 +351,7 @@ class SSAMD(_SparseSAM):
         #: First maskable tensor whose groups may grow: the cost-aware cut of the initial mask (0 without it).
         self.grow_from = 0
         if self._granularity.kind == "element":
-            n = self._masks.numel
+            n = self._numel
             self.set_flat_mask(top_k_mask(torch.rand(n, generator=self._generator, device=device), self.num_live))
         else:
             flat, self.grow_from = random_mask(self._shapes(), self._granularity, self.num_live, cost_aware,
@@ -339,11 +383,12 @@ class SSAMD(_SparseSAM):
         lowest a real score can be, not NaN's place in the top-k rule: a broken gradient must not keep a weight)."""
         device = self._generator.device
         if strategy == "random":
-            return torch.rand(self._masks.numel, generator=self._generator, device=device)
-        srcs = [p.detach() if strategy == "weight" else p.grad for p in self._masks.params]
+            return torch.rand(self._numel, generator=self._generator, device=device)
+        srcs = self._locals([p.detach() if strategy == "weight" else p.grad for p in self._maskable])  # type: ignore
         # One concatenation instead of a copy per tensor: on an accelerator, launches are the cost.
-        return torch.cat([t.reshape(-1) for t in srcs]).to(device, torch.float32).abs_().nan_to_num_(  # type: ignore
+        flat = torch.cat([t.reshape(-1) for t in srcs]).to(device, torch.float32).abs_().nan_to_num_(
             nan=0.0, posinf=math.inf)
+        return flat if self._mask_layout is None else self._mask_layout.gather(flat)
 
     def _select(self, strategy: str, among: Tensor, m: int) -> Tensor:
         """Exactly ``m`` of the entries in ``among``: those ``strategy`` scores highest (ties: first positions)."""
@@ -366,7 +411,7 @@ class SSAMD(_SparseSAM):
         used = [s for s in (self.drop_strategy, self.growth_strategy) if s == "gradient"]
         if not used:
             return
-        maskable = {id(p) for p in self._masks.params}
+        maskable = {id(p) for p in self._maskable}
         missing = [self.param_name(p, i) for i, p in enumerate(self._all_params())
                    if id(p) in maskable and p.grad is None]
         if missing:
