@@ -69,12 +69,14 @@ def test_vit_weight_decay_groups_follow_timm():
     assert wd[id(names["blocks.0.attn.qkv.weight"])] == wd[id(names["head.weight"])] == 0.05
 
 
-def test_fisher_hooks_on_vit_linear_and_patch_layers_match_the_loop():
+def test_fisher_hooks_on_vit_linear_norm_and_patch_layers_match_the_loop():
     model = tiny_vit()
     x, y = batch(6)
-    # The layers hooks covers: every Linear (on token sequences too) and the patch embedding's Conv2d.
-    covered = [m.weight for m in model.modules() if type(m) in (nn.Linear, nn.Conv2d)]
-    covered += [m.bias for m in model.modules() if type(m) in (nn.Linear, nn.Conv2d) and m.bias is not None]
+    # The layers hooks covers: every Linear (on token sequences too), LayerNorm and the patch embedding's Conv2d.
+    kinds = (nn.Linear, nn.Conv2d, nn.LayerNorm)  # (timm's LayerNorm subclasses torch's)
+    covered = [m.weight for m in model.modules() if isinstance(m, kinds)]
+    covered += [m.bias for m in model.modules() if isinstance(m, kinds) and m.bias is not None]
+    assert any(isinstance(m, nn.LayerNorm) for m in model.modules())
     fast = empirical_fisher(model, covered, [(x, y)], 6, method="hooks")
     slow = empirical_fisher(model, covered, [(x, y)], 6, method="loop")
     for f, s in zip(fast, slow):

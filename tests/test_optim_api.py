@@ -419,3 +419,14 @@ def test_ssamf_update_mask_takes_one_batch_and_names_dict_batches():
     assert torch.equal(one.flat_mask(), many.flat_mask())
     with pytest.raises(ValueError, match=r"data: got a batch that is a dict with keys \['input', 'label'\]"):
         one.update_mask(m, [{"input": x, "label": y}])
+
+
+@pytest.mark.parametrize("method", ["loop", "hooks"])
+def test_fisher_in_train_mode_on_1x1_batchnorm_says_use_eval(method):
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Conv2d(1, 4, 3), nn.AdaptiveAvgPool2d(1), nn.BatchNorm2d(4), nn.Flatten(), nn.Linear(4, 3))
+    x, y = batch()
+    with pytest.raises(ValueError, match=r"^fisher_mode: got 'train', .* \(1x1 feature maps\); allowed: 'eval'"):
+        ssam.optim.empirical_fisher(m, list(m.parameters()), [(x.float(), y)], 4, method=method)
+    assert all(torch.isfinite(f).all() for f in
+               ssam.optim.empirical_fisher(m, list(m.parameters()), [(x.float(), y)], 4, mode="eval", method=method))

@@ -4,9 +4,9 @@ Three ways to get per-example gradients, giving the same numbers (tests compare 
 - ``loop``: one forward + backward per example. Works for any model; the slowest.
 - ``vmap``: ``torch.func.vmap(grad)`` over chunks of examples. Works for any functional model.
 - ``hooks``: one batched forward + backward per chunk; module hooks catch each layer's input and output gradient
-  and form the per-example weight gradients themselves (Linear, Conv2d, BatchNorm2d). Autograd never forms the
-  parameter gradients, so the pass costs a training step of the chunk with the weight-gradient products done per
-  example. Needs every Fisher parameter to sit in one of those layers, each called once per forward.
+  and form the per-example weight gradients themselves (Linear, Conv2d, BatchNorm2d, LayerNorm). Autograd never
+  forms the parameter gradients, so the pass costs a training step of the chunk with the weight-gradient products
+  done per example. Needs every Fisher parameter to sit in one of those layers, each called once per forward.
 ``auto``: ``hooks`` where the model allows it, else ``loop`` on a CPU and ``vmap`` on a GPU (see ``auto_method``).
 
 In training mode each example is its own BatchNorm batch in every method (the paper's code uses batch size 1):
@@ -129,6 +129,13 @@ def empirical_fisher(
                 _fisher_loop(model, params, examples, loss_fn, device, fisher)
             elif method == "vmap":
                 _fisher_vmap(model, params, examples, loss_fn, device, fisher, chunk_size or 32)
+    except ValueError as e:
+        # torch's words for a BatchNorm given one value per channel (batch of one, 1x1 map) in training mode
+        if mode == "train" and str(e).startswith("Expected more than 1"):
+            raise ValueError("fisher_mode: got 'train', where every example is its own BatchNorm batch, but a "
+                             "BatchNorm here sees one value per channel (1x1 feature maps); allowed: 'eval' (the "
+                             "running statistics) for this model") from None
+        raise
     finally:
         model.train(was_training)
         for p, g in zip(params, saved_grads):
@@ -189,7 +196,9 @@ def _fisher_vmap(model, params, examples, loss_fn, device, fisher, chunk_size) -
 
 
 # ---------------------------------------------------------------------------------------------- hooks
-_HOOKABLE = (nn.Linear, nn.Conv2d, nn.BatchNorm2d)
+_HOOKABLE = (nn.Linear, nn.Conv2d, nn.BatchNorm2d, nn.LayerNorm)
+# Subclasses whose forward is known to compute what their torch base does (timm's: F.layer_norm or its fused twin).
+_SAME_AS_BASE = {"timm.layers.norm.LayerNorm"}
 # Elements of input patches that the CPU path of _conv_fisher holds at a time (sized for a last-level cache), and
 # of patches or per-example gradients a GPU chunk may hold (large: there each launch should carry much work).
 _PATCH_BUDGET = 1 << 22
@@ -209,7 +218,9 @@ def hook_plan(model: nn.Module, params: list[Tensor], mode: str) -> tuple[dict |
 
     Examples stay independent in one batched pass when every module that normalises with batch statistics is a
     BatchNorm2d (replaced by its batch-of-one equivalent) and every Fisher parameter is the weight or bias of a
-    Linear, Conv2d (zero padding, one group) or BatchNorm2d. Exact types only: a subclass may change forward.
+    Linear, Conv2d (zero padding, one group), BatchNorm2d or LayerNorm (which never mixes examples). Parameters
+    used outside such a layer (a ViT's ``pos_embed`` and ``cls_token``) are not covered. Exact types only: a
+    subclass may change forward.
     What the plan cannot see: a model whose own forward code mixes the examples of a batch (no ordinary
     classifier does) would get wrong numbers; pass ``method="loop"`` for such a model.
     """
@@ -225,8 +236,8 @@ def hook_plan(model: nn.Module, params: list[Tensor], mode: str) -> tuple[dict |
         own = [(n, p) for n, p in mod.named_parameters(recurse=False) if id(p) in slot]
         if not own:
             continue
-        if type(mod) not in _HOOKABLE or any(n not in ("weight", "bias") for n, _ in own):
-            return None, f"{where} holds Fisher parameters and is not a plain Linear, Conv2d or BatchNorm2d"
+        if not _hookable(mod) or any(n not in ("weight", "bias") for n, _ in own):
+            return None, f"{where} holds Fisher parameters and is not a plain Linear, Conv2d, BatchNorm2d or LayerNorm"
         if isinstance(mod, nn.Conv2d) and (mod.groups != 1 or mod.padding_mode != "zeros" or mod.padding == "same"):
             return None, f"{where} uses groups, 'same' or non-zero padding"
         for _, p in own:
@@ -237,6 +248,11 @@ def hook_plan(model: nn.Module, params: list[Tensor], mode: str) -> tuple[dict |
     if len(found) != len(slot):
         return None, f"{len(slot) - len(found)} Fisher parameters are not weights of the model's modules"
     return plan, ""
+
+
+def _hookable(mod: nn.Module) -> bool:
+    cls = type(mod)
+    return cls in _HOOKABLE or f"{cls.__module__}.{cls.__qualname__}" in _SAME_AS_BASE
 
 
 @contextlib.contextmanager
@@ -318,6 +334,8 @@ def _hooked_pass(model, plan, xs, ys, loss_fn, fisher) -> None:
             _conv_fisher(mod, a, d, fw, fb, scratch)
         elif isinstance(mod, nn.Linear):
             _linear_fisher(a, d, fw, fb)
+        elif isinstance(mod, nn.LayerNorm):
+            _ln_fisher(mod, a, d, fw, fb)
         else:
             _bn_fisher(d, _normalized(mod, a, mod in per_example) if fw is not None else None, fw, fb)
         seen[mod] = (None, 0)  # let the activation go as soon as autograd is done with it
@@ -468,6 +486,16 @@ def _patches_last(mod: nn.Conv2d, a: Tensor, scratch: dict) -> Tensor:
             # In channels-last order each copied row is W*C contiguous numbers, not W.
             out[:, :, :, y, x].copy_(src[:, y * dh:y * dh + sh * (ho - 1) + 1:sh, x * dw:x * dw + sw * (wo - 1) + 1:sw])
     return out.view(b, ho * wo, kh * kw * c)
+
+
+def _ln_fisher(mod: nn.LayerNorm, a: Tensor, d: Tensor, fw: Tensor | None, fb: Tensor | None) -> None:
+    """Per example, LayerNorm's weight gradient is the sum over positions of d * (normalised input), its bias's of d."""
+    shape = (a.shape[0], -1, *mod.normalized_shape)
+    if fw is not None:
+        xhat = F.layer_norm(a, mod.normalized_shape, eps=mod.eps)
+        fw.add_((d * xhat).reshape(shape).sum(1).square_().sum(0))
+    if fb is not None:
+        fb.add_(d.reshape(shape).sum(1).square_().sum(0))
 
 
 def _bn_fisher(d, xhat, fw, fb) -> None:
