@@ -4,10 +4,23 @@ Every function takes a model, a loss function returning the batch mean, and a li
 ``(inputs, targets)`` batches, so it works the same from a notebook as from ``ssam hessian`` /
 ``ssam landscape`` / ``ssam sharpness``.  Plotting lives in :mod:`ssam.analysis.plots` (not imported
 here, so that importing the analysis does not pull in matplotlib).
+
+The Hessian side: :mod:`.operator` (the product ``H v`` and its graph cache), :mod:`.eigen` (Lanczos, power
+iteration), :mod:`.trace` (Hutchinson), :mod:`.density` (SLQ), :mod:`.per_layer`; :mod:`.profile` times
+them against PyHessian.  The commands live in :mod:`.commands`.
 """
 from .data import subset_batches
-from .hessian import (HessianOperator, analysis_mode, hessian_density, hessian_eigenvalues, hessian_trace,
-                      per_layer, prepare_batches, resolve_params, select_params)
+from .hessian import (
+                      HessianOperator,
+                      analysis_mode,
+                      hessian_density,
+                      hessian_eigenvalues,
+                      hessian_trace,
+                      per_layer,
+                      prepare_batches,
+                      resolve_params,
+                      select_params,
+)
 from .landscape import evaluate, evaluate_grid, interpolation_direction, random_direction
 from .sharpness import TABLE_COLUMNS, loss_increase, markdown_table, summarize_run
 

@@ -1,0 +1,1 @@
+"""The analysis commands, one module each (``hessian``, ``landscape``, ``sharpness``) over ``common``."""
