@@ -1,4 +1,5 @@
 """The data every example trains on: scikit-learn's 8x8 digits (ships with it, nothing downloads), as tensors."""
+
 import torch
 from sklearn.datasets import load_digits
 from torch import nn
@@ -13,8 +14,14 @@ def digits(batch_size: int = 64, limit: int = 512):
     y = torch.tensor(y[:limit])
     dataset = TensorDataset(x, y)
     model = nn.Sequential(
-        nn.Conv2d(1, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
-        nn.Conv2d(16, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(),
-        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 10),
+        nn.Conv2d(1, 16, 3, padding=1),
+        nn.BatchNorm2d(16),
+        nn.ReLU(),
+        nn.Conv2d(16, 32, 3, padding=1),
+        nn.BatchNorm2d(32),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(32, 10),
     )
     return model, dataset, DataLoader(dataset, batch_size=batch_size, shuffle=True)

@@ -1,4 +1,5 @@
 """BatchNorm statistics left alone in the second pass, and float16 with a scaler made for two backward passes."""
+
 import torch
 import torch.nn.functional as F
 from _digits import digits

@@ -1,4 +1,5 @@
 """SAM around SGD in a plain loop: two forward/backward passes per step."""
+
 import torch
 import torch.nn.functional as F
 from _digits import digits

@@ -1,4 +1,5 @@
 """SSAM-D: a random mask that drops and regrows entries every update_freq epochs (instance-style base optimizer)."""
+
 import torch
 import torch.nn.functional as F
 from _digits import digits
@@ -10,8 +11,8 @@ epochs = 3
 
 # [readme]
 base = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-opt = SSAMD(model.parameters(), base, rho=0.1, sparsity=0.5, drop_rate=0.5, drop_strategy="gradient",
-            growth_strategy="random", update_freq=1, T_start=0, T_end=epochs)
+drop_grow = dict(drop_rate=0.5, drop_strategy="gradient", growth_strategy="random", update_freq=1, T_end=epochs)
+opt = SSAMD(model.parameters(), base, rho=0.1, sparsity=0.5, **drop_grow)
 for epoch in range(epochs):
     for i, (x, y) in enumerate(loader):
         F.cross_entropy(model(x), y).backward()

@@ -1,4 +1,5 @@
 """Tiny data sets in the real on-disk formats (CIFAR python pickles, ImageFolder PNGs) for tests."""
+
 import pickle
 
 import numpy as np
@@ -22,9 +23,15 @@ def make_cifar10(root, seed=0, n=None):
     for k, name in enumerate(C10_FILES):
         imgs = rng.integers(0, 256, (n or N_PER_BATCH, 3, 32, 32), dtype=np.uint8)
         labels = [int(v) for v in rng.integers(0, 10, n or N_PER_BATCH)]
-        _dump(folder / name, {"batch_label": f"batch {k}", "labels": labels,
-                              "data": imgs.reshape(len(imgs), -1),
-                              "filenames": [f"img{i}.png" for i in range(len(imgs))]})
+        _dump(
+            folder / name,
+            {
+                "batch_label": f"batch {k}",
+                "labels": labels,
+                "data": imgs.reshape(len(imgs), -1),
+                "filenames": [f"img{i}.png" for i in range(len(imgs))],
+            },
+        )
         written[name] = (imgs, labels)
     return written
 
@@ -37,8 +44,10 @@ def make_cifar100(root, seed=1):
     for name in ("train", "test"):
         imgs = rng.integers(0, 256, (N_PER_BATCH, 3, 32, 32), dtype=np.uint8)
         fine = [int(v) for v in rng.integers(20, 100, N_PER_BATCH)]
-        _dump(folder / name, {"data": imgs.reshape(N_PER_BATCH, -1), "fine_labels": fine,
-                              "coarse_labels": [f // 5 for f in fine]})
+        _dump(
+            folder / name,
+            {"data": imgs.reshape(N_PER_BATCH, -1), "fine_labels": fine, "coarse_labels": [f // 5 for f in fine]},
+        )
         written[name] = (imgs, fine)
     return written
 
@@ -55,11 +64,14 @@ def make_imagefolder(root, train_classes=("cat", "dog"), val_classes=("cat", "do
                 _png(root / split / c / f"{i}.png", (40 * k, 100, 7 * i))
 
 
-
 # ---------------------------------------------------------------- IDX (MNIST / Fashion-MNIST)
 
-IDX_STEMS = {"train_images": "train-images-idx3-ubyte", "train_labels": "train-labels-idx1-ubyte",
-             "test_images": "t10k-images-idx3-ubyte", "test_labels": "t10k-labels-idx1-ubyte"}
+IDX_STEMS = {
+    "train_images": "train-images-idx3-ubyte",
+    "train_labels": "train-labels-idx1-ubyte",
+    "test_images": "t10k-images-idx3-ubyte",
+    "test_labels": "t10k-labels-idx1-ubyte",
+}
 
 
 def idx_file(path, array):

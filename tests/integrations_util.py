@@ -1,4 +1,5 @@
 """Helpers shared by the integration tests: run an example script, load one as a module."""
+
 from __future__ import annotations
 
 import importlib.util
@@ -13,10 +14,19 @@ EXAMPLES = ROOT / "examples" / "integrations"
 
 def run_example(name: str, *args: str, timeout: int = 300) -> str:
     """Run examples/integrations/NAME as a user would (its own process, no network) and return its stdout."""
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")]),
-           "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.run([sys.executable, str(EXAMPLES / name), *args], env=env, capture_output=True, text=True,
-                          timeout=timeout, cwd=ROOT)
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")]),
+        "HF_HUB_OFFLINE": "1",
+    }
+    proc = subprocess.run(
+        [sys.executable, str(EXAMPLES / name), *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=ROOT,
+    )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     return proc.stdout
 

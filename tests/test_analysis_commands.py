@@ -1,5 +1,6 @@
 """The analysis commands' newer surfaces: run folders as --checkpoint, --graph_memory, --help defaults, plot
 file names and labels, and the ssam-vs-PyHessian profile."""
+
 import importlib.util
 import json
 
@@ -30,9 +31,27 @@ def run_folder(tmp_path_factory):
 
 
 def hessian_args(checkpoint, out, *extra):
-    return parse(add_hessian_args, ["--checkpoint", str(checkpoint), "--num_samples", "40", "--batch_size", "16",
-                                    "--top_k", "1", "--max_iter", "40", "--device", "cpu", "--output", str(out),
-                                    "--quiet", *extra])
+    return parse(
+        add_hessian_args,
+        [
+            "--checkpoint",
+            str(checkpoint),
+            "--num_samples",
+            "40",
+            "--batch_size",
+            "16",
+            "--top_k",
+            "1",
+            "--max_iter",
+            "40",
+            "--device",
+            "cpu",
+            "--output",
+            str(out),
+            "--quiet",
+            *extra,
+        ],
+    )
 
 
 def test_run_folder_takes_best_then_last(run_folder, tmp_path, capsys):
@@ -54,8 +73,10 @@ def test_graph_memory_flag(run_folder, tmp_path):
     values = []
     for gib in ("auto", "0", "0.5"):
         out = tmp_path / gib
-        assert run_hessian(hessian_args(root / "runA", out, "--graph_memory", gib, "--trace",
-                                        "--trace_max_iter", "6")) == 0
+        assert (
+            run_hessian(hessian_args(root / "runA", out, "--graph_memory", gib, "--trace", "--trace_max_iter", "6"))
+            == 0
+        )
         res = json.loads((out / "hessian.json").read_text())
         values.append(res["eigenvalues"] + [res["trace"]["mean"]])
     np.testing.assert_allclose(values[1], values[0], rtol=1e-10)
@@ -65,9 +86,13 @@ def test_graph_memory_flag(run_folder, tmp_path):
             run_hessian(hessian_args(root / "runA", tmp_path / "x", "--graph_memory", bad))
 
 
-@pytest.mark.parametrize("add, shown", [(add_hessian_args, ["(default: 4096)", "(default: 5)", "(default: 0.0001)",
-                                                            "(default: auto)"]),
-                                        (add_landscape_args, ["(default: -1:1:41)", "(default: biasbn)"])])
+@pytest.mark.parametrize(
+    "add, shown",
+    [
+        (add_hessian_args, ["(default: 4096)", "(default: 5)", "(default: 0.0001)", "(default: auto)"]),
+        (add_landscape_args, ["(default: -1:1:41)", "(default: biasbn)"]),
+    ],
+)
 def test_help_shows_defaults(add, shown):
     p = ArgumentParser(prog="ssam x")
     add(p)
@@ -90,23 +115,45 @@ def test_2d_several_checkpoints_short_distinct_file_names(tmp_path):
     a = make_checkpoint(tmp_path / (LONG + "_a") / "best.pt", 0)
     make_checkpoint(tmp_path / (LONG + "_b") / "best.pt", 1)
     out = tmp_path / "l2"
-    argv = ["--checkpoint", str(tmp_path / (LONG + "_a")), str(tmp_path / (LONG + "_b")), "--dims", "2",
-            "--xrange", "-1:1:3", "--num_samples", "20", "--device", "cpu", "--output", str(out), "--quiet"]
+    argv = [
+        "--checkpoint",
+        str(tmp_path / (LONG + "_a")),
+        str(tmp_path / (LONG + "_b")),
+        "--dims",
+        "2",
+        "--xrange",
+        "-1:1:3",
+        "--num_samples",
+        "20",
+        "--device",
+        "cpu",
+        "--output",
+        str(out),
+        "--quiet",
+    ]
     assert run_landscape(parse(add_landscape_args, argv)) == 0
     pngs = sorted(p.name for p in out.glob("*.png"))
     assert len(pngs) == 4 and all(len(n) <= 60 for n in pngs), pngs
     assert pngs[0].startswith("landscape_contour_1_") and pngs[1].startswith("landscape_contour_2_")
     with np.load(out / "landscape.npz") as z:
-        assert z["loss"][0, 1, 1] == pytest.approx(float(
-            __import__("ssam.analysis", fromlist=["evaluate"]).evaluate(a, nn.CrossEntropyLoss(), subset(20))[0]),
-            rel=1e-5)
+        assert z["loss"][0, 1, 1] == pytest.approx(
+            float(__import__("ssam.analysis", fromlist=["evaluate"]).evaluate(a, nn.CrossEntropyLoss(), subset(20))[0]),
+            rel=1e-5,
+        )
 
 
 @pytest.mark.filterwarnings("ignore:Lanczos stopped", "ignore:.*create_graph.*")
 def test_profile_measures_the_same_work(run_folder):
     root, model = run_folder
-    source = {"checkpoint": str(root / "runA" / "best.pt"), "dataset": None, "datadir": None, "model": None,
-              "num_samples": 40, "batch_size": 16, "data_seed": 0}
+    source = {
+        "checkpoint": str(root / "runA" / "best.pt"),
+        "dataset": None,
+        "datadir": None,
+        "model": None,
+        "num_samples": 40,
+        "batch_size": 16,
+        "data_seed": 0,
+    }
     # A tight tolerance: at 1e-3 power iteration stalls on this model (0.20 for 0.47) while Lanczos is done.
     spec = {"source": source, "tol": 1e-6, "max_iter": 300, "trace_samples": 6, "seed": 0, "device": "cpu"}
     data = subset(40, batch_size=16)

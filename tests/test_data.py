@@ -5,13 +5,12 @@ import numpy as np
 import pytest
 import torch
 
-from ssam.data import (CIFAR_MEAN, CIFAR_STD, DATASETS, Cutout, DataInfo, GPULoader,
-                       build_datasets, cutout)
+from fakedata import C10_FILES, N_PER_BATCH, _dump, _png, make_cifar10, make_cifar100, make_imagefolder
+from ssam.data import CIFAR_MEAN, CIFAR_STD, DATASETS, Cutout, DataInfo, GPULoader, build_datasets, cutout
 from ssam.data.digits import split_indices
 from ssam.data.transforms import cutout_box
 from ssam.errors import UsageError
 
-from fakedata import C10_FILES, N_PER_BATCH, _dump, _png, make_cifar10, make_cifar100, make_imagefolder
 
 def closed_form(chw_uint8):
     mean = torch.tensor(CIFAR_MEAN).view(3, 1, 1)
@@ -66,7 +65,7 @@ def test_cifar_train_transform_is_a_shift_or_flip_of_the_image(tmp_path):
     pad_value = closed_form(np.zeros((3, 1, 1), np.uint8))
     padded = pad_value.expand(3, 40, 40).clone()
     padded[:, 4:36, 4:36] = ref
-    candidates = [padded[:, dy:dy + 32, dx:dx + 32] for dy in range(9) for dx in range(9)]
+    candidates = [padded[:, dy : dy + 32, dx : dx + 32] for dy in range(9) for dx in range(9)]
     candidates += [c.flip(2) for c in candidates]
     torch.manual_seed(0)
     for _ in range(5):
@@ -146,16 +145,16 @@ def test_cifar_garbage_file_names_it(tmp_path):
 
 def test_cifar_wrong_shape_names_file(tmp_path):
     make_cifar10(tmp_path)
-    _dump(tmp_path / "cifar-10-batches-py" / "test_batch",
-          {"data": np.zeros((10, 100), np.uint8), "labels": [0] * 10})
+    _dump(tmp_path / "cifar-10-batches-py" / "test_batch", {"data": np.zeros((10, 100), np.uint8), "labels": [0] * 10})
     msg = _usage_error("CIFAR10_base", str(tmp_path))
     assert "test_batch" in msg and "(10, 100)" in msg
 
 
 def test_cifar_label_count_mismatch(tmp_path):
     make_cifar10(tmp_path)
-    _dump(tmp_path / "cifar-10-batches-py" / "data_batch_5",
-          {"data": np.zeros((10, 3072), np.uint8), "labels": [0] * 9})
+    _dump(
+        tmp_path / "cifar-10-batches-py" / "data_batch_5", {"data": np.zeros((10, 3072), np.uint8), "labels": [0] * 9}
+    )
     assert "data_batch_5" in _usage_error("CIFAR10_base", str(tmp_path))
 
 
@@ -170,8 +169,7 @@ class _Exploit:
 def test_cifar_pickle_cannot_run_code(tmp_path):
     make_cifar10(tmp_path)
     marker = tmp_path / "pwned"
-    _dump(tmp_path / "cifar-10-batches-py" / "data_batch_1",
-          {"data": _Exploit(str(marker)), "labels": [0] * 10})
+    _dump(tmp_path / "cifar-10-batches-py" / "data_batch_1", {"data": _Exploit(str(marker)), "labels": [0] * 10})
     assert "data_batch_1" in _usage_error("CIFAR10_base", str(tmp_path))
     assert not marker.exists()
 
@@ -184,6 +182,7 @@ def test_download_only_when_asked(tmp_path, monkeypatch):
     def fake_cifar10(root, train=True, download=False, **kw):
         calls.append((root, download))
         from pathlib import Path
+
         make_cifar10(Path(root))
 
     monkeypatch.setattr(torchvision.datasets, "CIFAR10", fake_cifar10)
@@ -226,7 +225,7 @@ def test_cutout_transform_probability_and_shape():
             hits += 1
             rows, cols = zero.any(1).nonzero().flatten(), zero.any(0).nonzero().flatten()
             # A solid rectangle of at most 16x16 and at least 8x8 (centre in a corner).
-            assert zero[rows.min():rows.max() + 1, cols.min():cols.max() + 1].all()
+            assert zero[rows.min() : rows.max() + 1, cols.min() : cols.max() + 1].all()
             assert zero.sum() == len(rows) * len(cols)
             assert 8 <= len(rows) <= 16 and 8 <= len(cols) <= 16
     assert 160 < hits < 240
@@ -304,8 +303,7 @@ def test_digits_augmentation_is_a_one_pixel_shift():
     train, _, info = build_datasets("digits", None, augment=True)
     raw = train.data[5, 0]
     padded = torch.nn.functional.pad(raw, (1, 1, 1, 1))
-    shifts = [(padded[dy:dy + 8, dx:dx + 8] - info.mean[0]) / info.std[0]
-              for dy in range(3) for dx in range(3)]
+    shifts = [(padded[dy : dy + 8, dx : dx + 8] - info.mean[0]) / info.std[0] for dy in range(3) for dx in range(3)]
     torch.manual_seed(0)
     seen = set()
     for _ in range(30):
@@ -336,8 +334,7 @@ def test_gpuloader_batches_and_len():
 
 def test_gpuloader_every_example_once_and_deterministic_order():
     x, y = _tiny(n=37)
-    make = lambda seed: GPULoader(x, y, 8, mean=(0.5,) * 3, std=(0.25,) * 3, seed=seed,
-                                  padding=2, flip=True, cutout=3)
+    make = lambda seed: GPULoader(x, y, 8, mean=(0.5,) * 3, std=(0.25,) * 3, seed=seed, padding=2, flip=True, cutout=3)
     a, b = make(7), make(7)
     for epoch in range(3):
         labels = torch.cat([l for _, l in a])
@@ -345,8 +342,7 @@ def test_gpuloader_every_example_once_and_deterministic_order():
     a.set_epoch(2)
     b.set_epoch(2)
     batches_a, batches_b = list(a), list(b)
-    assert all(torch.equal(p[0], q[0]) and torch.equal(p[1], q[1])
-               for p, q in zip(batches_a, batches_b))
+    assert all(torch.equal(p[0], q[0]) and torch.equal(p[1], q[1]) for p, q in zip(batches_a, batches_b))
     order = lambda loader, e: (loader.set_epoch(e), torch.cat([l for _, l in loader]))[1]
     assert not torch.equal(order(a, 1), order(a, 2))
     assert not torch.equal(order(make(7), 0), order(make(8), 0))
@@ -370,7 +366,7 @@ def test_gpuloader_crop_flip_match_slow_reference():
                     for dx in range(5):
                         padded = torch.zeros(3, 9, 11)
                         padded[:, 2:7, 2:9] = img
-                        crop = padded[:, dy:dy + 5, dx:dx + 7]
+                        crop = padded[:, dy : dy + 5, dx : dx + 7]
                         for flip in (False, True):
                             ref = ((crop.flip(2) if flip else crop) - m) / s
                             if torch.allclose(out, ref, atol=1e-6):

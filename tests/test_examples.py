@@ -1,4 +1,5 @@
 """The README's loops are the files in examples/: each runs, and the README shows exactly its [readme] region."""
+
 import re
 import subprocess
 import sys

@@ -1,5 +1,6 @@
 """SSAM-F and SSAM-D with channel, tensor and N:M masks, checked against slow loops written here; the element mask
 unchanged; the skipping first pass against the renormalised full step."""
+
 import contextlib
 import copy
 import math
@@ -19,9 +20,16 @@ KINDS = ["element", "channel", "tensor", "2:4"]
 
 def tiny_net(channels_last=False, seed=0):
     torch.manual_seed(seed)
-    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),   # stem: reduction 27
-                          nn.Conv2d(4, 8, 3, padding=1), nn.ReLU(),                      # reduction 36
-                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 3))        # reduction 8
+    model = nn.Sequential(
+        nn.Conv2d(3, 4, 3, padding=1),
+        nn.BatchNorm2d(4),
+        nn.ReLU(),  # stem: reduction 27
+        nn.Conv2d(4, 8, 3, padding=1),
+        nn.ReLU(),  # reduction 36
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(8, 3),
+    )  # reduction 8
     model = model.double()
     return model.to(memory_format=torch.channels_last) if channels_last else model
 
@@ -38,9 +46,12 @@ def params(model):
 def planted(model, seed=2):
     """Distinct positive scores per entry, in each parameter's logical shape and memory layout."""
     g = torch.Generator().manual_seed(seed)
-    return [torch.rand(p.shape, generator=g, dtype=torch.float64).to(memory_format=torch.channels_last)
-            if p.dim() == 4 and not p.is_contiguous() else torch.rand(p.shape, generator=g, dtype=torch.float64)
-            for p in model.parameters()]
+    return [
+        torch.rand(p.shape, generator=g, dtype=torch.float64).to(memory_format=torch.channels_last)
+        if p.dim() == 4 and not p.is_contiguous()
+        else torch.rand(p.shape, generator=g, dtype=torch.float64)
+        for p in model.parameters()
+    ]
 
 
 def masks(opt, model):
@@ -123,8 +134,9 @@ def test_ssamf_structured_masks_follow_group_means(kind, channels_last, cost_awa
     n = sum(p.numel() for p in model.parameters())
     scores = planted(model)
     for sparsity in (0.3, 0.6, 0.9):
-        opt = SSAMF(model.parameters(), torch.optim.SGD, lr=0.1, sparsity=sparsity, granularity=kind,
-                    cost_aware=cost_aware)
+        opt = SSAMF(
+            model.parameters(), torch.optim.SGD, lr=0.1, sparsity=sparsity, granularity=kind, cost_aware=cost_aware
+        )
         opt.set_mask_from_scores(scores)
         budget = int(n * (1 - sparsity))
         expected = expected_structured(scores, kind, budget, cost_aware)
@@ -181,8 +193,18 @@ def test_ssamd_groups_die_and_regrow_whole(kind, cost_aware):
     model = tiny_net()
     shapes = [tuple(p.shape) for p in model.parameters()]
     n = sum(p.numel() for p in model.parameters())
-    opt = SSAMD(model.parameters(), torch.optim.SGD, lr=0.1, sparsity=0.6, granularity=kind, cost_aware=cost_aware,
-                drop_strategy="weight", growth_strategy="gradient", T_end=4, seed=0)
+    opt = SSAMD(
+        model.parameters(),
+        torch.optim.SGD,
+        lr=0.1,
+        sparsity=0.6,
+        granularity=kind,
+        cost_aware=cost_aware,
+        drop_strategy="weight",
+        growth_strategy="gradient",
+        T_end=4,
+        seed=0,
+    )
     budget = int(n * 0.4)
     for epoch in range(3):
         grads_and_weights(model, epoch)
@@ -199,8 +221,16 @@ def test_ssamd_groups_die_and_regrow_whole(kind, cost_aware):
 def test_ssamd_nm_keeps_the_pattern():
     model = tiny_net()
     shapes = [tuple(p.shape) for p in model.parameters()]
-    opt = SSAMD(model.parameters(), torch.optim.SGD, lr=0.1, granularity="2:4", drop_strategy="gradient",
-                growth_strategy="weight", T_end=4, seed=0)
+    opt = SSAMD(
+        model.parameters(),
+        torch.optim.SGD,
+        lr=0.1,
+        granularity="2:4",
+        drop_strategy="gradient",
+        growth_strategy="weight",
+        T_end=4,
+        seed=0,
+    )
     for epoch in range(3):
         grads_and_weights(model, epoch)
         old = flat_logical(masks(opt, model)).clone()
@@ -274,10 +304,12 @@ def make_pair(kind, renormalize_full, renormalize_skip=False, sparsity=0.6):
     m2 = copy.deepcopy(m1)
     scores = planted(m1)
     sparsity = None if ":" in kind else sparsity
-    o1 = SSAMF(m1.parameters(), torch.optim.SGD, lr=0.1, sparsity=sparsity, granularity=kind,
-               renormalize=renormalize_full)
-    o2 = SSAMF(m2.parameters(), torch.optim.SGD, lr=0.1, sparsity=sparsity, granularity=kind,
-               renormalize=renormalize_skip)
+    o1 = SSAMF(
+        m1.parameters(), torch.optim.SGD, lr=0.1, sparsity=sparsity, granularity=kind, renormalize=renormalize_full
+    )
+    o2 = SSAMF(
+        m2.parameters(), torch.optim.SGD, lr=0.1, sparsity=sparsity, granularity=kind, renormalize=renormalize_skip
+    )
     o1.set_mask_from_scores(scores)
     o2.set_mask_from_scores(scores)
     return m1, o1, m2, o2

@@ -1,4 +1,5 @@
 """Mask granularity helpers (ssam.optim.groups) against hand-computed cases and slow one-by-one references."""
+
 import math
 
 import numpy as np
@@ -21,18 +22,26 @@ from ssam.optim.groups import (
 
 
 # ------------------------------------------------------------------ parsing
-@pytest.mark.parametrize("value, expected", [
-    ("element", Granularity("element")), ("channel", Granularity("channel")), (" Tensor ", Granularity("tensor")),
-    ("2:4", Granularity("nm", 2, 4)), ("1:8", Granularity("nm", 1, 8)), ("4:16", Granularity("nm", 4, 16)),
-])
+@pytest.mark.parametrize(
+    "value, expected",
+    [
+        ("element", Granularity("element")),
+        ("channel", Granularity("channel")),
+        (" Tensor ", Granularity("tensor")),
+        ("2:4", Granularity("nm", 2, 4)),
+        ("1:8", Granularity("nm", 1, 8)),
+        ("4:16", Granularity("nm", 4, 16)),
+    ],
+)
 def test_parse_granularity_accepts(value, expected):
     g = parse_granularity(value)
     assert g == expected and parse_granularity(g) is g
     assert str(g) == value.strip().lower()
 
 
-@pytest.mark.parametrize("value", ["3:2", "0:4", "4:4", "2:x", "2:4:8", ":4", "-1:4", "2.0:4", "elements", "", None,
-                                   4, 0.5])
+@pytest.mark.parametrize(
+    "value", ["3:2", "0:4", "4:4", "2:x", "2:4:8", ":4", "-1:4", "2.0:4", "elements", "", None, 4, 0.5]
+)
 def test_parse_granularity_rejects(value):
     with pytest.raises(ValueError, match=r"^granularity: got .*allowed: 'element', 'channel', 'tensor', or 'N:M'") as e:
         parse_granularity(value)
@@ -90,10 +99,12 @@ SHAPES = [(2, 3), (3,), (2, 1, 2, 2), ()]
 
 
 def planted_scores():
-    return [torch.tensor([[1.0, 1.0, 1.0], [9.0, 0.0, 0.0]]),   # row means 1, 3; tensor mean 2
-            torch.tensor([0.5, 4.0, 2.5]),                         # entries on their own; tensor mean 7/3
-            torch.arange(8.0).reshape(2, 1, 2, 2),                 # row means 1.5, 5.5; tensor mean 3.5
-            torch.tensor(10.0)]                                    # one entry
+    return [
+        torch.tensor([[1.0, 1.0, 1.0], [9.0, 0.0, 0.0]]),  # row means 1, 3; tensor mean 2
+        torch.tensor([0.5, 4.0, 2.5]),  # entries on their own; tensor mean 7/3
+        torch.arange(8.0).reshape(2, 1, 2, 2),  # row means 1.5, 5.5; tensor mean 3.5
+        torch.tensor(10.0),
+    ]  # one entry
 
 
 def test_group_layout_follows_flat_order():
@@ -173,14 +184,16 @@ def nm_reference(score, n, m):
     out = []
     for row in flat:
         for start in range(0, len(row), m):
-            run = row[start:start + m]
+            run = row[start : start + m]
             best = sorted(range(m), key=lambda j: (-run[j], j))[:n]
             out.extend(j in best for j in range(m))
     return torch.tensor(out).reshape(score.shape)
 
 
-@pytest.mark.parametrize("shape, channels_last", [((6, 8), False), ((4, 2, 2, 2), False), ((8, 4, 3, 3), False),
-                                                   ((4, 2, 2, 2), True), ((8, 4, 3, 3), True)])
+@pytest.mark.parametrize(
+    "shape, channels_last",
+    [((6, 8), False), ((4, 2, 2, 2), False), ((8, 4, 3, 3), False), ((4, 2, 2, 2), True), ((8, 4, 3, 3), True)],
+)
 def test_nm_mask_follows_planted_scores(shape, channels_last):
     out, red = shape[0], math.prod(shape[1:])
     # Planted: in row o, the run positions j with (o + j) % 4 in {0, 1} score high; ties elsewhere are by position.
@@ -213,7 +226,7 @@ def test_nm_mask_random_scores_match_reference_with_ties():
 
 def test_nm_mask_vectors_fully_live_and_odd_reduction_elementwise():
     g = torch.Generator().manual_seed(6)
-    stem = torch.rand(8, 3, 3, 3, generator=g)     # reduction 27: not a multiple of 4
+    stem = torch.rand(8, 3, 3, 3, generator=g)  # reduction 27: not a multiple of 4
     bias, bn = torch.rand(8, generator=g), torch.rand(8, generator=g)
     lin = torch.rand(4, 8, generator=g)
     mask = nm_mask([stem, bias, lin, bn], 2, 4)
@@ -231,8 +244,8 @@ def drop_grow_reference(live, shapes, kind, drop, grow, budget, rate, grow_from=
     owner = group_owner(shapes, kind).tolist()
     starts = np.cumsum([0] + sizes[:-1]).tolist()
     lv = [bool(live[s]) for s in starts]
-    dk = [float(drop[s:s + z].double().mean()) for s, z in zip(starts, sizes)]
-    gk = [float(grow[s:s + z].double().mean()) for s, z in zip(starts, sizes)]
+    dk = [float(drop[s : s + z].double().mean()) for s, z in zip(starts, sizes)]
+    gk = [float(grow[s : s + z].double().mean()) for s, z in zip(starts, sizes)]
     n_live = sum(lv)
     n_die = min(n_live - int(n_live * (1 - rate)), len(lv) - n_live)
     dying = sorted((i for i in range(len(lv)) if lv[i]), key=lambda i: (dk[i], i))[:n_die]
@@ -285,7 +298,7 @@ def nm_drop_grow_reference(live, shapes, n, m, drop, grow, rate):
         out[i] = False
     for b, (start, size, _) in enumerate(blocks):
         dead = [i for i in range(start, start + size) if not live[i]]
-        for i in sorted(dead, key=lambda i: (-float(grow[i]), i))[:killed[b]]:
+        for i in sorted(dead, key=lambda i: (-float(grow[i]), i))[: killed[b]]:
             out[i] = True
     return out
 
@@ -303,5 +316,5 @@ def test_nm_drop_grow_matches_reference_and_keeps_the_pattern():
             new = nm_drop_grow(live, shapes, n, m, drop, grow, rate)
             assert torch.equal(new, nm_drop_grow_reference(live, shapes, n, m, drop, grow, rate))
             assert int(new.sum()) == int(live.sum())
-            lin = new[12 + 4:12 + 4 + 48].reshape(-1, m)
+            lin = new[12 + 4 : 12 + 4 + 48].reshape(-1, m)
             assert torch.equal(lin.sum(1), torch.full((lin.shape[0],), n))

@@ -1,5 +1,6 @@
 """The graph cache of HessianOperator: cached, partly cached and rebuilt products all equal the exact H v,
 and no result depends on the batching, the vectors per pass or the cache bound beyond float rounding."""
+
 import numpy as np
 import pytest
 import torch
@@ -75,8 +76,7 @@ def test_trace_samples_do_not_depend_on_vectors_per_pass_or_batching():
     ref = hessian_trace(model, loss_fn, batches, max_iter=9, tol=0, vectors_per_pass=1, seed=4)
     assert ref[2] == 9  # tol=0: exactly max_iter samples
     for vpp, data, bound in ((4, batches, None), (9, batches, 0), (2, whole, None), (5, whole, 0)):
-        got = hessian_trace(model, loss_fn, data, max_iter=9, tol=0, vectors_per_pass=vpp, seed=4,
-                            graph_memory=bound)
+        got = hessian_trace(model, loss_fn, data, max_iter=9, tol=0, vectors_per_pass=vpp, seed=4, graph_memory=bound)
         np.testing.assert_allclose(got, ref, rtol=1e-10)
     # ... and the mean of the samples is the Hutchinson estimate of the exact trace.
     exact = float(torch.trace(exact_hessian(model, loss_fn, batches)))
@@ -100,8 +100,15 @@ def test_values_only_stop_as_accurate_in_fewer_products(kind):
         counts = []
         for vectors in (False, True):
             n = [0]
-            out = hessian_eigenvalues(model, loss_fn, batches, top_k=2, tol=tol, return_eigenvectors=vectors,
-                                      progress=lambda k: n.__setitem__(0, n[0] + k))
+            out = hessian_eigenvalues(
+                model,
+                loss_fn,
+                batches,
+                top_k=2,
+                tol=tol,
+                return_eigenvectors=vectors,
+                progress=lambda k: n.__setitem__(0, n[0] + k),
+            )
             vals = out[0] if vectors else out
             assert np.all(np.abs(np.asarray(vals) - exact) <= tol * np.abs(exact) + 1e-12), (tol, vectors)
             counts.append(n[0])

@@ -1,4 +1,5 @@
 """MNIST / Fashion-MNIST from IDX files, and label noise: tested on small files written here (plain and gzip)."""
+
 import gzip
 
 import numpy as np
@@ -43,8 +44,7 @@ def test_idx_round_trip_plain_and_gzip(tmp_path, gz):
     assert y == int(written["test_labels"][5])
 
 
-@pytest.mark.parametrize("name,sub", [("FashionMNIST", "FashionMNIST/raw"), ("MNIST", "MNIST/raw"),
-                                      ("MNIST", "MNIST")])
+@pytest.mark.parametrize("name,sub", [("FashionMNIST", "FashionMNIST/raw"), ("MNIST", "MNIST/raw"), ("MNIST", "MNIST")])
 def test_torchvision_layout_is_found(tmp_path, name, sub):
     written = make_idx(tmp_path / sub, gz=True, seed=3)
     train, _, _ = build_datasets(name, str(tmp_path))
@@ -66,14 +66,17 @@ def test_parse_idx_matches_an_independent_writer(tmp_path):
     np.testing.assert_array_equal(parse_idx(idx_bytes(arr[0, 0]), LABELS_MAGIC, "x", "fix"), arr[0, 0])
 
 
-@pytest.mark.parametrize("setup,expect", [
-    ("idx_bad_magic", "magic number 0x00000801, expected 0x00000803"),
-    ("idx_short_file", "the header says 12 x 28 x 28 (9424 bytes with the header) but the file holds 9324 bytes"),
-    ("idx_count_mismatch", "holds 40 images but"),
-    ("idx_label_10", "has label 10 at index 7; allowed: 0-9"),
-    ("idx_truncated_gzip", "is truncated: the gzip stream ends early"),
-    ("idx_missing_file", "is incomplete: missing t10k-labels-idx1-ubyte"),
-])
+@pytest.mark.parametrize(
+    "setup,expect",
+    [
+        ("idx_bad_magic", "magic number 0x00000801, expected 0x00000803"),
+        ("idx_short_file", "the header says 12 x 28 x 28 (9424 bytes with the header) but the file holds 9324 bytes"),
+        ("idx_count_mismatch", "holds 40 images but"),
+        ("idx_label_10", "has label 10 at index 7; allowed: 0-9"),
+        ("idx_truncated_gzip", "is truncated: the gzip stream ends early"),
+        ("idx_missing_file", "is incomplete: missing t10k-labels-idx1-ubyte"),
+    ],
+)
 def test_malformed_files_are_one_line(tmp_path, setup, expect):
     IDX_SETUPS[setup](tmp_path)
     msg = _error("FashionMNIST", tmp_path)
@@ -114,7 +117,7 @@ def _crops(img, mean, std, pad, flips):
     out = {}
     for dy in range(2 * pad + 1):
         for dx in range(2 * pad + 1):
-            crop = padded[:, dy:dy + 28, dx:dx + 28]
+            crop = padded[:, dy : dy + 28, dx : dx + 28]
             for flip in flips:
                 out[(dy, dx, flip)] = ((crop.flip(-1) if flip else crop) - mean) / std
     return out
@@ -164,9 +167,31 @@ def test_train_cli_runs_a_few_steps(tmp_path, gz, extra, one_thread):
     from ssam.cli import main
 
     make_idx(tmp_path / "data", n_train=64, n_test=20, gz=gz)
-    rc = main(["train", "--dataset", "FashionMNIST", "--datadir", str(tmp_path / "data"), "--model", "cnn_small",
-               "--opt", "sam-sgd", "--epochs", "1", "--batch_size", "16", "--num_workers", "0", "--quiet",
-               "--output_dir", str(tmp_path / "out"), "--output_name", "r", *extra])
+    rc = main(
+        [
+            "train",
+            "--dataset",
+            "FashionMNIST",
+            "--datadir",
+            str(tmp_path / "data"),
+            "--model",
+            "cnn_small",
+            "--opt",
+            "sam-sgd",
+            "--epochs",
+            "1",
+            "--batch_size",
+            "16",
+            "--num_workers",
+            "0",
+            "--quiet",
+            "--output_dir",
+            str(tmp_path / "out"),
+            "--output_name",
+            "r",
+            *extra,
+        ]
+    )
     assert rc == 0
     assert (tmp_path / "out" / "r" / "last.pt").is_file()
 
@@ -174,8 +199,19 @@ def test_train_cli_runs_a_few_steps(tmp_path, gz, extra, one_thread):
 # ---------------------------------------------------------------- label noise
 
 
-@pytest.mark.parametrize("p,n,k", [(0.15, 10, 2), (0.25, 10, 3), (0.05, 10, 1), (0.1, 7, 1), (0.4, 60000, 24000),
-                                   (0.0, 9, 0), (0.3, 1, 0), (0.999, 3, 3)])
+@pytest.mark.parametrize(
+    "p,n,k",
+    [
+        (0.15, 10, 2),
+        (0.25, 10, 3),
+        (0.05, 10, 1),
+        (0.1, 7, 1),
+        (0.4, 60000, 24000),
+        (0.0, 9, 0),
+        (0.3, 1, 0),
+        (0.999, 3, 3),
+    ],
+)
 def test_noise_count_is_p_times_n_rounded_half_up(p, n, k):
     assert noise_count(p, n) == k
 

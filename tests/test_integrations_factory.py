@@ -1,4 +1,5 @@
 """ssam.create_optimizer: every --opt form, keyword routing, timm's no-decay groups, one-line errors."""
+
 from __future__ import annotations
 
 import pytest
@@ -20,8 +21,9 @@ SPARSE = {"sam": {}, "ssamf": dict(sparsity=0.5), "ssamd": dict(sparsity=0.5, se
 @pytest.mark.parametrize("name", OPT_NAMES)
 def test_every_opt_form_builds_its_classes(name):
     wrapper, base = parse_opt(name)
-    opt = ssam.create_optimizer(net(), name.upper() if name == "sam-sgd" else name, lr=0.1,
-                                **(SPARSE[wrapper] if wrapper else {}))
+    opt = ssam.create_optimizer(
+        net(), name.upper() if name == "sam-sgd" else name, lr=0.1, **(SPARSE[wrapper] if wrapper else {})
+    )
     if wrapper is None:
         assert type(opt) is BASE_OPTIMIZERS[base]
     else:
@@ -30,8 +32,9 @@ def test_every_opt_form_builds_its_classes(name):
 
 
 def test_keywords_reach_wrapper_and_base():
-    opt = ssam.create_optimizer(net(), "ssamf-adamw", lr=1e-3, rho=0.1, sparsity=0.75, num_samples=8,
-                                eps=1e-6, betas=(0.8, 0.9))
+    opt = ssam.create_optimizer(
+        net(), "ssamf-adamw", lr=1e-3, rho=0.1, sparsity=0.75, num_samples=8, eps=1e-6, betas=(0.8, 0.9)
+    )
     assert opt.sparsity == 0.75 and opt.num_samples == 8 and opt.param_groups[0]["rho"] == 0.1
     assert opt.base_optimizer.defaults["eps"] == 1e-6 and opt.base_optimizer.defaults["betas"] == (0.8, 0.9)
     sgd = ssam.create_optimizer(net(), "sam-sgd", lr=0.1, momentum=0.9, nesterov=True)
@@ -55,8 +58,9 @@ def test_sam_from_factory_steps_like_sam_built_by_hand():
 
 def test_no_decay_bias_norm_groups():
     model = net()
-    opt = ssam.create_optimizer(model, "ssamd-sgd", lr=0.1, weight_decay=5e-4, no_decay_bias_norm=True,
-                                **SPARSE["ssamd"])
+    opt = ssam.create_optimizer(
+        model, "ssamd-sgd", lr=0.1, weight_decay=5e-4, no_decay_bias_norm=True, **SPARSE["ssamd"]
+    )
     decay = {id(p) for g in opt.param_groups if g["weight_decay"] == 5e-4 for p in g["params"]}
     none = {id(p) for g in opt.param_groups if g["weight_decay"] == 0.0 for p in g["params"]}
     assert decay == {id(model[0].weight), id(model[3].weight)}
@@ -83,13 +87,16 @@ def test_model_no_weight_decay_names_are_honoured():
     assert wd[id(model.pos_embed)] == 0.0 and wd[id(model.head.weight)] == 0.05
 
 
-@pytest.mark.parametrize("opt, kw, match", [
-    ("sam-sdg", {}, "did you mean 'sam-sgd'"),
-    ("lion", {}, "choose from"),
-    ("sgd", {"rho": 0.1}, "takes no SAM settings"),
-    ("ssamf-sgd", {"seed": 1}, "seed: got 1"),
-    ("ssamd-adamw", {"sparsity": 1.5}, "sparsity: got 1.5"),
-])
+@pytest.mark.parametrize(
+    "opt, kw, match",
+    [
+        ("sam-sdg", {}, "did you mean 'sam-sgd'"),
+        ("lion", {}, "choose from"),
+        ("sgd", {"rho": 0.1}, "takes no SAM settings"),
+        ("ssamf-sgd", {"seed": 1}, "seed: got 1"),
+        ("ssamd-adamw", {"sparsity": 1.5}, "sparsity: got 1.5"),
+    ],
+)
 def test_bad_input_is_one_line_value_error(opt, kw, match):
     with pytest.raises(ValueError, match=match) as e:
         ssam.create_optimizer(net(), opt, lr=0.1, **kw)

@@ -4,6 +4,7 @@ One spawn runs all three: parameters are DTensors sharded on dim 0 (uneven here:
 optimizers work on the local shards with one all-reduce for the norm, and each mask is a global top-k gathered
 across the ranks. The references are the same models unsharded, seeing every rank's examples at once.
 """
+
 from __future__ import annotations
 
 import os
@@ -117,4 +118,3 @@ def test_sam_and_ssam_over_fully_shard_equal_unsharded(tmp_path):
         assert not torch.equal(weights["0.weight"], _net().state_dict()["0.weight"])  # it trained
     if len(masks) == 2:
         assert not torch.equal(masks[0], masks[1])  # SSAM-D's update moved the mask
-

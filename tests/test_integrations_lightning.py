@@ -1,4 +1,5 @@
 """Lightning with automatic optimization against a plain loop built from first_step / second_step."""
+
 from __future__ import annotations
 
 import pytest
@@ -14,8 +15,11 @@ from integrations_util import last_value, load_example, run_example  # noqa: E40
 from ssam.integrations.lightning import SAMCallback, SAMMixedPrecision  # noqa: E402
 
 OPT_KW = dict(lr=0.1, momentum=0.9, rho=0.05)
-SPARSE_KW = {"sam-sgd": {}, "ssamf-sgd": dict(sparsity=0.5, num_samples=16),
-             "ssamd-sgd": dict(sparsity=0.5, seed=3, T_end=4)}
+SPARSE_KW = {
+    "sam-sgd": {},
+    "ssamf-sgd": dict(sparsity=0.5, num_samples=16),
+    "ssamd-sgd": dict(sparsity=0.5, seed=3, T_end=4),
+}
 
 
 def make_data(n=48):
@@ -53,23 +57,29 @@ class Net(L.LightningModule):
 
 
 def fit(module, epochs=2, batch_size=8, callbacks=(), ckpt_path=None, **trainer_kw):
-    trainer = L.Trainer(max_epochs=epochs, accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
-                        enable_model_summary=False, enable_checkpointing=any(
-                            isinstance(c, L.callbacks.ModelCheckpoint) for c in callbacks),
-                        callbacks=[SAMCallback(seed=5), *callbacks], **trainer_kw)
+    trainer = L.Trainer(
+        max_epochs=epochs,
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=any(isinstance(c, L.callbacks.ModelCheckpoint) for c in callbacks),
+        callbacks=[SAMCallback(seed=5), *callbacks],
+        **trainer_kw,
+    )
     trainer.fit(module, DataLoader(make_data(), batch_size=batch_size, shuffle=False), ckpt_path=ckpt_path)
     return trainer
 
 
-def plain_loop(opt_name, epochs=2, batch_size=8, accum=1, clip=None, sched=False, autocast=None, scaler=None,
-               **kw):
+def plain_loop(opt_name, epochs=2, batch_size=8, accum=1, clip=None, sched=False, autocast=None, scaler=None, **kw):
     """SAM by hand: pass one over the micro-batches at w, first_step, pass two at w + e, second_step."""
     net = make_net()
     opt = ssam.create_optimizer(net, opt_name, **OPT_KW, **kw)
     lr_sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5) if sched else None
     data = make_data()
     batches = list(DataLoader(data, batch_size=batch_size // accum, shuffle=False))
-    windows = [batches[i:i + accum] for i in range(0, len(batches), accum)]
+    windows = [batches[i : i + accum] for i in range(0, len(batches), accum)]
 
     def backward(window):
         for x, y in window:
@@ -82,7 +92,7 @@ def plain_loop(opt_name, epochs=2, batch_size=8, accum=1, clip=None, sched=False
     for epoch in range(epochs):
         if opt_name.startswith("ssamf") and (epoch % opt.update_freq == 0 or not opt.has_masks()):
             g = torch.Generator().manual_seed(5 * 7919 + epoch)
-            idx = torch.randperm(len(data), generator=g)[:opt.num_samples]
+            idx = torch.randperm(len(data), generator=g)[: opt.num_samples]
             opt.update_mask(net, [data[idx]])
         for step, window in enumerate(windows):
             opt.zero_grad()
@@ -138,8 +148,8 @@ def test_gradient_clipping_and_lr_scheduler():
     trainer = fit(module, epochs=3, gradient_clip_val=0.05)
     ref, ref_opt = plain_loop("sam-sgd", epochs=3, clip=0.05, sched=True)
     assert_same_weights(module.net, ref)
-    assert trainer.optimizers[0].param_groups[0]["lr"] == pytest.approx(0.1 * 0.5 ** 3)
-    assert ref_opt.param_groups[0]["lr"] == pytest.approx(0.1 * 0.5 ** 3)
+    assert trainer.optimizers[0].param_groups[0]["lr"] == pytest.approx(0.1 * 0.5**3)
+    assert ref_opt.param_groups[0]["lr"] == pytest.approx(0.1 * 0.5**3)
 
 
 def test_bf16_mixed_matches_autocast_loop():
@@ -149,7 +159,7 @@ def test_bf16_mixed_matches_autocast_loop():
     assert_same_weights(module.net, ref, atol=1e-5)
 
 
-@pytest.mark.parametrize("init_scale", [2.0 ** 8, 2.0 ** 120])
+@pytest.mark.parametrize("init_scale", [2.0**8, 2.0**120])
 def test_fp16_plugin_matches_two_pass_scaler(init_scale):
     # float16 autocast on the CPU: the plugin's logic, not a GPU's numbers (see the module docstring).
     module = Net("sam-sgd")
@@ -159,7 +169,7 @@ def test_fp16_plugin_matches_two_pass_scaler(init_scale):
     ref, _ = plain_loop("sam-sgd", autocast=torch.float16, scaler=scaler)
     assert_same_weights(module.net, ref, atol=1e-5)
     assert plugin.scaler.skipped_steps == scaler.skipped_steps
-    assert (scaler.skipped_steps > 0) == (init_scale > 2.0 ** 100)
+    assert (scaler.skipped_steps > 0) == (init_scale > 2.0**100)
 
 
 @pytest.mark.parametrize("opt_name", ["ssamd-sgd", "ssamf-sgd"])
@@ -204,19 +214,39 @@ def test_ddp_two_gloo_processes_match_one_process(tmp_path):
     # perm[r::2], so a step's 2 x 8 examples are perm[16 s : 16 s + 16]. With both passes synchronised, that is one
     # process stepping on those 16 (mean gradient of the same examples).
     out = tmp_path / "ddp.pt"
-    run_example("lightning_ssam.py", "--epochs", "2", "--devices", "2", "--opt", "ssamd-sgd", "--batch_size", "8",
-                "--save", str(out))
+    run_example(
+        "lightning_ssam.py",
+        "--epochs",
+        "2",
+        "--devices",
+        "2",
+        "--opt",
+        "ssamd-sgd",
+        "--batch_size",
+        "8",
+        "--save",
+        str(out),
+    )
     ex = load_example("lightning_ssam.py")
     L.seed_everything(0, verbose=False)
     model = ex.Classifier("ssamd-sgd", 0.05)
-    opt = ssam.create_optimizer(model, "ssamd-sgd", lr=0.05, momentum=0.9, weight_decay=5e-4,
-                                no_decay_bias_norm=True, rho=0.05, sparsity=0.5, seed=0)
+    opt = ssam.create_optimizer(
+        model,
+        "ssamd-sgd",
+        lr=0.05,
+        momentum=0.9,
+        weight_decay=5e-4,
+        no_decay_bias_norm=True,
+        rho=0.05,
+        sparsity=0.5,
+        seed=0,
+    )
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=2)
     data = ex.synthetic()
     for epoch in range(2):
         perm = torch.randperm(len(data), generator=torch.Generator().manual_seed(epoch))
         for step in range(len(data) // 16):
-            x, y = data[perm[16 * step:16 * step + 16]]
+            x, y = data[perm[16 * step : 16 * step + 16]]
             opt.zero_grad()
             F.cross_entropy(model(x), y).backward()
             if step == 0:

@@ -1,4 +1,5 @@
 """timm models with every optimizer; the Fisher's hooks path on a tiny ViT against the per-example loop."""
+
 from __future__ import annotations
 
 import subprocess
@@ -18,14 +19,18 @@ from ssam.models import build_model  # noqa: E402
 from ssam.optim.fisher import empirical_fisher  # noqa: E402
 
 # fisher_mode="eval": at 32x32 a ResNet's last BatchNorm sees 1x1 maps, which a batch of one cannot normalise.
-SETTINGS = {"sam-sgd": {}, "ssamf-sgd": dict(sparsity=0.8, num_samples=8, fisher_mode="eval"),
-            "ssamd-sgd": dict(sparsity=0.8, seed=0)}
+SETTINGS = {
+    "sam-sgd": {},
+    "ssamf-sgd": dict(sparsity=0.8, num_samples=8, fisher_mode="eval"),
+    "ssamd-sgd": dict(sparsity=0.8, seed=0),
+}
 
 
 def tiny_vit(num_classes=3):
     torch.manual_seed(0)
-    return build_timm_model("vit_tiny_patch16_224", num_classes, image_size=16, patch_size=8, depth=2,
-                            embed_dim=32, num_heads=2)
+    return build_timm_model(
+        "vit_tiny_patch16_224", num_classes, image_size=16, patch_size=8, depth=2, embed_dim=32, num_heads=2
+    )
 
 
 def small_resnet(num_classes=3):
@@ -43,8 +48,16 @@ def batch(n=8, size=16):
 def test_timm_models_train_with_each_optimizer(make, opt_name):
     model = make()
     x, y = batch(4, size=32 if make is small_resnet else 16)
-    opt = ssam.create_optimizer(model, opt_name, lr=0.05, momentum=0.9, weight_decay=1e-4,
-                                no_decay_bias_norm=True, rho=0.05, **SETTINGS[opt_name])
+    opt = ssam.create_optimizer(
+        model,
+        opt_name,
+        lr=0.05,
+        momentum=0.9,
+        weight_decay=1e-4,
+        no_decay_bias_norm=True,
+        rho=0.05,
+        **SETTINGS[opt_name],
+    )
     if opt_name.startswith("ssamf"):
         opt.update_mask(model, [(x, y)])
     opt.closure_passes = "both"
@@ -110,9 +123,11 @@ def test_fisher_hooks_on_timm_resnet_match_the_loop():
 def test_build_model_errors_are_one_line():
     with pytest.raises(UsageError, match="did you mean 'resnet10t'"):
         build_model("timm:resnet10", 3)
-    code = ("import sys; sys.modules['timm'] = None\n"
-            "from ssam.models import build_model\n"
-            "try:\n    build_model('timm:resnet10t', 3)\n"
-            "except Exception as e:\n    print(type(e).__name__, e)\n")
+    code = (
+        "import sys; sys.modules['timm'] = None\n"
+        "from ssam.models import build_model\n"
+        "try:\n    build_model('timm:resnet10t', 3)\n"
+        "except Exception as e:\n    print(type(e).__name__, e)\n"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120).stdout
     assert out.startswith("UsageError") and "pip install 'sparse-sam[timm]'" in out and out.count("\n") == 1

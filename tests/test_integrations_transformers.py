@@ -1,4 +1,5 @@
 """SAMTrainer (Hugging Face Trainer) against a plain first_step / second_step loop; resume; bf16; the example."""
+
 from __future__ import annotations
 
 import os
@@ -28,9 +29,21 @@ class OrderedTrainer(SAMTrainer):
 
 
 def args_for(tmp_path, **kw):
-    base = dict(output_dir=str(tmp_path), num_train_epochs=1, per_device_train_batch_size=16, learning_rate=0.05,
-                lr_scheduler_type="constant", max_grad_norm=0.0, weight_decay=0.0, logging_steps=1,
-                save_strategy="no", report_to="none", use_cpu=True, seed=0, disable_tqdm=True)
+    base = dict(
+        output_dir=str(tmp_path),
+        num_train_epochs=1,
+        per_device_train_batch_size=16,
+        learning_rate=0.05,
+        lr_scheduler_type="constant",
+        max_grad_norm=0.0,
+        weight_decay=0.0,
+        logging_steps=1,
+        save_strategy="no",
+        report_to="none",
+        use_cpu=True,
+        seed=0,
+        disable_tqdm=True,
+    )
     return TrainingArguments(**{**base, **kw})
 
 
@@ -39,8 +52,8 @@ def plain_loop(data, opt_name, batch_size, accum, epochs=1, **sam_kw):
 
     model = example.tiny_bert()
     opt = ssam.create_optimizer(model, opt_name, lr=0.05, no_decay_bias_norm=True, **sam_kw)
-    micro = [default_data_collator(data[i:i + batch_size]) for i in range(0, len(data), batch_size)]
-    windows = [micro[i:i + accum] for i in range(0, len(micro), accum)]
+    micro = [default_data_collator(data[i : i + batch_size]) for i in range(0, len(data), batch_size)]
+    windows = [micro[i : i + accum] for i in range(0, len(micro), accum)]
 
     def backward(window):
         for b in window:
@@ -60,10 +73,18 @@ def plain_loop(data, opt_name, batch_size, accum, epochs=1, **sam_kw):
 
 
 def train(tmp_path, sam, accum=1, batch_size=16, epochs=1, resume=None, **kw):
-    trainer = OrderedTrainer(example.tiny_bert(), args_for(tmp_path, per_device_train_batch_size=batch_size,
-                                                           gradient_accumulation_steps=accum,
-                                                           num_train_epochs=epochs, **kw),
-                             train_dataset=example.synthetic(64), sam=sam)
+    trainer = OrderedTrainer(
+        example.tiny_bert(),
+        args_for(
+            tmp_path,
+            per_device_train_batch_size=batch_size,
+            gradient_accumulation_steps=accum,
+            num_train_epochs=epochs,
+            **kw,
+        ),
+        train_dataset=example.synthetic(64),
+        sam=sam,
+    )
     # BERT's classification loss ignores the Trainer's token count, so let the Trainer average over micro-batches.
     trainer.model_accepts_loss_kwargs = False
     trainer.train(resume_from_checkpoint=resume)
@@ -95,8 +116,13 @@ def test_resume_continues_where_the_checkpoint_left(tmp_path):
 
 
 def test_bf16_trains(tmp_path):
-    trainer = train(tmp_path, {"opt": "ssamf", "sparsity": 0.5, "num_samples": 16}, bf16=True,
-                    learning_rate=1e-2, lr_scheduler_type="linear")
+    trainer = train(
+        tmp_path,
+        {"opt": "ssamf", "sparsity": 0.5, "num_samples": 16},
+        bf16=True,
+        learning_rate=1e-2,
+        lr_scheduler_type="linear",
+    )
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     assert all(torch.isfinite(torch.tensor(losses)))
     assert trainer.sam.mask_density() == pytest.approx(0.5, abs=0.01)

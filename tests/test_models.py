@@ -18,9 +18,19 @@ def on_meta(name, **kw):
 
 
 EXPECTED_NAMES = {
-    "resnet18", "resnet34", "resnet50", "resnet101", "resnet152",
-    "vgg11_bn", "vgg13_bn", "vgg16_bn", "vgg19_bn", "wideresnet28x10", "wideresnet34x10",
-    "resnet8", "cnn_small",
+    "resnet18",
+    "resnet34",
+    "resnet50",
+    "resnet101",
+    "resnet152",
+    "vgg11_bn",
+    "vgg13_bn",
+    "vgg16_bn",
+    "vgg19_bn",
+    "wideresnet28x10",
+    "wideresnet34x10",
+    "resnet8",
+    "cnn_small",
 }
 
 
@@ -28,14 +38,17 @@ def test_registry_names():
     assert set(MODELS) == EXPECTED_NAMES
 
 
-@pytest.mark.parametrize("name,count", [
-    ("resnet18", 11_173_962),
-    ("wideresnet28x10", 36_479_194),
-    # Reference counts of the usual CIFAR definitions (1x1-conv+BN shortcuts, VGG linear head).
-    ("resnet34", 21_282_122),
-    ("resnet50", 23_520_842),
-    ("vgg16_bn", 14_728_266),
-])
+@pytest.mark.parametrize(
+    "name,count",
+    [
+        ("resnet18", 11_173_962),
+        ("wideresnet28x10", 36_479_194),
+        # Reference counts of the usual CIFAR definitions (1x1-conv+BN shortcuts, VGG linear head).
+        ("resnet34", 21_282_122),
+        ("resnet50", 23_520_842),
+        ("vgg16_bn", 14_728_266),
+    ],
+)
 def test_cifar10_parameter_counts(name, count):
     assert n_params(on_meta(name, num_classes=10)) == count
 
@@ -102,8 +115,9 @@ def test_vgg_skips_pools_that_would_empty_the_map():
     assert pools(on_meta("vgg16_bn", num_classes=10, in_channels=1, image_size=8)) == 3
     # Conv layers are kept regardless, so the parameter count does not depend on image size
     # apart from the first conv's input channels.
-    assert n_params(on_meta("vgg11_bn", num_classes=10, image_size=8)) == \
-        n_params(on_meta("vgg11_bn", num_classes=10, image_size=32))
+    assert n_params(on_meta("vgg11_bn", num_classes=10, image_size=8)) == n_params(
+        on_meta("vgg11_bn", num_classes=10, image_size=32)
+    )
 
 
 def test_in_channels_changes_first_conv_only():
@@ -140,9 +154,17 @@ def test_unknown_model_message():
     assert all(n in msg for n in EXPECTED_NAMES)
 
 
-@pytest.mark.parametrize("kw", [dict(num_classes=0), dict(num_classes=-3), dict(num_classes=2.0),
-                                dict(num_classes=True), dict(num_classes=10, in_channels=0),
-                                dict(num_classes=10, in_channels="3")])
+@pytest.mark.parametrize(
+    "kw",
+    [
+        dict(num_classes=0),
+        dict(num_classes=-3),
+        dict(num_classes=2.0),
+        dict(num_classes=True),
+        dict(num_classes=10, in_channels=0),
+        dict(num_classes=10, in_channels="3"),
+    ],
+)
 def test_bad_sizes_rejected(kw):
     with pytest.raises(UsageError):
         build_model("resnet18", **kw)

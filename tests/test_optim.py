@@ -1,4 +1,5 @@
 """The optimizers against hand-derived steps, slow reference loops and the invariants of the paper."""
+
 import copy
 import math
 
@@ -101,10 +102,13 @@ def test_step_closure_equals_two_calls_and_returns_loss():
 
 
 # ---------------------------------------------------------------------------------------------- invariants
-@pytest.mark.parametrize("base,base_kw", [
-    (torch.optim.SGD, dict(lr=0.1, momentum=0.9, weight_decay=5e-4, nesterov=True)),
-    (torch.optim.AdamW, dict(lr=1e-2, weight_decay=1e-2)),
-])
+@pytest.mark.parametrize(
+    "base,base_kw",
+    [
+        (torch.optim.SGD, dict(lr=0.1, momentum=0.9, weight_decay=5e-4, nesterov=True)),
+        (torch.optim.AdamW, dict(lr=1e-2, weight_decay=1e-2)),
+    ],
+)
 @pytest.mark.parametrize("kind", ["sam", "ssamf", "ssamd"])
 def test_rho_zero_is_the_base_optimizer(kind, base, base_kw):
     x, y = batch()
@@ -256,8 +260,18 @@ def test_flat_mask_path_with_channels_last_parameters(kind):
     outs, masks_seen, taken = [], [], []
     for flat in (True, False):
         torch.manual_seed(0)
-        m = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 5, 1), nn.Flatten(),
-                          nn.Linear(5 * 6 * 6, 3)).double().to(memory_format=torch.channels_last)
+        m = (
+            nn.Sequential(
+                nn.Conv2d(3, 4, 3),
+                nn.BatchNorm2d(4),
+                nn.ReLU(),
+                nn.Conv2d(4, 5, 1),
+                nn.Flatten(),
+                nn.Linear(5 * 6 * 6, 3),
+            )
+            .double()
+            .to(memory_format=torch.channels_last)
+        )
         opt = sparse_opt(kind, m, x, y, flat, 4, rho=0.2, sparsity=0.5)
         F.cross_entropy(m(x), y).backward()
         taken.append(opt._mask_segment(list(m.parameters()), [p.grad for p in m.parameters()]) is not None)
@@ -283,7 +297,7 @@ def test_set_flat_mask_round_trips_in_logical_order_for_any_layout():
     assert torch.equal(opt.flat_mask(), ref)
     offset = 0
     for p in m.parameters():
-        assert torch.equal(opt.state[p]["mask"], ref[offset:offset + p.numel()].view(p.shape))
+        assert torch.equal(opt.state[p]["mask"], ref[offset : offset + p.numel()].view(p.shape))
         assert opt.state[p]["mask"].stride() == p.stride()
         offset += p.numel()
 
@@ -345,9 +359,9 @@ def test_state_dict_round_trip_mid_training(kind):
         kw.update(growth_strategy="random", drop_strategy="random", seed=5)
     opt = make_opt(kind, m, **kw)
     upd = {
-        "ssamf": lambda mm, oo: (lambda: None),
-        "ssamd": lambda mm, oo: (lambda: oo.update_mask(2)),
-        "sam": lambda mm, oo: (lambda: None),
+        "ssamf": lambda mm, oo: lambda: None,
+        "ssamd": lambda mm, oo: lambda: oo.update_mask(2),
+        "sam": lambda mm, oo: lambda: None,
     }[kind]
     if kind == "ssamf":
         opt.update_mask(m, [(x, y)])
@@ -436,17 +450,20 @@ def test_ssamf_without_mask_says_what_to_do():
         opt.first_step()
 
 
-@pytest.mark.parametrize("cls,kw,name", [
-    (SAM, dict(rho=-0.1), "rho"),
-    (SSAMF, dict(sparsity=1.0), "sparsity"),
-    (SSAMF, dict(sparsity=-0.1), "sparsity"),
-    (SSAMF, dict(num_samples=0), "num_samples"),
-    (SSAMF, dict(update_freq=0), "update_freq"),
-    (SSAMD, dict(drop_rate=1.5), "drop_rate"),
-    (SSAMD, dict(drop_strategy="magnitude"), "drop_strategy"),
-    (SSAMD, dict(growth_strategy="x"), "growth_strategy"),
-    (SSAMD, dict(T_start=10, T_end=10), "T_end"),
-])
+@pytest.mark.parametrize(
+    "cls,kw,name",
+    [
+        (SAM, dict(rho=-0.1), "rho"),
+        (SSAMF, dict(sparsity=1.0), "sparsity"),
+        (SSAMF, dict(sparsity=-0.1), "sparsity"),
+        (SSAMF, dict(num_samples=0), "num_samples"),
+        (SSAMF, dict(update_freq=0), "update_freq"),
+        (SSAMD, dict(drop_rate=1.5), "drop_rate"),
+        (SSAMD, dict(drop_strategy="magnitude"), "drop_strategy"),
+        (SSAMD, dict(growth_strategy="x"), "growth_strategy"),
+        (SSAMD, dict(T_start=10, T_end=10), "T_end"),
+    ],
+)
 def test_bad_arguments_name_the_argument(cls, kw, name):
     m = tiny_net()
     with pytest.raises(ValueError, match=name):
@@ -526,8 +543,17 @@ def test_ssamd_death_rate_cosine():
 def test_ssamd_update_matches_sorting_reference(drop, grow):
     x, y = batch()
     m = tiny_net()
-    opt = SSAMD(m.parameters(), torch.optim.SGD, lr=0.1, sparsity=0.6, drop_rate=0.5, drop_strategy=drop,
-                growth_strategy=grow, T_end=10, seed=0)
+    opt = SSAMD(
+        m.parameters(),
+        torch.optim.SGD,
+        lr=0.1,
+        sparsity=0.6,
+        drop_rate=0.5,
+        drop_strategy=drop,
+        growth_strategy=grow,
+        T_end=10,
+        seed=0,
+    )
     F.cross_entropy(m(x), y).backward()
     old = opt.flat_mask().clone()
     k = int(old.sum())
@@ -635,5 +661,5 @@ def test_ssamd_update_with_nan_gradients_keeps_the_live_count():
     died, survived = before & ~after, before & after
     assert died.any() and score[survived].min() >= score[died].max()
     nan_live = before.clone()
-    nan_live[m[0].weight.numel() // m[0].weight.shape[0]:] = False
+    nan_live[m[0].weight.numel() // m[0].weight.shape[0] :] = False
     assert nan_live.any() and not (after & nan_live).any()  # the threshold is above 0 here: all of them died

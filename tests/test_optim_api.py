@@ -1,5 +1,6 @@
 """The optimizers' API contracts: keyword routing, the closure rule, the maskable set, the mask refresh protocol,
 first_pass(), add_param_group and the BatchNorm helpers; each against an independent computation."""
+
 import math
 
 import pytest
@@ -91,11 +92,14 @@ def test_a_keyword_the_base_does_not_take_is_named(cls):
         cls(m.parameters(), torch.optim.SGD, lr=0.1, betas=(0.9, 0.99))
 
 
-@pytest.mark.parametrize("kw,name", [
-    (dict(perturb_eps=-1.0), "perturb_eps"),
-    (dict(perturb_foreach="yes"), "perturb_foreach"),
-    (dict(closure_passes="first"), "closure_passes"),
-])
+@pytest.mark.parametrize(
+    "kw,name",
+    [
+        (dict(perturb_eps=-1.0), "perturb_eps"),
+        (dict(perturb_foreach="yes"), "perturb_foreach"),
+        (dict(closure_passes="first"), "closure_passes"),
+    ],
+)
 def test_bad_own_keywords_are_named(kw, name):
     with pytest.raises(ValueError, match=f"^{name}: got"):
         SAM(net().parameters(), torch.optim.SGD, lr=0.1, **kw)
@@ -231,8 +235,9 @@ def test_ssamd_gradient_scoring_names_parameters_without_gradients():
     with pytest.raises(RuntimeError, match=r"have none: 1\.weight, 4\.bias"):
         opt.update_mask(1)
     assert torch.equal(opt.flat_mask(), before)
-    weight_only = SSAMD(m.named_parameters(), torch.optim.SGD, lr=0.1, drop_strategy="weight",
-                        growth_strategy="random", seed=1)
+    weight_only = SSAMD(
+        m.named_parameters(), torch.optim.SGD, lr=0.1, drop_strategy="weight", growth_strategy="random", seed=1
+    )
     weight_only.update_mask(1)  # no gradient needed
     assert int(weight_only.flat_mask().sum()) == weight_only.num_live
 
@@ -295,7 +300,7 @@ def dead_bias_opt(m, **kw):
     offset = 0
     for name, p in m.named_parameters():
         if name in ("0.bias", "1.weight"):
-            flat[offset:offset + p.numel()] = False
+            flat[offset : offset + p.numel()] = False
         offset += p.numel()
     opt.set_flat_mask(flat)
     return opt
@@ -428,5 +433,7 @@ def test_fisher_in_train_mode_on_1x1_batchnorm_says_use_eval(method):
     x, y = batch()
     with pytest.raises(ValueError, match=r"^fisher_mode: got 'train', .* \(1x1 feature maps\); allowed: 'eval'"):
         ssam.optim.empirical_fisher(m, list(m.parameters()), [(x.float(), y)], 4, method=method)
-    assert all(torch.isfinite(f).all() for f in
-               ssam.optim.empirical_fisher(m, list(m.parameters()), [(x.float(), y)], 4, mode="eval", method=method))
+    assert all(
+        torch.isfinite(f).all()
+        for f in ssam.optim.empirical_fisher(m, list(m.parameters()), [(x.float(), y)], 4, mode="eval", method=method)
+    )

@@ -1,4 +1,5 @@
 """The device top-k against a sort: exact count, and every kept score at least every dropped one."""
+
 import pytest
 import torch
 
@@ -16,8 +17,9 @@ def test_device_top_k_matches_sorting(kind):
         s = {
             "normal": lambda: torch.randn(n, generator=g),
             "ties": lambda: torch.randint(0, 4, (n,), generator=g).float(),
-            "masked": lambda: torch.where(torch.rand(n, generator=g) < 0.5, torch.rand(n, generator=g),
-                                          torch.tensor(float("-inf"))),
+            "masked": lambda: torch.where(
+                torch.rand(n, generator=g) < 0.5, torch.rand(n, generator=g), torch.tensor(float("-inf"))
+            ),
             "negative": lambda: -torch.rand(n, generator=g) * 1e3,
             "zeros": lambda: torch.zeros(n),
         }[kind]()

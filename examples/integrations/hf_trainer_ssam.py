@@ -4,6 +4,7 @@ A tiny BERT built from a config (random weights, no download) learns whether a s
 
     python examples/integrations/hf_trainer_ssam.py --opt ssamf --epochs 4
 """
+
 import argparse
 import tempfile
 
@@ -19,15 +20,25 @@ def synthetic(n=128, seed=0):
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, VOCAB, (n, LENGTH), generator=g)
     labels = (ids[:, 0] < VOCAB // 2).long()
-    return [{"input_ids": ids[i], "attention_mask": torch.ones(LENGTH, dtype=torch.long), "labels": labels[i]}
-            for i in range(n)]
+    return [
+        {"input_ids": ids[i], "attention_mask": torch.ones(LENGTH, dtype=torch.long), "labels": labels[i]}
+        for i in range(n)
+    ]
 
 
 def tiny_bert(seed=0):
     torch.manual_seed(seed)
-    config = BertConfig(vocab_size=VOCAB, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
-                        intermediate_size=32, max_position_embeddings=LENGTH, num_labels=2,
-                        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    config = BertConfig(
+        vocab_size=VOCAB,
+        hidden_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=32,
+        max_position_embeddings=LENGTH,
+        num_labels=2,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+    )
     return BertForSequenceClassification(config)
 
 
@@ -43,10 +54,21 @@ def main():
     sam = {"opt": args.opt, "rho": 0.05, **settings[args.opt.split("-")[0]]}
     with tempfile.TemporaryDirectory() as tmp:
         training_args = TrainingArguments(
-            output_dir=args.output_dir or tmp, num_train_epochs=args.epochs, per_device_train_batch_size=16,
-            gradient_accumulation_steps=2, learning_rate=1e-2, weight_decay=0.01, lr_scheduler_type="linear",
-            logging_steps=2, save_strategy="epoch" if args.output_dir else "no", report_to="none", use_cpu=True,
-            bf16=args.bf16, seed=0, disable_tqdm=True)
+            output_dir=args.output_dir or tmp,
+            num_train_epochs=args.epochs,
+            per_device_train_batch_size=16,
+            gradient_accumulation_steps=2,
+            learning_rate=1e-2,
+            weight_decay=0.01,
+            lr_scheduler_type="linear",
+            logging_steps=2,
+            save_strategy="epoch" if args.output_dir else "no",
+            report_to="none",
+            use_cpu=True,
+            bf16=args.bf16,
+            seed=0,
+            disable_tqdm=True,
+        )
         trainer = SAMTrainer(tiny_bert(), training_args, train_dataset=synthetic(), sam=sam)
         trainer.train()
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]

@@ -4,6 +4,7 @@ add SAMCallback. Runs on the CPU in seconds on synthetic data.
     python examples/integrations/lightning_ssam.py --opt ssamf-sgd --epochs 3
     python examples/integrations/lightning_ssam.py --devices 2      # DDP, 2 CPU processes (gloo)
 """
+
 import argparse
 
 import lightning.pytorch as L
@@ -38,8 +39,16 @@ class Classifier(L.LightningModule):
     def configure_optimizers(self):
         # Any --opt form of `ssam train`; SSAM settings and the base optimizer's go in the same call.
         sparse = {"sam": {}, "ssamf": dict(sparsity=0.5, num_samples=64), "ssamd": dict(sparsity=0.5, seed=0)}
-        opt = ssam.create_optimizer(self, self.opt, lr=self.lr, momentum=0.9, weight_decay=5e-4,
-                                    no_decay_bias_norm=True, rho=0.05, **sparse[self.opt.split("-")[0]])
+        opt = ssam.create_optimizer(
+            self,
+            self.opt,
+            lr=self.lr,
+            momentum=0.9,
+            weight_decay=5e-4,
+            no_decay_bias_norm=True,
+            rho=0.05,
+            **sparse[self.opt.split("-")[0]],
+        )
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=self.trainer.max_epochs)
         return {"optimizer": opt, "lr_scheduler": sched}
 
@@ -63,10 +72,17 @@ def main():
 
     L.seed_everything(0, verbose=False)
     model = Classifier(args.opt, args.lr)
-    trainer = L.Trainer(max_epochs=args.epochs, accelerator="cpu", devices=args.devices,
-                        strategy="ddp" if args.devices > 1 else "auto", callbacks=[SAMCallback(seed=0)],
-                        logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                        enable_model_summary=False)
+    trainer = L.Trainer(
+        max_epochs=args.epochs,
+        accelerator="cpu",
+        devices=args.devices,
+        strategy="ddp" if args.devices > 1 else "auto",
+        callbacks=[SAMCallback(seed=0)],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
     trainer.fit(model, DataLoader(synthetic(), batch_size=args.batch_size, shuffle=True))
     if trainer.is_global_zero:
         print(f"loss after epoch 1 {model.epoch_losses[0]:.4f}")

@@ -1,4 +1,5 @@
 """ssam: Sharpness-Aware Minimization with sparse perturbation (Mi et al., NeurIPS 2022)."""
+
 from .optim import (
     SAM,
     SSAMD,
@@ -11,5 +12,14 @@ from .optim import (
 )
 
 __version__ = "0.1.0"
-__all__ = ["SAM", "SSAMF", "SSAMD", "TwoPassScaler", "create_optimizer", "frozen_bn_stats", "enable_running_stats",
-           "disable_running_stats", "__version__"]
+__all__ = [
+    "SAM",
+    "SSAMF",
+    "SSAMD",
+    "TwoPassScaler",
+    "create_optimizer",
+    "frozen_bn_stats",
+    "enable_running_stats",
+    "disable_running_stats",
+    "__version__",
+]

@@ -1,4 +1,5 @@
 """`python -m ssam …` is the `ssam` command."""
+
 import sys
 
 from .cli import main

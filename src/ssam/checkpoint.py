@@ -13,6 +13,7 @@ Format (a plain dict, loadable with ``torch.load(weights_only=True)``):
     rng          random-generator states
     finished     True once the final epoch has been written
 """
+
 from __future__ import annotations
 
 import os
@@ -49,8 +50,9 @@ def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict:
     return obj
 
 
-def model_from_checkpoint(ckpt: dict, path: str | os.PathLike, name: str | None = None,
-                          fallback: dict | None = None) -> "torch.nn.Module":
+def model_from_checkpoint(
+    ckpt: dict, path: str | os.PathLike, name: str | None = None, fallback: dict | None = None
+) -> torch.nn.Module:
     """Rebuild the checkpoint's model (``model_args``; ``fallback`` fills missing entries) and load its weights."""
     from .models import build_model
 
@@ -61,8 +63,9 @@ def model_from_checkpoint(ckpt: dict, path: str | os.PathLike, name: str | None 
     missing = [k for k in ("num_classes", "in_channels", "image_size") if k not in margs]
     if missing:
         raise UsageError(f"{path}: the checkpoint records no {', '.join(missing)}; pass --dataset")
-    model = build_model(name, int(margs["num_classes"]), in_channels=int(margs["in_channels"]),
-                        image_size=int(margs["image_size"]))
+    model = build_model(
+        name, int(margs["num_classes"]), in_channels=int(margs["in_channels"]), image_size=int(margs["image_size"])
+    )
     try:
         model.load_state_dict(ckpt["model"], strict=True)
     except (RuntimeError, KeyError, TypeError) as e:

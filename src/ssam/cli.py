@@ -3,6 +3,7 @@
 Every user mistake is a ``UsageError``: one line on stderr and exit code 2. A diverged run exits 3, a run stopped by
 SIGINT/SIGTERM exits 130 after writing last.pt. ``--debug`` shows the Python traceback of any failure.
 """
+
 from __future__ import annotations
 
 import sys
@@ -29,21 +30,25 @@ def _analysis(name: str):
         getattr(acli, f"add_{name}_args")(parser)
         parser.add_argument("--debug", action="store_true", help="show Python tracebacks")
         return int(getattr(acli, f"run_{name}")(parser.parse_args(argv)) or 0)
+
     return run
 
 
 def _train(argv: list[str]) -> int:
     from .train import main
+
     return main(argv)
 
 
 def _compare(argv: list[str]) -> int:
     from .compare import main
+
     return main(argv)
 
 
 def _bench(argv: list[str]) -> int:
     from .bench import main
+
     return main(argv)
 
 
@@ -64,6 +69,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0 if argv else 2
     if argv[0] in ("-V", "--version"):
         from . import __version__
+
         print(f"ssam {__version__}")
         return 0
     cmd, rest = argv[0], argv[1:]
@@ -87,9 +93,12 @@ def main(argv: list[str] | None = None) -> int:
             print(f"ssam {cmd}: interrupted", file=sys.stderr)
         else:
             first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-            print(f"ssam {cmd}: error: {type(e).__name__}: {first[:300]} (run with --debug for the traceback)",
-                  file=sys.stderr)
+            print(
+                f"ssam {cmd}: error: {type(e).__name__}: {first[:300]} (run with --debug for the traceback)",
+                file=sys.stderr,
+            )
         return code
+
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -3,6 +3,7 @@
 Library code raises ``ValueError`` (or ``UsageError``, a ``ValueError``) naming the bad argument; the command line turns
 each error type below into one line on stderr and the exit code of ``EXIT_CODES``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -62,7 +63,7 @@ class ArgumentParser(argparse.ArgumentParser):
         prefix = "unrecognized arguments: "
         if message.startswith(prefix):
             flags = [o for a in self._actions for o in a.option_strings]
-            bad = message[len(prefix):].split()
+            bad = message[len(prefix) :].split()
             hints = "".join(did_you_mean(b.split("=")[0], flags) for b in bad if b.startswith("-"))
             message += hints
         raise UsageError(message)

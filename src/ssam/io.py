@@ -2,6 +2,7 @@
 
 A reader (or a kill at any instant) sees the old file or the complete new one, never a torn one.
 """
+
 from __future__ import annotations
 
 import csv

@@ -4,6 +4,7 @@
 choices come from it. Nothing is ever downloaded unless ``download=True`` (the ``--download`` flag).
 ``apply_label_noise(train, p, seed)`` corrupts a share of a training set's labels (see ``noise``).
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -54,13 +55,16 @@ def _cifar(spec, use_cutout: bool):
         train = CIFARDataset(train_x, train_y, train_tf, augmentation=train_aug, **common)
         test = CIFARDataset(test_x, test_y, cifar_test_transform(), augmentation=None, **common)
         return train, test, DataInfo(spec.num_classes, 3, 32, CIFAR_MEAN, CIFAR_STD)
+
     return build
 
 
 def _imagenet(datadir, download: bool, augment: bool):
     if download:
-        raise UsageError("--download is not available for ImageNet_base: it has no public "
-                         "archive; prepare DATA/train and DATA/val class folders")
+        raise UsageError(
+            "--download is not available for ImageNet_base: it has no public "
+            "archive; prepare DATA/train and DATA/val class folders"
+        )
     train, val = build_imagefolder(datadir, augment)
     return train, val, DataInfo(len(train.classes), 3, 224, IMAGENET_MEAN, IMAGENET_STD)
 
@@ -74,6 +78,7 @@ def _idx(spec: IdxSpec):
     def build(datadir, download: bool, augment: bool):
         train, test, mean, std = build_idx_datasets(spec, datadir, download, augment)
         return train, test, DataInfo(10, 1, 28, mean, std)
+
     return build
 
 
@@ -99,13 +104,28 @@ DATASETS: dict[str, DatasetSpec] = {
 def build_datasets(name: str, datadir: str | None, download: bool = False, augment: bool = True):
     """(train, test, DataInfo). ``augment=False`` gives the training set with the test transform."""
     if name not in DATASETS:
-        raise UsageError(f"unknown --dataset {name!r}; choose from: {', '.join(DATASETS)}"
-                         f"{did_you_mean(name, DATASETS)}")
+        raise UsageError(
+            f"unknown --dataset {name!r}; choose from: {', '.join(DATASETS)}{did_you_mean(name, DATASETS)}"
+        )
     return DATASETS[name].build(datadir, download, augment)
 
 
 __all__ = [
-    "DATASETS", "DatasetSpec", "DataInfo", "build_datasets", "apply_label_noise", "noise_count", "noisy_labels",
-    "GPULoader", "Cutout", "cutout", "CIFARDataset", "DigitsDataset", "TensorImages",
-    "CIFAR_MEAN", "CIFAR_STD", "IMAGENET_MEAN", "IMAGENET_STD",
+    "DATASETS",
+    "DatasetSpec",
+    "DataInfo",
+    "build_datasets",
+    "apply_label_noise",
+    "noise_count",
+    "noisy_labels",
+    "GPULoader",
+    "Cutout",
+    "cutout",
+    "CIFARDataset",
+    "DigitsDataset",
+    "TensorImages",
+    "CIFAR_MEAN",
+    "CIFAR_STD",
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
 ]

@@ -7,6 +7,7 @@ Layout expected (either DATA or DATA/<folder> may be passed as the data folder):
 row-major. Images are kept as one uint8 (N, 32, 32, 3) array, 150 MB for CIFAR-10 train, which
 is both what PIL wants per sample and what GPULoader moves to the device in one go.
 """
+
 from __future__ import annotations
 
 import os
@@ -36,11 +37,16 @@ class CifarSpec:
         return self.train_files + self.test_files
 
 
-CIFAR10 = CifarSpec("CIFAR10", "cifar-10-batches-py",
-                    tuple(f"data_batch_{i}" for i in range(1, 6)), ("test_batch",),
-                    "labels", 10, "{data_batch_1..5,test_batch}")
-CIFAR100 = CifarSpec("CIFAR100", "cifar-100-python", ("train",), ("test",),
-                     "fine_labels", 100, "{train,test}")
+CIFAR10 = CifarSpec(
+    "CIFAR10",
+    "cifar-10-batches-py",
+    tuple(f"data_batch_{i}" for i in range(1, 6)),
+    ("test_batch",),
+    "labels",
+    10,
+    "{data_batch_1..5,test_batch}",
+)
+CIFAR100 = CifarSpec("CIFAR100", "cifar-100-python", ("train",), ("test",), "fine_labels", 100, "{train,test}")
 
 
 class _ArrayUnpickler(pickle.Unpickler):
@@ -68,20 +74,24 @@ class _ArrayUnpickler(pickle.Unpickler):
             raise pickle.UnpicklingError(f"refusing to load {module}.{name}")
         if module.startswith("numpy.core.") and hasattr(np, "_core"):
             # numpy 2 renamed the package; the old name still imports but warns.
-            module = "numpy._core." + module[len("numpy.core."):]
+            module = "numpy._core." + module[len("numpy.core.") :]
         return super().find_class(module, name)
 
 
 def _not_found(spec: CifarSpec, datadir: str) -> UsageError:
-    return UsageError(f"{spec.name} not found under {datadir!r}: expected "
-                      f"{os.path.join(datadir, spec.folder)}/{spec.layout} (or pass --download)")
+    return UsageError(
+        f"{spec.name} not found under {datadir!r}: expected "
+        f"{os.path.join(datadir, spec.folder)}/{spec.layout} (or pass --download)"
+    )
 
 
 def find_root(spec: CifarSpec, datadir: str | None) -> str:
     """The folder that holds the batch files, accepting DATA or DATA/<folder>."""
     if datadir is None:
-        raise UsageError(f"{spec.name} needs a data folder: expected DATA/{spec.folder}/{spec.layout}, "
-                         f"pass DATA (or --download with a DATA folder to fetch it)")
+        raise UsageError(
+            f"{spec.name} needs a data folder: expected DATA/{spec.folder}/{spec.layout}, "
+            f"pass DATA (or --download with a DATA folder to fetch it)"
+        )
     datadir = os.fspath(datadir)
     if not os.path.isdir(datadir):
         raise _not_found(spec, datadir)
@@ -89,7 +99,8 @@ def find_root(spec: CifarSpec, datadir: str | None) -> str:
     if os.path.isdir(nested):
         root = nested
     elif os.path.basename(os.path.normpath(datadir)) == spec.folder or any(
-            os.path.exists(os.path.join(datadir, f)) for f in spec.files):
+        os.path.exists(os.path.join(datadir, f)) for f in spec.files
+    ):
         root = datadir
     else:
         raise _not_found(spec, datadir)
@@ -97,16 +108,20 @@ def find_root(spec: CifarSpec, datadir: str | None) -> str:
     if len(missing) == len(spec.files):
         raise _not_found(spec, datadir)
     if missing:
-        raise UsageError(f"{spec.name} folder {root!r} is incomplete: missing {', '.join(missing)} "
-                         f"(expected {spec.layout}; re-extract the archive or pass --download)")
+        raise UsageError(
+            f"{spec.name} folder {root!r} is incomplete: missing {', '.join(missing)} "
+            f"(expected {spec.layout}; re-extract the archive or pass --download)"
+        )
     return root
 
 
 def read_batch(path: str, spec: CifarSpec) -> tuple[np.ndarray, np.ndarray]:
     """One batch file -> (uint8 images (N, 32, 32, 3), int64 labels (N,))."""
+
     def corrupt(why: str) -> UsageError:
-        return UsageError(f"{spec.name} batch file {path!r} is corrupt ({why}); "
-                          f"re-extract the archive or pass --download")
+        return UsageError(
+            f"{spec.name} batch file {path!r} is corrupt ({why}); re-extract the archive or pass --download"
+        )
 
     try:
         with open(path, "rb") as f:
@@ -125,8 +140,11 @@ def read_batch(path: str, spec: CifarSpec) -> tuple[np.ndarray, np.ndarray]:
         if not np.issubdtype(data.dtype, np.integer) or data.size and (data.min() < 0 or data.max() > 255):
             raise corrupt(f"'data' has dtype {data.dtype}, expected uint8")
         data = data.astype(np.uint8)
-    if not np.issubdtype(labels.dtype, np.integer) or labels.size and (
-            labels.min() < 0 or labels.max() >= spec.num_classes):
+    if (
+        not np.issubdtype(labels.dtype, np.integer)
+        or labels.size
+        and (labels.min() < 0 or labels.max() >= spec.num_classes)
+    ):
         raise corrupt(f"labels outside 0..{spec.num_classes - 1}")
     images = data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
     return np.ascontiguousarray(images), labels.astype(np.int64)
@@ -171,8 +189,17 @@ class CIFARDataset(Dataset):
 
     data_layout = "NHWC"
 
-    def __init__(self, data: np.ndarray, targets: np.ndarray, transform, *, mean, std,
-                 num_classes: int, augmentation: dict | None = None):
+    def __init__(
+        self,
+        data: np.ndarray,
+        targets: np.ndarray,
+        transform,
+        *,
+        mean,
+        std,
+        num_classes: int,
+        augmentation: dict | None = None,
+    ):
         self.data = data
         self.targets = targets
         self.transform = transform

@@ -5,6 +5,7 @@ the images in their original order, every fifth one (positions 4, 9, 14, ...) go
 set. That gives 1442 train / 355 test images with each class about 20% in test, and the same
 split on every machine and numpy version.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -21,7 +22,7 @@ def split_indices(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     test = []
     for c in np.unique(labels):
         members = np.flatnonzero(labels == c)
-        test.append(members[TEST_EVERY - 1::TEST_EVERY])
+        test.append(members[TEST_EVERY - 1 :: TEST_EVERY])
     test_idx = np.sort(np.concatenate(test))
     train_mask = np.ones(len(labels), dtype=bool)
     train_mask[test_idx] = False
@@ -38,8 +39,12 @@ def load_digits_split() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch
     train_idx, test_idx = split_indices(labels)
     targets = torch.from_numpy(labels)
     train_idx_t, test_idx_t = torch.from_numpy(train_idx), torch.from_numpy(test_idx)
-    return (images[train_idx_t].contiguous(), targets[train_idx_t].contiguous(),
-            images[test_idx_t].contiguous(), targets[test_idx_t].contiguous())
+    return (
+        images[train_idx_t].contiguous(),
+        targets[train_idx_t].contiguous(),
+        images[test_idx_t].contiguous(),
+        targets[test_idx_t].contiguous(),
+    )
 
 
 class DigitsDataset(TensorImages):
@@ -49,11 +54,9 @@ class DigitsDataset(TensorImages):
     test set is normalised with statistics it did not contribute to.
     """
 
-    def __init__(self, data: torch.Tensor, targets: torch.Tensor, *, mean, std,
-                 augment: bool):
+    def __init__(self, data: torch.Tensor, targets: torch.Tensor, *, mean, std, augment: bool):
         # No flips: a mirrored 2, 3 or 7 is no longer the same digit.
-        super().__init__(data, targets, mean=mean, std=std, num_classes=10,
-                         padding=SHIFT if augment else 0, flip=False)
+        super().__init__(data, targets, mean=mean, std=std, num_classes=10, padding=SHIFT if augment else 0, flip=False)
 
 
 def build_digits(augment: bool = True) -> tuple[DigitsDataset, DigitsDataset, tuple, tuple]:

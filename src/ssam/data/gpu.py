@@ -5,6 +5,7 @@ modern GPU; doing crop / flip / cutout on whole batches where the data already l
 The augmentations reproduce the per-sample ones in ``transforms`` (same padding fill, same
 cutout box), only the random streams differ.
 """
+
 from __future__ import annotations
 
 import math
@@ -34,9 +35,23 @@ class GPULoader:
     called, so a plain ``for epoch ...: for x, y in loader`` still reshuffles.
     """
 
-    def __init__(self, images, labels, batch_size: int, *, mean, std, device=None,
-                 shuffle: bool = True, drop_last: bool = False, padding: int = 0,
-                 flip: bool = False, cutout: int = 0, cutout_p: float = 0.5, seed: int = 0):
+    def __init__(
+        self,
+        images,
+        labels,
+        batch_size: int,
+        *,
+        mean,
+        std,
+        device=None,
+        shuffle: bool = True,
+        drop_last: bool = False,
+        padding: int = 0,
+        flip: bool = False,
+        cutout: int = 0,
+        cutout_p: float = 0.5,
+        seed: int = 0,
+    ):
         if batch_size <= 0:
             raise UsageError(f"batch size must be positive, got {batch_size}")
         device = torch.device(device if device is not None else "cpu")
@@ -68,23 +83,45 @@ class GPULoader:
         self.std = torch.tensor(std, dtype=torch.float32, device=device).view(1, -1, 1, 1)
 
     @classmethod
-    def from_dataset(cls, dataset, batch_size: int, *, device=None, augment: bool = True,
-                     shuffle: bool = True, drop_last: bool = False, seed: int = 0) -> GPULoader:
+    def from_dataset(
+        cls,
+        dataset,
+        batch_size: int,
+        *,
+        device=None,
+        augment: bool = True,
+        shuffle: bool = True,
+        drop_last: bool = False,
+        seed: int = 0,
+    ) -> GPULoader:
         """From an in-memory data set made by ``build_datasets`` (CIFAR, digits, MNIST, Fashion-MNIST).
         ``augment=True`` replays that data set's own augmentation (none for a test set or an ``augment=False``
         build)."""
         needed = ("data", "targets", "mean", "std", "augmentation", "data_layout")
         if not all(hasattr(dataset, a) for a in needed):
-            raise UsageError(f"the on-device loader needs an in-memory data set (CIFAR*, digits, MNIST, "
-                             f"FashionMNIST), not {type(dataset).__name__}; use the standard DataLoader")
+            raise UsageError(
+                f"the on-device loader needs an in-memory data set (CIFAR*, digits, MNIST, "
+                f"FashionMNIST), not {type(dataset).__name__}; use the standard DataLoader"
+            )
         images = torch.as_tensor(dataset.data)
         if dataset.data_layout == "NHWC":
             images = images.permute(0, 3, 1, 2)
         aug = (dataset.augmentation or {}) if augment else {}
-        return cls(images, dataset.targets, batch_size, mean=dataset.mean, std=dataset.std,
-                   device=device, shuffle=shuffle, drop_last=drop_last,
-                   padding=aug.get("padding", 0), flip=aug.get("flip", False),
-                   cutout=aug.get("cutout", 0), cutout_p=aug.get("cutout_p", 0.5), seed=seed)
+        return cls(
+            images,
+            dataset.targets,
+            batch_size,
+            mean=dataset.mean,
+            std=dataset.std,
+            device=device,
+            shuffle=shuffle,
+            drop_last=drop_last,
+            padding=aug.get("padding", 0),
+            flip=aug.get("flip", False),
+            cutout=aug.get("cutout", 0),
+            cutout_p=aug.get("cutout_p", 0.5),
+            seed=seed,
+        )
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
@@ -104,7 +141,7 @@ class GPULoader:
         else:
             order = torch.arange(n, device=self.device)
         for b in range(len(self)):
-            idx = order[b * self.batch_size:(b + 1) * self.batch_size]
+            idx = order[b * self.batch_size : (b + 1) * self.batch_size]
             yield self._augment(self.images[idx], gen), self.labels[idx]
 
     def _augment(self, x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
@@ -118,8 +155,12 @@ class GPULoader:
             dx = torch.randint(2 * p + 1, (n,), generator=gen, device=dev)
             rows = (dy[:, None] + torch.arange(h, device=dev))[:, None, :, None]
             cols = (dx[:, None] + torch.arange(w, device=dev))[:, None, None, :]
-            x = padded[torch.arange(n, device=dev)[:, None, None, None],
-                       torch.arange(c, device=dev)[None, :, None, None], rows, cols]
+            x = padded[
+                torch.arange(n, device=dev)[:, None, None, None],
+                torch.arange(c, device=dev)[None, :, None, None],
+                rows,
+                cols,
+            ]
         if self.flip:
             flip = torch.rand(n, generator=gen, device=dev) < 0.5
             x = torch.where(flip[:, None, None, None], x.flip(3), x)

@@ -8,6 +8,7 @@ Every way a file can be wrong is reported as one line that names the file and wh
 a downloaded file cut short, a file of the wrong kind under the right name, or a gzip stream that
 does not decompress must never turn into a shape error deep inside training.
 """
+
 from __future__ import annotations
 
 import gzip
@@ -41,6 +42,7 @@ def read_bytes(path: str, fix: str) -> bytes:
 
 def parse_idx(raw: bytes, magic: int, path: str, fix: str) -> np.ndarray:
     """The uint8 array in ``raw``, whose header must carry ``magic``; the length must match exactly."""
+
     def bad(why: str) -> UsageError:
         return UsageError(f"{path!r} is not a valid IDX file: {why}; {fix}")
 

@@ -13,6 +13,7 @@ is also mirrored left-right (a mirrored shoe or shirt is still a shoe or shirt);
 computed from the files at load time (so they are right for whatever files are given; the published
 Fashion-MNIST values are about 0.286 and 0.353).
 """
+
 from __future__ import annotations
 
 import os
@@ -43,27 +44,33 @@ DEFAULT_DIRS = {"FashionMNIST": "/usr/share/datasets/fashion-mnist"}
 
 @dataclass(frozen=True)
 class IdxSpec:
-    name: str        # also torchvision's folder name: DATA/<name>/raw
-    flip: bool       # whether a mirrored image keeps its class
-    get: str         # how to obtain the files, ends the not-found messages
+    name: str  # also torchvision's folder name: DATA/<name>/raw
+    flip: bool  # whether a mirrored image keeps its class
+    get: str  # how to obtain the files, ends the not-found messages
 
     @property
     def default_dir(self) -> str | None:
         return DEFAULT_DIRS.get(self.name)
 
 
-FASHION_MNIST = IdxSpec("FashionMNIST", flip=True,
-                        get="install them with `apt-get install dataset-fashion-mnist` (Debian/Ubuntu), "
-                            "or pass --download with --datadir DATA on a machine with internet")
-MNIST = IdxSpec("MNIST", flip=False,
-                get="pass --download with --datadir DATA on a machine with internet to fetch them")
+FASHION_MNIST = IdxSpec(
+    "FashionMNIST",
+    flip=True,
+    get="install them with `apt-get install dataset-fashion-mnist` (Debian/Ubuntu), "
+    "or pass --download with --datadir DATA on a machine with internet",
+)
+MNIST = IdxSpec("MNIST", flip=False, get="pass --download with --datadir DATA on a machine with internet to fetch them")
 
 _LAYOUT = "train-images-idx3-ubyte, train-labels-idx1-ubyte, t10k-images-idx3-ubyte, t10k-labels-idx1-ubyte"
 
 
 def _candidates(datadir: str, spec: IdxSpec) -> list[str]:
-    return [datadir, os.path.join(datadir, spec.name, "raw"), os.path.join(datadir, spec.name),
-            os.path.join(datadir, "raw")]
+    return [
+        datadir,
+        os.path.join(datadir, spec.name, "raw"),
+        os.path.join(datadir, spec.name),
+        os.path.join(datadir, "raw"),
+    ]
 
 
 def _present(folder: str) -> dict[str, str]:
@@ -82,11 +89,14 @@ def find_files(spec: IdxSpec, datadir: str | None) -> dict[str, str]:
     if datadir is None:
         default = spec.default_dir
         if default is None:
-            raise UsageError(f"{spec.name} needs a data folder holding {_LAYOUT} (each plain or .gz); "
-                             f"pass --datadir DATA, or {spec.get}")
+            raise UsageError(
+                f"{spec.name} needs a data folder holding {_LAYOUT} (each plain or .gz); "
+                f"pass --datadir DATA, or {spec.get}"
+            )
         if not _present(default):
-            raise UsageError(f"{spec.name} not found: no --datadir given and {default} does not hold "
-                             f"its files; {spec.get}")
+            raise UsageError(
+                f"{spec.name} not found: no --datadir given and {default} does not hold its files; {spec.get}"
+            )
         datadir = default
     datadir = os.fspath(datadir)
     for folder in _candidates(datadir, spec):
@@ -94,11 +104,15 @@ def find_files(spec: IdxSpec, datadir: str | None) -> dict[str, str]:
         if found:
             missing = [FILES[k] for k in FILES if k not in found]
             if missing:
-                raise UsageError(f"{spec.name} folder {folder!r} is incomplete: missing {', '.join(missing)} "
-                                 f"(plain or .gz); {spec.get}")
+                raise UsageError(
+                    f"{spec.name} folder {folder!r} is incomplete: missing {', '.join(missing)} "
+                    f"(plain or .gz); {spec.get}"
+                )
             return found
-    raise UsageError(f"{spec.name} not found under {datadir!r}: expected {_LAYOUT} (each plain or .gz) "
-                     f"there or in {os.path.join(datadir, spec.name, 'raw')}; {spec.get}")
+    raise UsageError(
+        f"{spec.name} not found under {datadir!r}: expected {_LAYOUT} (each plain or .gz) "
+        f"there or in {os.path.join(datadir, spec.name, 'raw')}; {spec.get}"
+    )
 
 
 def download_idx(spec: IdxSpec, datadir: str | None) -> None:
@@ -121,15 +135,21 @@ def _read_split(spec: IdxSpec, images_path: str, labels_path: str) -> tuple[np.n
     images = read_idx(images_path, IMAGES_MAGIC, fix)
     labels = read_idx(labels_path, LABELS_MAGIC, fix)
     if len(images) != len(labels):
-        raise UsageError(f"{spec.name}: {images_path!r} holds {len(images)} images but {labels_path!r} "
-                         f"holds {len(labels)} labels; {fix}")
+        raise UsageError(
+            f"{spec.name}: {images_path!r} holds {len(images)} images but {labels_path!r} "
+            f"holds {len(labels)} labels; {fix}"
+        )
     if images.shape[1:] != (IMAGE_SIZE, IMAGE_SIZE):
-        raise UsageError(f"{spec.name}: {images_path!r} holds {images.shape[1]} x {images.shape[2]} images; "
-                         f"expected {IMAGE_SIZE} x {IMAGE_SIZE}; {fix}")
+        raise UsageError(
+            f"{spec.name}: {images_path!r} holds {images.shape[1]} x {images.shape[2]} images; "
+            f"expected {IMAGE_SIZE} x {IMAGE_SIZE}; {fix}"
+        )
     if len(labels) and labels.max() >= NUM_CLASSES:
         at = int(np.argmax(labels >= NUM_CLASSES))
-        raise UsageError(f"{spec.name}: {labels_path!r} has label {int(labels[at])} at index {at}; "
-                         f"allowed: 0-{NUM_CLASSES - 1}; {fix}")
+        raise UsageError(
+            f"{spec.name}: {labels_path!r} has label {int(labels[at])} at index {at}; "
+            f"allowed: 0-{NUM_CLASSES - 1}; {fix}"
+        )
     if not len(labels):
         raise UsageError(f"{spec.name}: {images_path!r} holds no images; {fix}")
     return images, labels
@@ -143,7 +163,7 @@ def pixel_mean_std(images: np.ndarray) -> tuple[float, float]:
     n = counts.sum()
     mean = float((counts * values).sum() / n)
     var = float((counts * (values - mean) ** 2).sum() / n)
-    return mean, var ** 0.5
+    return mean, var**0.5
 
 
 def load_idx_set(spec: IdxSpec, datadir: str | None, download: bool = False):
@@ -165,7 +185,13 @@ def build_idx_datasets(spec: IdxSpec, datadir: str | None, download: bool = Fals
         # np.array copies: the arrays view read-only bytes, which torch.from_numpy would warn about.
         return torch.from_numpy(np.array(x)).unsqueeze(1), torch.from_numpy(y.astype(np.int64))
 
-    train = TensorImages(*tensors(train_x, train_y), mean=(mean,), std=(std,), num_classes=NUM_CLASSES,
-                         padding=PADDING if augment else 0, flip=spec.flip and augment)
+    train = TensorImages(
+        *tensors(train_x, train_y),
+        mean=(mean,),
+        std=(std,),
+        num_classes=NUM_CLASSES,
+        padding=PADDING if augment else 0,
+        flip=spec.flip and augment,
+    )
     test = TensorImages(*tensors(test_x, test_y), mean=(mean,), std=(std,), num_classes=NUM_CLASSES)
     return train, test, (mean,), (std,)

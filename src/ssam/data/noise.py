@@ -13,6 +13,7 @@ Rules, so that runs compare like with like:
   and a label changed at both rates gets the same wrong class.
 - Only the training set is ever passed here; the test set stays clean.
 """
+
 from __future__ import annotations
 
 import math
@@ -50,7 +51,7 @@ def noisy_labels(labels, num_classes: int, p: float, seed: int) -> tuple[np.ndar
     order = rng.permutation(n)
     # An offset in 1..C-1 added modulo C is uniform over the C-1 other classes.
     offsets = rng.integers(1, num_classes, size=n)
-    changed = np.sort(order[:noise_count(p, n)])
+    changed = np.sort(order[: noise_count(p, n)])
     out = labels.copy()
     out[changed] = (labels[changed] + offsets[changed]) % num_classes
     return out, changed
@@ -61,8 +62,10 @@ def _num_classes(dataset) -> int:
         return int(dataset.num_classes)
     if getattr(dataset, "classes", None) is not None:  # torchvision ImageFolder and its kin
         return len(dataset.classes)
-    raise ValueError(f"dataset: {type(dataset).__name__} has neither num_classes nor classes; "
-                     f"allowed: a data set that says how many classes it has")
+    raise ValueError(
+        f"dataset: {type(dataset).__name__} has neither num_classes nor classes; "
+        f"allowed: a data set that says how many classes it has"
+    )
 
 
 def apply_label_noise(dataset, p: float, seed: int):
@@ -76,8 +79,10 @@ def apply_label_noise(dataset, p: float, seed: int):
     """
     p = _check_rate(p)
     if not hasattr(dataset, "targets"):
-        raise ValueError(f"dataset: {type(dataset).__name__} has no targets; allowed: a data set with a "
-                         f"targets sequence (every data set of build_datasets has one)")
+        raise ValueError(
+            f"dataset: {type(dataset).__name__} has no targets; allowed: a data set with a "
+            f"targets sequence (every data set of build_datasets has one)"
+        )
     if getattr(dataset, "noisy_indices", None) is not None:
         raise ValueError("dataset: its labels already carry noise; allowed: a data set with its original labels")
     old = dataset.targets

@@ -3,6 +3,7 @@
 Used by the small grey data sets (digits, MNIST, Fashion-MNIST): their images fit in memory many times
 over, so decoding per sample (PIL) would only cost time.
 """
+
 from __future__ import annotations
 
 import torch
@@ -22,11 +23,22 @@ class TensorImages(Dataset):
 
     data_layout = "NCHW"
 
-    def __init__(self, data: torch.Tensor, targets: torch.Tensor, *, mean, std, num_classes: int,
-                 padding: int = 0, flip: bool = False):
+    def __init__(
+        self,
+        data: torch.Tensor,
+        targets: torch.Tensor,
+        *,
+        mean,
+        std,
+        num_classes: int,
+        padding: int = 0,
+        flip: bool = False,
+    ):
         if data.ndim != 4 or len(data) != len(targets):
-            raise ValueError(f"data: got shape {tuple(data.shape)} for {len(targets)} labels; "
-                             f"allowed: (N, C, H, W) with one label per image")
+            raise ValueError(
+                f"data: got shape {tuple(data.shape)} for {len(targets)} labels; "
+                f"allowed: (N, C, H, W) with one label per image"
+            )
         self.data = data
         self.targets = targets
         self.mean = tuple(mean)

@@ -3,6 +3,7 @@
 Everything here is a module-level class or a torchvision transform, so a dataset holding these
 pipelines pickles cleanly into DataLoader worker processes.
 """
+
 from __future__ import annotations
 
 import torch
@@ -77,7 +78,7 @@ class RandomShift:
         padded = torch.nn.functional.pad(img, (p, p, p, p))
         dy = int(torch.randint(2 * p + 1, ()).item())
         dx = int(torch.randint(2 * p + 1, ()).item())
-        return padded[..., dy:dy + h, dx:dx + w]
+        return padded[..., dy : dy + h, dx : dx + w]
 
     def __repr__(self) -> str:
         return f"RandomShift(padding={self.padding})"
@@ -98,8 +99,7 @@ class Normalize:
 
 
 def cifar_train_transform(cutout_size: int = 0, cutout_p: float = 0.5):
-    steps = [T.RandomCrop(32, padding=4), T.RandomHorizontalFlip(), T.ToTensor(),
-             T.Normalize(CIFAR_MEAN, CIFAR_STD)]
+    steps = [T.RandomCrop(32, padding=4), T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(CIFAR_MEAN, CIFAR_STD)]
     if cutout_size:
         steps.append(Cutout(cutout_size, cutout_p))
     return T.Compose(steps)
@@ -110,10 +110,10 @@ def cifar_test_transform():
 
 
 def imagenet_train_transform():
-    return T.Compose([T.RandomResizedCrop(224), T.RandomHorizontalFlip(), T.ToTensor(),
-                      T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+    return T.Compose(
+        [T.RandomResizedCrop(224), T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
+    )
 
 
 def imagenet_test_transform():
-    return T.Compose([T.Resize(256), T.CenterCrop(224), T.ToTensor(),
-                      T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+    return T.Compose([T.Resize(256), T.CenterCrop(224), T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])

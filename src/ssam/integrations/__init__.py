@@ -3,6 +3,7 @@
 Each submodule imports its framework, which is an optional extra (``pip install 'sparse-sam[lightning]'`` ...);
 importing ``ssam.integrations`` itself needs none of them.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -15,5 +16,7 @@ def require(module: str, extra: str):
     try:
         return importlib.import_module(module)
     except ImportError as e:
-        raise ImportError(f"{module} is not installed; install it with: pip install 'sparse-sam[{extra}]' "
-                          f"(from a clone: pip install -e '.[{extra}]')") from e
+        raise ImportError(
+            f"{module} is not installed; install it with: pip install 'sparse-sam[{extra}]' "
+            f"(from a clone: pip install -e '.[{extra}]')"
+        ) from e

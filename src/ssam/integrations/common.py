@@ -8,6 +8,7 @@ The Fisher examples of an epoch depend only on ``(seed, epoch)``, as in ``ssam t
 distributed rank draw the same ones. With several ranks each measures its own share and the sums are all-reduced,
 so every rank builds the same mask.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
@@ -20,8 +21,7 @@ from torch.utils.data import default_collate
 
 from ..optim.sam import SAM
 
-__all__ = ["sam_optimizers", "fisher_sample", "refresh_before_epoch", "refresh_after_first_backward",
-           "mask_density"]
+__all__ = ["sam_optimizers", "fisher_sample", "refresh_before_epoch", "refresh_after_first_backward", "mask_density"]
 
 
 def sam_optimizers(optimizers: Iterable[Any]) -> list[SAM]:
@@ -58,8 +58,9 @@ class _OneBatch:
             yield self.collate([self.dataset[i] for i in self.indices])
 
 
-def fisher_sample(dataset: Any, num_samples: int, seed: int, epoch: int,
-                  collate: Callable[[list], Any] = default_collate) -> tuple[Iterable, Callable | None]:
+def fisher_sample(
+    dataset: Any, num_samples: int, seed: int, epoch: int, collate: Callable[[list], Any] = default_collate
+) -> tuple[Iterable, Callable | None]:
     """This rank's share of the epoch's Fisher examples as one batch (collated when iterated), and the reduce hook
     that sums the shares.
 
@@ -77,9 +78,15 @@ def fisher_sample(dataset: Any, num_samples: int, seed: int, epoch: int,
     return _OneBatch(dataset, shard, collate), (_all_reduce_sum if world > 1 else None)
 
 
-def refresh_before_epoch(opt: SAM, epoch: int, model: nn.Module, dataset: Any, seed: int = 0,
-                         loss_fn: Callable[[Tensor, Tensor], Tensor] | None = None,
-                         collate: Callable[[list], Any] = default_collate) -> bool:
+def refresh_before_epoch(
+    opt: SAM,
+    epoch: int,
+    model: nn.Module,
+    dataset: Any,
+    seed: int = 0,
+    loss_fn: Callable[[Tensor, Tensor], Tensor] | None = None,
+    collate: Callable[[list], Any] = default_collate,
+) -> bool:
     """SSAM-F: recompute the mask when the epoch is on its update grid, or when there is none yet (a run started
     off the grid). False, and nothing done, for optimizers that refresh otherwise or not at all."""
     if getattr(opt, "mask_refresh", None) != "before_epoch":

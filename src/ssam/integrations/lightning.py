@@ -31,6 +31,7 @@ either overflows. bf16-mixed and 32-bit need nothing.
 Checkpoints: Lightning saves ``optimizer.state_dict()``, which holds the masks, the base optimizer's state and
 SSAM-D's generator; the Fisher examples depend only on (seed, epoch), so a resumed run continues bit for bit.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -60,8 +61,9 @@ class SAMCallback(L.Callback):
         log_density: log ``mask_density`` (fraction of weights perturbed) at the end of every epoch.
     """
 
-    def __init__(self, fisher_data: Any = None, fisher_loss_fn: Any = None, seed: int = 0,
-                 log_density: bool = True) -> None:
+    def __init__(
+        self, fisher_data: Any = None, fisher_loss_fn: Any = None, seed: int = 0, log_density: bool = True
+    ) -> None:
         super().__init__()
         self.fisher_data = fisher_data
         self.fisher_loss_fn = fisher_loss_fn
@@ -78,8 +80,10 @@ class SAMCallback(L.Callback):
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._opts = sam_optimizers(trainer.optimizers)
         if not self._opts:
-            raise ValueError("SAMCallback: configure_optimizers returned no SAM, SSAMF or SSAMD optimizer; "
-                             "allowed: at least one (ssam.create_optimizer(model, 'sam-sgd', ...))")
+            raise ValueError(
+                "SAMCallback: configure_optimizers returned no SAM, SSAMF or SSAMD optimizer; "
+                "allowed: at least one (ssam.create_optimizer(model, 'sam-sgd', ...))"
+            )
         k = trainer.accumulate_grad_batches
         for opt in self._opts:
             opt.closure_passes = "both" if k == 1 else "second"
@@ -103,13 +107,16 @@ class SAMCallback(L.Callback):
         if data is None and any(getattr(o, "mask_refresh", None) == "before_epoch" for o in self._opts):
             data = getattr(trainer.train_dataloader, "dataset", None)
             if data is None:
-                raise ValueError("SAMCallback: SSAM-F needs Fisher data and the training dataloader has no "
-                                 "dataset; pass SAMCallback(fisher_data=...)")
+                raise ValueError(
+                    "SAMCallback: SSAM-F needs Fisher data and the training dataloader has no "
+                    "dataset; pass SAMCallback(fisher_data=...)"
+                )
         for opt in self._opts:
             refresh_before_epoch(opt, trainer.current_epoch, pl_module, data, self.seed, self.fisher_loss_fn)
 
-    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any,
-                             batch_idx: int) -> None:
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
         k = trainer.accumulate_grad_batches
         if batch_idx % k == 0:
             self._window = []
@@ -125,8 +132,9 @@ class SAMCallback(L.Callback):
             for opt in self._opts:
                 refresh_after_first_backward(opt, trainer.current_epoch)
 
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
-                           batch_idx: int) -> None:
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
         if self._stepping:
             self._steps_this_epoch += 1
 
@@ -219,4 +227,3 @@ class SAMMixedPrecision(MixedPrecision):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.scaler.load_state_dict(state_dict)  # type: ignore[union-attr]
-

@@ -10,6 +10,7 @@ timm ResNets are covered; ViTs hold LayerNorm weights, a position embedding and 
 ``fisher_method="auto"`` measures them with the per-example loop (same values, slower) and ``"hooks"`` refuses
 them with a ValueError naming the first layer it cannot take.
 """
+
 from __future__ import annotations
 
 from difflib import get_close_matches
@@ -22,8 +23,9 @@ from . import require
 __all__ = ["build_timm_model"]
 
 
-def build_timm_model(name: str, num_classes: int, in_channels: int = 3, image_size: int | None = None,
-                     **kwargs: Any) -> nn.Module:
+def build_timm_model(
+    name: str, num_classes: int, in_channels: int = 3, image_size: int | None = None, **kwargs: Any
+) -> nn.Module:
     """``timm.create_model(name, pretrained=False, num_classes=..., in_chans=...)``; ``image_size`` reaches the
     architectures that take one (ViTs: ``img_size``) and is ignored by those that adapt to any size (CNNs).
     ``kwargs`` go to timm (``depth=2``, ``embed_dim=64`` ...)."""

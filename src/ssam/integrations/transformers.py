@@ -24,6 +24,7 @@ ValueError, use bf16. DeepSpeed and FSDP through the Trainer are not supported. 
 tensor inputs shaped like ``input_ids`` (``attention_mask``, ``token_type_ids``) and scores with cross-entropy on
 the logits against ``labels``, one example at a time.
 """
+
 from __future__ import annotations
 
 import math
@@ -74,16 +75,21 @@ class SAMTrainer(Trainer):
         fisher_seed: the Fisher examples of an epoch are drawn by a generator seeded from (fisher_seed, epoch).
     """
 
-    def __init__(self, *args: Any, sam: dict | None = None, fisher_dataset: Any = None, fisher_seed: int = 0,
-                 **kwargs: Any) -> None:
+    def __init__(
+        self, *args: Any, sam: dict | None = None, fisher_dataset: Any = None, fisher_seed: int = 0, **kwargs: Any
+    ) -> None:
         self.sam_config = dict(sam) if sam is not None else {"opt": "sam"}
         if not isinstance(self.sam_config.get("opt", "sam"), str):
-            raise ValueError(f"sam['opt']: got {self.sam_config['opt']!r}; allowed: 'sam', 'ssamf', 'ssamd' or an "
-                             "--opt form such as 'ssamf-sgd'")
+            raise ValueError(
+                f"sam['opt']: got {self.sam_config['opt']!r}; allowed: 'sam', 'ssamf', 'ssamd' or an "
+                "--opt form such as 'ssamf-sgd'"
+            )
         super().__init__(*args, **kwargs)
         if self.args.fp16:
-            raise ValueError("args.fp16: got True; allowed: False with SAMTrainer (SAM's two passes need a loss "
-                             "scale per pass); use bf16=True")
+            raise ValueError(
+                "args.fp16: got True; allowed: False with SAMTrainer (SAM's two passes need a loss "
+                "scale per pass); use bf16=True"
+            )
         self.fisher_dataset = fisher_dataset
         self.fisher_seed = int(fisher_seed)
         self._window: list[tuple[dict, Any]] = []
@@ -100,13 +106,22 @@ class SAMTrainer(Trainer):
             opt = f"{opt}-adamw"
         wrapper, base = parse_opt(opt)
         if wrapper is None:
-            raise ValueError(f"sam['opt']: got {opt!r}, a plain optimizer; allowed: 'sam', 'ssamf', 'ssamd' or "
-                             "'<wrapper>-<base>' (for a plain optimizer use transformers.Trainer)")
+            raise ValueError(
+                f"sam['opt']: got {opt!r}, a plain optimizer; allowed: 'sam', 'ssamf', 'ssamd' or "
+                "'<wrapper>-<base>' (for a plain optimizer use transformers.Trainer)"
+            )
         a = self.args
-        base_kw: dict[str, Any] = {"betas": (a.adam_beta1, a.adam_beta2), "eps": a.adam_epsilon} \
-            if base == "adamw" else {}
-        sam = create_optimizer(model if model is not None else self.model, opt, lr=a.learning_rate,
-                               weight_decay=a.weight_decay, no_decay_bias_norm=True, **{**base_kw, **cfg})
+        base_kw: dict[str, Any] = (
+            {"betas": (a.adam_beta1, a.adam_beta2), "eps": a.adam_epsilon} if base == "adamw" else {}
+        )
+        sam = create_optimizer(
+            model if model is not None else self.model,
+            opt,
+            lr=a.learning_rate,
+            weight_decay=a.weight_decay,
+            no_decay_bias_norm=True,
+            **{**base_kw, **cfg},
+        )
         self.optimizer = sam
         return sam
 
@@ -130,8 +145,11 @@ class SAMTrainer(Trainer):
             return
         data = self.fisher_dataset if self.fisher_dataset is not None else self.train_dataset
         first = self.data_collator([data[0]])
-        keys = [k for k, v in first.items()
-                if k != "labels" and isinstance(v, Tensor) and v.shape == first["input_ids"].shape]
+        keys = [
+            k
+            for k, v in first.items()
+            if k != "labels" and isinstance(v, Tensor) and v.shape == first["input_ids"].shape
+        ]
         device = next(self.model.parameters()).device
 
         def collate(items: list) -> tuple[Tensor, Tensor]:
@@ -141,8 +159,9 @@ class SAMTrainer(Trainer):
         def loss_fn(logits: Tensor, y: Tensor) -> Tensor:
             return F.cross_entropy(logits, y.to(device))
 
-        refresh_before_epoch(sam, self._epoch, _StackedInputs(self.model, keys), data, self.fisher_seed, loss_fn,
-                             collate=collate)
+        refresh_before_epoch(
+            sam, self._epoch, _StackedInputs(self.model, keys), data, self.fisher_seed, loss_fn, collate=collate
+        )
 
     # ------------------------------------------------------------------ the two passes
     def training_step(self, model: nn.Module, inputs: dict, num_items_in_batch: Any = None) -> Tensor:

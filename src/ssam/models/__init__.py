@@ -2,6 +2,7 @@
 
 Every constructor in ``MODELS`` takes ``(num_classes, in_channels=3, image_size=32)``.
 """
+
 from __future__ import annotations
 
 from torch import nn
@@ -38,7 +39,7 @@ def _positive_int(what: str, value) -> int:
 
 def build_model(name: str, num_classes: int, in_channels: int = 3, image_size: int = 32) -> nn.Module:
     if name.startswith("timm:"):  # any timm architecture, built by the timm integration (extra sparse-sam[timm])
-        return _timm_model(name[len("timm:"):], num_classes, in_channels, image_size)
+        return _timm_model(name[len("timm:") :], num_classes, in_channels, image_size)
     if name not in MODELS:
         raise UsageError(f"unknown --model {name!r}; choose from: {', '.join(MODELS)}")
     _positive_int("num_classes", num_classes)
@@ -51,15 +52,34 @@ def _timm_model(name: str, num_classes: int, in_channels: int, image_size: int) 
     try:
         from ..integrations.timm import build_timm_model
 
-        return build_timm_model(name, _positive_int("num_classes", num_classes),
-                                _positive_int("in_channels", in_channels), _positive_int("image_size", image_size))
+        return build_timm_model(
+            name,
+            _positive_int("num_classes", num_classes),
+            _positive_int("in_channels", in_channels),
+            _positive_int("image_size", image_size),
+        )
     except (ImportError, ValueError) as e:
         raise UsageError(f"--model timm:{name}: {e}") from None
 
 
 __all__ = [
-    "MODELS", "build_model", "CifarResNet", "VGG", "WideResNet", "SmallCNN",
-    "resnet8", "resnet18", "resnet34", "resnet50", "resnet101", "resnet152",
-    "vgg11_bn", "vgg13_bn", "vgg16_bn", "vgg19_bn", "wideresnet28x10", "wideresnet34x10",
+    "MODELS",
+    "build_model",
+    "CifarResNet",
+    "VGG",
+    "WideResNet",
+    "SmallCNN",
+    "resnet8",
+    "resnet18",
+    "resnet34",
+    "resnet50",
+    "resnet101",
+    "resnet152",
+    "vgg11_bn",
+    "vgg13_bn",
+    "vgg16_bn",
+    "vgg19_bn",
+    "wideresnet28x10",
+    "wideresnet34x10",
     "cnn_small",
 ]

@@ -5,11 +5,12 @@ The CIFAR variant keeps the 3x3 stride-1 stem and drops the max-pool, so a 32x32
 the last stage at 4x4 instead of 1x1; the 1x1 projection shortcut (conv + BN) is used whenever the
 shape changes, which is what gives ResNet-18 its well-known 11,173,962 parameters on CIFAR-10.
 """
+
 from __future__ import annotations
 
 import torch
-from torch import nn
 import torch.nn.functional as F
+from torch import nn
 
 
 class BasicBlock(nn.Module):
@@ -63,8 +64,7 @@ def _shortcut(in_planes: int, out_planes: int, stride: int) -> nn.Module:
 class CifarResNet(nn.Module):
     """ResNet for small images: any input size works thanks to the global average pool."""
 
-    def __init__(self, block, num_blocks, num_classes: int = 10, in_channels: int = 3,
-                 widths=(64, 128, 256, 512)):
+    def __init__(self, block, num_blocks, num_classes: int = 10, in_channels: int = 3, widths=(64, 128, 256, 512)):
         super().__init__()
         self.in_planes = widths[0]
         self.conv1 = nn.Conv2d(in_channels, widths[0], 3, stride=1, padding=1, bias=False)
@@ -123,8 +123,9 @@ def _imagenet_resnet(name: str, num_classes: int, in_channels: int) -> nn.Module
     model = getattr(torchvision.models, name)(weights=None, num_classes=num_classes)
     if in_channels != 3:
         old = model.conv1
-        model.conv1 = nn.Conv2d(in_channels, old.out_channels, old.kernel_size,
-                                stride=old.stride, padding=old.padding, bias=False)
+        model.conv1 = nn.Conv2d(
+            in_channels, old.out_channels, old.kernel_size, stride=old.stride, padding=old.padding, bias=False
+        )
         nn.init.kaiming_normal_(model.conv1.weight, mode="fan_out", nonlinearity="relu")
     return model
 

@@ -1,10 +1,11 @@
 """Small networks for the bundled 8x8 digits set: they train in seconds on a CPU and keep
 BatchNorm, so the interaction of SAM's second forward pass with BN statistics is exercised."""
+
 from __future__ import annotations
 
 import torch
-from torch import nn
 import torch.nn.functional as F
+from torch import nn
 
 from .resnet import BasicBlock, CifarResNet, _init_weights
 

@@ -6,6 +6,7 @@ last two are left out; the convolutions after them still run, at 1x1). A global 
 before the classifier makes inputs larger than 32px work too, and is the identity at 32px,
 where five pools already give 1x1x512.
 """
+
 from __future__ import annotations
 
 import torch
@@ -16,10 +17,8 @@ from .resnet import _init_weights
 CFGS = {
     "vgg11_bn": [64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M"],
     "vgg13_bn": [64, 64, "M", 128, 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M"],
-    "vgg16_bn": [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M",
-                 512, 512, 512, "M"],
-    "vgg19_bn": [64, 64, "M", 128, 128, "M", 256, 256, 256, 256, "M", 512, 512, 512, 512, "M",
-                 512, 512, 512, 512, "M"],
+    "vgg16_bn": [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M"],
+    "vgg19_bn": [64, 64, "M", 128, 128, "M", 256, 256, 256, 256, "M", 512, 512, 512, 512, "M", 512, 512, 512, 512, "M"],
 }
 
 
@@ -34,8 +33,7 @@ class VGG(nn.Module):
                     layers.append(nn.MaxPool2d(2, 2))
                     size //= 2
             else:
-                layers += [nn.Conv2d(channels, v, 3, padding=1), nn.BatchNorm2d(v),
-                           nn.ReLU(inplace=True)]
+                layers += [nn.Conv2d(channels, v, 3, padding=1), nn.BatchNorm2d(v), nn.ReLU(inplace=True)]
                 channels = v
         self.features = nn.Sequential(*layers)
         self.pool = nn.AdaptiveAvgPool2d(1)

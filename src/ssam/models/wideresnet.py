@@ -1,10 +1,11 @@
 """Wide ResNets (Zagoruyko & Komodakis 2016): pre-activation basic blocks, three stages of
 width 16k, 32k, 64k, depth = 6n + 4. WRN-28-10 on CIFAR-10 has 36,479,194 parameters."""
+
 from __future__ import annotations
 
 import torch
-from torch import nn
 import torch.nn.functional as F
+from torch import nn
 
 from .resnet import _init_weights
 
@@ -35,8 +36,7 @@ class WideBasic(nn.Module):
 
 
 class WideResNet(nn.Module):
-    def __init__(self, depth: int, widen: int, num_classes: int = 10, in_channels: int = 3,
-                 dropout: float = 0.0):
+    def __init__(self, depth: int, widen: int, num_classes: int = 10, in_channels: int = 3, dropout: float = 0.0):
         super().__init__()
         if (depth - 4) % 6:
             raise ValueError(f"WideResNet depth must be 6n+4, got {depth}")
@@ -62,11 +62,9 @@ class WideResNet(nn.Module):
         return self.fc(torch.flatten(self.pool(out), 1))
 
 
-def wideresnet28x10(num_classes: int, in_channels: int = 3, image_size: int = 32,
-                    dropout: float = 0.0) -> nn.Module:
+def wideresnet28x10(num_classes: int, in_channels: int = 3, image_size: int = 32, dropout: float = 0.0) -> nn.Module:
     return WideResNet(28, 10, num_classes, in_channels, dropout)
 
 
-def wideresnet34x10(num_classes: int, in_channels: int = 3, image_size: int = 32,
-                    dropout: float = 0.0) -> nn.Module:
+def wideresnet34x10(num_classes: int, in_channels: int = 3, image_size: int = 32, dropout: float = 0.0) -> nn.Module:
     return WideResNet(34, 10, num_classes, in_channels, dropout)

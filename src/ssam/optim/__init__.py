@@ -5,6 +5,7 @@ math, single-tensor and foreach), ``mask`` (the flat mask buffer), ``select`` (t
 empirical Fisher), ``bn`` (BatchNorm statistics around pass two), ``amp`` (fp16 loss scaling for two passes),
 ``factory`` (optimizers by ``--opt`` name).
 """
+
 from .amp import TwoPassScaler
 from .bn import disable_running_stats, enable_running_stats, frozen_bn_stats
 from .factory import create_optimizer
@@ -13,6 +14,18 @@ from .sam import CLOSURE_PASSES, SAM
 from .select import top_k_mask
 from .ssam import SSAMD, SSAMF, STRATEGIES
 
-__all__ = ["SAM", "SSAMF", "SSAMD", "TwoPassScaler", "create_optimizer", "empirical_fisher", "frozen_bn_stats",
-           "enable_running_stats", "disable_running_stats", "top_k_mask", "STRATEGIES", "FISHER_METHODS",
-           "CLOSURE_PASSES"]
+__all__ = [
+    "SAM",
+    "SSAMF",
+    "SSAMD",
+    "TwoPassScaler",
+    "create_optimizer",
+    "empirical_fisher",
+    "frozen_bn_stats",
+    "enable_running_stats",
+    "disable_running_stats",
+    "top_k_mask",
+    "STRATEGIES",
+    "FISHER_METHODS",
+    "CLOSURE_PASSES",
+]

@@ -15,6 +15,7 @@ the way GradScaler does (halve on overflow, double after ``growth_interval`` cle
         scaler.second_step(opt)
     scaler.update()
 """
+
 from __future__ import annotations
 
 from collections import defaultdict
@@ -26,8 +27,14 @@ __all__ = ["TwoPassScaler"]
 
 
 class TwoPassScaler:
-    def __init__(self, init_scale: float = 2.0**16, growth_factor: float = 2.0, backoff_factor: float = 0.5,
-                 growth_interval: int = 2000, enabled: bool = True) -> None:
+    def __init__(
+        self,
+        init_scale: float = 2.0**16,
+        growth_factor: float = 2.0,
+        backoff_factor: float = 0.5,
+        growth_interval: int = 2000,
+        enabled: bool = True,
+    ) -> None:
         self.enabled = enabled
         self._scale = float(init_scale)
         self.growth_factor = growth_factor

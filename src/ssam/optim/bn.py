@@ -8,6 +8,7 @@ Mechanism: ``track_running_stats=False`` on every BatchNorm that tracks statisti
 uses batch statistics and skips the update (running mean/var and ``num_batches_tracked`` all stay as they were,
 whatever the momentum, ``None`` included); an eval-mode forward still uses the running statistics.
 """
+
 from __future__ import annotations
 
 import contextlib

@@ -4,6 +4,7 @@
 framework integrations build their optimizers with. Keyword arguments that the wrapper does not take go to the base
 optimizer (``momentum``, ``betas``, ``eps`` ...).
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -63,12 +64,16 @@ def param_groups(model: nn.Module, weight_decay: float, no_decay_bias_norm: bool
     skip = _model_no_decay_names(model)
     decay = [(n, p) for n, p in named if not _no_decay(n, p, skip)]
     rest = [(n, p) for n, p in named if _no_decay(n, p, skip)]
-    return [g for g in ({"params": decay, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0.0})
-            if g["params"]]
+    return [
+        g
+        for g in ({"params": decay, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0.0})
+        if g["params"]
+    ]
 
 
-def create_optimizer(model: nn.Module, opt: str, lr: float, weight_decay: float = 0.0,
-                     no_decay_bias_norm: bool = False, **kwargs: Any) -> torch.optim.Optimizer:
+def create_optimizer(
+    model: nn.Module, opt: str, lr: float, weight_decay: float = 0.0, no_decay_bias_norm: bool = False, **kwargs: Any
+) -> torch.optim.Optimizer:
     """Build the optimizer named ``opt`` (any ``--opt`` form) over ``model``'s trainable parameters.
 
     ``kwargs`` holds the wrapper's settings (``rho``, ``sparsity``, ``num_samples`` ...) and the base optimizer's
@@ -82,7 +87,8 @@ def create_optimizer(model: nn.Module, opt: str, lr: float, weight_decay: float 
             base_class: Any = BASE_OPTIMIZERS[base]  # Optimizer itself takes no lr; its subclasses do
             return base_class(plain, lr=lr, **kwargs)
         except TypeError as e:
-            raise ValueError(f"{opt}: {e}; a plain {base} takes no SAM settings (use sam-{base}, ssamf-{base} ...)") \
-                from None
+            raise ValueError(
+                f"{opt}: {e}; a plain {base} takes no SAM settings (use sam-{base}, ssamf-{base} ...)"
+            ) from None
     # A keyword neither the wrapper nor the base takes is the wrapper's ValueError, naming both lists.
     return WRAPPERS[wrapper](groups, BASE_OPTIMIZERS[base], lr=lr, **kwargs)

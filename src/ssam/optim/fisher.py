@@ -13,6 +13,7 @@ In training mode each example is its own BatchNorm batch in every method (the pa
 ``hooks`` gets there in one batched pass because BatchNorm over a batch of one is instance normalisation. The
 running statistics are never touched: the Fisher pass is a measurement, not training.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -33,8 +34,9 @@ __all__ = ["FISHER_METHODS", "auto_method", "empirical_fisher", "frozen_bn_stats
 FISHER_METHODS = ("auto", "loop", "vmap", "hooks")
 
 
-def iter_examples(data: Any, num_samples: int,
-                  generator: torch.Generator | None = None) -> Iterator[tuple[Tensor, Tensor]]:
+def iter_examples(
+    data: Any, num_samples: int, generator: torch.Generator | None = None
+) -> Iterator[tuple[Tensor, Tensor]]:
     """Yield ``num_samples`` (input, target) examples, each with a leading batch dimension of 1 stripped.
 
     ``data`` is a map-style ``Dataset`` (examples drawn at random without replacement), an iterable of
@@ -57,8 +59,10 @@ def iter_examples(data: Any, num_samples: int,
     for batch in data:
         if not (isinstance(batch, (tuple, list)) and len(batch) >= 2):
             what = f"a dict with keys {sorted(batch)}" if isinstance(batch, dict) else type(batch).__name__
-            raise ValueError(f"data: got a batch that is {what}; allowed: (inputs, targets) batches, one such batch, "
-                             "or a Dataset of (input, target) examples")
+            raise ValueError(
+                f"data: got a batch that is {what}; allowed: (inputs, targets) batches, one such batch, "
+                "or a Dataset of (input, target) examples"
+            )
         xs, ys = batch[0], batch[1]
         for x, y in zip(xs, ys):
             yield x, y
@@ -132,9 +136,11 @@ def empirical_fisher(
     except ValueError as e:
         # torch's words for a BatchNorm given one value per channel (batch of one, 1x1 map) in training mode
         if mode == "train" and str(e).startswith("Expected more than 1"):
-            raise ValueError("fisher_mode: got 'train', where every example is its own BatchNorm batch, but a "
-                             "BatchNorm here sees one value per channel (1x1 feature maps); allowed: 'eval' (the "
-                             "running statistics) for this model") from None
+            raise ValueError(
+                "fisher_mode: got 'train', where every example is its own BatchNorm batch, but a "
+                "BatchNorm here sees one value per channel (1x1 feature maps); allowed: 'eval' (the "
+                "running statistics) for this model"
+            ) from None
         raise
     finally:
         model.train(was_training)
@@ -176,8 +182,9 @@ def _fisher_vmap(model, params, examples, loss_fn, device, fisher, chunk_size) -
     names = {id(p): n for n, p in model.named_parameters()}
     missing = [i for i, p in enumerate(params) if id(p) not in names]
     if missing:
-        raise ValueError(f"model: {len(missing)} optimizer parameters are not parameters of the model given to "
-                         "update_mask")
+        raise ValueError(
+            f"model: {len(missing)} optimizer parameters are not parameters of the model given to update_mask"
+        )
     wanted = {names[id(p)]: p for p in params}
     others = {n: p for n, p in model.named_parameters() if n not in wanted}
     buffers = dict(model.named_buffers())
@@ -291,8 +298,9 @@ def _fisher_hooks(model, plan, examples, loss_fn, device, fisher, chunk_size) ->
     """Add every chunk's Fisher; on the first chunk the batched pass cannot take, return the examples left."""
     for xs, ys in _chunks(examples, chunk_size):
         try:
-            _hooked_pass(model, plan, xs.to(device, non_blocking=True), ys.to(device, non_blocking=True),
-                         loss_fn, fisher)
+            _hooked_pass(
+                model, plan, xs.to(device, non_blocking=True), ys.to(device, non_blocking=True), loss_fn, fisher
+            )
         except _Unsupported:
             return itertools.chain(zip(xs, ys), examples)
     return None
@@ -353,7 +361,7 @@ def _hooked_pass(model, plan, xs, ys, loss_fn, fisher) -> None:
         if loss_fn is F.cross_entropy:
             total = F.cross_entropy(out, ys, reduction="sum")  # the sum of the batch-of-one means, in one call
         else:
-            total = sum(loss_fn(out[i:i + 1], ys[i:i + 1]) for i in range(len(ys)))
+            total = sum(loss_fn(out[i : i + 1], ys[i : i + 1]) for i in range(len(ys)))
         # The gradient with respect to the input: it runs the backward through every layer (firing the hooks)
         # but never forms a parameter gradient, which the hooks form per example instead.
         torch.autograd.grad(total, [x])
@@ -411,10 +419,10 @@ def _conv_fisher_unfold(mod, a, d, fw, budget: int) -> None:
     rows = max(1, min(o, budget // (step * ckk)))
     padding = 0 if mod.padding == "valid" else mod.padding
     for i in range(0, b, step):
-        u = F.unfold(a[i:i + step], mod.kernel_size, mod.dilation, padding, mod.stride).transpose(1, 2)
-        di = d[i:i + step]
+        u = F.unfold(a[i : i + step], mod.kernel_size, mod.dilation, padding, mod.stride).transpose(1, 2)
+        di = d[i : i + step]
         for r in range(0, o, rows):
-            acc[r:r + rows].add_(torch.bmm(di[:, r:r + rows], u).square_().sum(0))
+            acc[r : r + rows].add_(torch.bmm(di[:, r : r + rows], u).square_().sum(0))
     if acc.data_ptr() != fw.data_ptr():
         fw.add_(acc.view(fw.shape))
 
@@ -424,7 +432,7 @@ def _conv_fisher_patches(mod, a, d, acc, scratch, step) -> None:
     on a CPU that beats batched products over F.unfold by several times (BENCHMARKS.md)."""
     g = _scratch(scratch, "grad", acc.numel(), acc).view(acc.shape)
     for i in range(0, d.shape[0], step):
-        u = _patches_last(mod, a[i:i + step], scratch)
+        u = _patches_last(mod, a[i : i + step], scratch)
         for j in range(u.shape[0]):
             torch.mm(d[i + j], u[j], out=g)
             acc.addcmul_(g, g)
@@ -444,15 +452,16 @@ def _conv_fisher_shifted(mod, a, d, acc) -> None:
         n = min(_SHIFT_STEP, b - i)
         # One spare row: the windows of the widened last output row run past the image's end.
         src = a.new_zeros(n, hp + 1, wp, c)
-        src[:, ph:ph + h, pw:pw + w].copy_(a[i:i + n].permute(0, 2, 3, 1))
+        src[:, ph : ph + h, pw : pw + w].copy_(a[i : i + n].permute(0, 2, 3, 1))
         dp = a.new_zeros(n, o, ho, wp)
-        dp[..., :wo].copy_(d[i:i + n])
+        dp[..., :wo].copy_(d[i : i + n])
         dp = dp.view(n, o, k)
         g = a.new_empty(kh, kw, n, o, c)
         for y in range(kh):
             for x in range(kw):
-                tap = src.as_strided((n, k, c), ((hp + 1) * wp * c, c, 1),
-                                     src.storage_offset() + (y * dh * wp + x * dw) * c)
+                tap = src.as_strided(
+                    (n, k, c), ((hp + 1) * wp * c, c, 1), src.storage_offset() + (y * dh * wp + x * dw) * c
+                )
                 torch.bmm(dp, tap, out=g[y, x])
         acc.add_(g.square_().sum(2))
 
@@ -478,13 +487,15 @@ def _patches_last(mod: nn.Conv2d, a: Tensor, scratch: dict) -> Tensor:
     src = a.permute(0, 2, 3, 1)
     if ph or pw:
         padded = a.new_zeros(b, h + 2 * ph, w + 2 * pw, c)
-        padded[:, ph:ph + h, pw:pw + w].copy_(src)
+        padded[:, ph : ph + h, pw : pw + w].copy_(src)
         src = padded
     out = _scratch(scratch, "patches", b * ho * wo * kh * kw * c, a).view(b, ho, wo, kh, kw, c)
     for y in range(kh):
         for x in range(kw):
             # In channels-last order each copied row is W*C contiguous numbers, not W.
-            out[:, :, :, y, x].copy_(src[:, y * dh:y * dh + sh * (ho - 1) + 1:sh, x * dw:x * dw + sw * (wo - 1) + 1:sw])
+            out[:, :, :, y, x].copy_(
+                src[:, y * dh : y * dh + sh * (ho - 1) + 1 : sh, x * dw : x * dw + sw * (wo - 1) + 1 : sw]
+            )
     return out.view(b, ho * wo, kh * kw * c)
 
 

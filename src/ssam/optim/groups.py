@@ -20,6 +20,7 @@ worth is the sum of its scores; going best-first by sum / size (the mean) is the
 knapsack. A sum would rank a big group first because it is big and let it eat the budget; the mean is also the
 journal's rule for tensors.
 """
+
 from __future__ import annotations
 
 import math
@@ -33,9 +34,26 @@ from torch import Tensor
 
 from .select import device_top_k_mask
 
-__all__ = ["Granularity", "GRANULARITY_WORDS", "parse_granularity", "group_sizes", "group_owner", "group_means",
-           "cost_aware_cut", "best_first_fit", "expand_groups", "fit_groups", "structured_mask", "group_drop_grow",
-           "nm_mask", "nm_drop_grow", "resolve", "mask_from_scores", "random_mask", "drop_and_grow"]
+__all__ = [
+    "Granularity",
+    "GRANULARITY_WORDS",
+    "parse_granularity",
+    "group_sizes",
+    "group_owner",
+    "group_means",
+    "cost_aware_cut",
+    "best_first_fit",
+    "expand_groups",
+    "fit_groups",
+    "structured_mask",
+    "group_drop_grow",
+    "nm_mask",
+    "nm_drop_grow",
+    "resolve",
+    "mask_from_scores",
+    "random_mask",
+    "drop_and_grow",
+]
 
 GRANULARITY_WORDS = ("element", "channel", "tensor")
 _NM_FORM = re.compile(r"(\d+):(\d+)")
@@ -131,7 +149,7 @@ def best_first_fit(keys: np.ndarray, sizes: np.ndarray, budget: int, among: np.n
         fit = int(np.searchsorted(total, left, side="right"))  # >= 1: the first group is no bigger than left
         chosen[order[:fit]] = True
         left -= int(total[fit - 1])
-        order = order[fit + 1:]
+        order = order[fit + 1 :]
     return chosen
 
 
@@ -161,8 +179,14 @@ def cost_aware_cut(keys: np.ndarray, sizes: np.ndarray, owner: np.ndarray, budge
     return 0
 
 
-def fit_groups(keys: np.ndarray, shapes: Sequence[Sequence[int]], kind: str, budget: int, cost_aware: bool = False,
-               device: torch.device | str = "cpu") -> tuple[Tensor, int]:
+def fit_groups(
+    keys: np.ndarray,
+    shapes: Sequence[Sequence[int]],
+    kind: str,
+    budget: int,
+    cost_aware: bool = False,
+    device: torch.device | str = "cpu",
+) -> tuple[Tensor, int]:
     """Flat bool mask of the groups chosen best-first-fit by ``keys`` (one per group), at most ``budget`` entries,
     and the first tensor allowed to be live (``cost_aware_cut`` with ``cost_aware``, else 0)."""
     sizes = group_sizes(shapes, kind)
@@ -178,8 +202,16 @@ def structured_mask(scores: Sequence[Tensor], kind: str, budget: int, cost_aware
     return fit_groups(group_means(scores, kind), shapes, kind, budget, cost_aware, scores[0].device)[0]
 
 
-def group_drop_grow(live: Tensor, shapes: Sequence[Sequence[int]], kind: str, drop: np.ndarray | Tensor,
-                    grow: np.ndarray | Tensor, budget: int, death_rate: float, grow_from: int = 0) -> Tensor:
+def group_drop_grow(
+    live: Tensor,
+    shapes: Sequence[Sequence[int]],
+    kind: str,
+    drop: np.ndarray | Tensor,
+    grow: np.ndarray | Tensor,
+    budget: int,
+    death_rate: float,
+    grow_from: int = 0,
+) -> Tensor:
     """SSAM-D's update with whole groups: of the L live groups, the ``L - int(L * (1 - death_rate))`` with the
     lowest mean ``drop`` score die (no more than there are dead groups to regrow); then groups dead before the update
     are grown best-first-fit by ``grow`` into the budget the survivors leave (only groups of tensors ``grow_from``
@@ -208,8 +240,7 @@ def _per_group(score: np.ndarray | Tensor, sizes: np.ndarray) -> np.ndarray:
 def _flat_group_means(flat: Tensor, sizes: np.ndarray) -> np.ndarray:
     """Mean of a flat tensor over consecutive runs of ``sizes`` entries (float64 numpy)."""
     flat = flat.detach().reshape(-1).float()
-    ids = torch.repeat_interleave(torch.arange(sizes.size, device=flat.device),
-                                  torch.from_numpy(sizes).to(flat.device))
+    ids = torch.repeat_interleave(torch.arange(sizes.size, device=flat.device), torch.from_numpy(sizes).to(flat.device))
     sums = torch.zeros(sizes.size, dtype=torch.float64, device=flat.device).index_add_(0, ids, flat.double())
     return (sums.cpu() / torch.from_numpy(sizes).double()).numpy()
 
@@ -253,8 +284,9 @@ def nm_mask(scores: Sequence[Tensor], n: int, m: int) -> Tensor:
     return torch.cat(pieces) if pieces else torch.zeros(0, dtype=torch.bool)
 
 
-def nm_drop_grow(live: Tensor, shapes: Sequence[Sequence[int]], n: int, m: int, drop: Tensor, grow: Tensor,
-                 death_rate: float) -> Tensor:
+def nm_drop_grow(
+    live: Tensor, shapes: Sequence[Sequence[int]], n: int, m: int, drop: Tensor, grow: Tensor, death_rate: float
+) -> Tensor:
     """SSAM-D's update that keeps the N:M pattern. All arguments flat in flat order. Of the L live entries of the
     weights that have blocks, ``L - int(L * (1 - death_rate))`` die: the lowest ``drop`` scores, at most
     min(live, dead) per block so that each can be replaced; each block then regrows as many entries as died in it,
@@ -295,8 +327,9 @@ def nm_drop_grow(live: Tensor, shapes: Sequence[Sequence[int]], n: int, m: int, 
 
 
 # ------------------------------------------------------------------ what SSAMF and SSAMD call
-def resolve(granularity: object, sparsity: float | None, cost_aware: object,
-            default_sparsity: float = 0.5) -> tuple[Granularity, float | int]:
+def resolve(
+    granularity: object, sparsity: float | None, cost_aware: object, default_sparsity: float = 0.5
+) -> tuple[Granularity, float | int]:
     """Check the granularity keywords of SSAMF/SSAMD; return the granularity and the sparsity to use.
 
     ``sparsity=None`` means the library default (0.5), or for N:M the implied 1 - N/M; an explicit sparsity that
@@ -305,14 +338,18 @@ def resolve(granularity: object, sparsity: float | None, cost_aware: object,
     if not isinstance(cost_aware, bool):
         raise ValueError(f"cost_aware: got {cost_aware!r}; allowed: True or False")
     if cost_aware and not gran.grouped:
-        raise ValueError(f"cost_aware: got True with granularity={str(gran)!r}; allowed: True only with 'channel' "
-                         "or 'tensor' granularity")
+        raise ValueError(
+            f"cost_aware: got True with granularity={str(gran)!r}; allowed: True only with 'channel' "
+            "or 'tensor' granularity"
+        )
     implied = gran.implied_sparsity
     if implied is None:
         return gran, default_sparsity if sparsity is None else sparsity
     if sparsity is not None and not (isinstance(sparsity, (int, float)) and math.isclose(sparsity, implied)):
-        raise ValueError(f"sparsity: got {sparsity!r} with granularity={str(gran)!r}, which implies {implied:g}; "
-                         f"allowed: None (implied) or {implied:g}")
+        raise ValueError(
+            f"sparsity: got {sparsity!r} with granularity={str(gran)!r}, which implies {implied:g}; "
+            f"allowed: None (implied) or {implied:g}"
+        )
     return gran, implied
 
 
@@ -323,8 +360,9 @@ def mask_from_scores(scores: Sequence[Tensor], gran: Granularity, budget: int, c
     return structured_mask(scores, gran.kind, budget, cost_aware)
 
 
-def random_mask(shapes: Sequence[Sequence[int]], gran: Granularity, budget: int, cost_aware: bool,
-                generator: torch.Generator) -> tuple[Tensor, int]:
+def random_mask(
+    shapes: Sequence[Sequence[int]], gran: Granularity, budget: int, cost_aware: bool, generator: torch.Generator
+) -> tuple[Tensor, int]:
     """SSAM-D's initial flat mask for channel, tensor or N:M granularity, drawn from ``generator``, and the
     cost-aware cut (0 without it): random group keys for groups (one draw per group, whatever its size), random
     entry scores for N:M."""
@@ -337,8 +375,16 @@ def random_mask(shapes: Sequence[Sequence[int]], gran: Granularity, budget: int,
     return fit_groups(keys, shapes, gran.kind, budget, cost_aware, device)
 
 
-def drop_and_grow(live: Tensor, shapes: Sequence[Sequence[int]], gran: Granularity, drop: np.ndarray | Tensor,
-                  grow: np.ndarray | Tensor, budget: int, death_rate: float, grow_from: int = 0) -> Tensor:
+def drop_and_grow(
+    live: Tensor,
+    shapes: Sequence[Sequence[int]],
+    gran: Granularity,
+    drop: np.ndarray | Tensor,
+    grow: np.ndarray | Tensor,
+    budget: int,
+    death_rate: float,
+    grow_from: int = 0,
+) -> Tensor:
     """SSAM-D's update for channel, tensor (``group_drop_grow``) or N:M (``nm_drop_grow``) granularity."""
     if gran.kind == "nm":
         assert isinstance(drop, Tensor) and isinstance(grow, Tensor)  # N:M scores entries, never groups

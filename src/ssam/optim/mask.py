@@ -5,6 +5,7 @@ stretch, laid out in memory as the parameter is (channels_last included). One bu
 every perturbation with one product over a concatenation instead of one kernel per tensor (see
 ``ssam.optim.perturb``), which is what a step costs on an accelerator: kernel launches.
 """
+
 from __future__ import annotations
 
 from typing import NamedTuple
@@ -18,6 +19,7 @@ __all__ = ["FlatMask", "MaskSegment"]
 class MaskSegment(NamedTuple):
     """A stretch of the buffer covering some consecutive parameters. ``plain_order``: the buffer holds every mask in
     logical (row-major) order; else each in its parameter's memory order."""
+
     mask: Tensor
     plain_order: bool
 
@@ -60,15 +62,18 @@ class FlatMask:
         """Copy a flat mask over all entries (parameters in order, each in logical order) in; return the views."""
         flat = flat.reshape(-1)
         if flat.numel() != self.numel:
-            raise ValueError(f"flat mask: got {flat.numel()} entries; allowed: exactly {self.numel}, one per entry of "
-                             "the maskable parameters")
+            raise ValueError(
+                f"flat mask: got {flat.numel()} entries; allowed: exactly {self.numel}, one per entry of "
+                "the maskable parameters"
+            )
         params, offsets = self.params, self._offsets
         self._dead = None
         if len({p.device for p in params}) > 1:  # parameters spread over devices: one mask tensor each
             self.buffer = None
             self._dense = self.plain_order = False
-            self.views = [flat[o:o + p.numel()].to(p.device, torch.bool).view(p.shape).clone()
-                          for p, o in zip(params, offsets)]
+            self.views = [
+                flat[o : o + p.numel()].to(p.device, torch.bool).view(p.shape).clone() for p, o in zip(params, offsets)
+            ]
             return self.views
         buf = self.buffer
         if buf is None or buf.device != params[0].device:
@@ -82,10 +87,10 @@ class FlatMask:
         # memory order, line up entry for entry.
         views = []
         for p, o in zip(params, offsets):
-            piece = buf[o:o + p.numel()]
+            piece = buf[o : o + p.numel()]
             view = piece.as_strided(p.shape, p.stride()) if _dense(p) else piece.view(p.shape)
             if not self.plain_order:  # (else the one copy above already put every entry in place)
-                view.copy_(flat[o:o + p.numel()].view(p.shape))
+                view.copy_(flat[o : o + p.numel()].view(p.shape))
             views.append(view)
         self.views = views
         return views
@@ -122,14 +127,14 @@ class FlatMask:
             return None
         first = self._position.get(id(params[0]))
         n = len(params)
-        if first is None or list(map(id, params)) != self._ids[first:first + n]:
+        if first is None or list(map(id, params)) != self._ids[first : first + n]:
             return None
         # In plain order the gradients are read in logical order whatever their layout (see perturb._masked_flat).
         # Otherwise they are read in memory order and must be laid out as their masks (every mask view is dense).
         if not self.plain_order:
-            strides = self._strides[first:first + n]
+            strides = self._strides[first : first + n]
             if strides != [g.stride() for g in grads] or strides != [p.stride() for p in params]:
                 return None
         if len({g.dtype for g in grads}) != 1:  # one concatenation must not promote some gradients' precision
             return None
-        return MaskSegment(buf[self._offsets[first]:self._offsets[first + n]], self.plain_order)
+        return MaskSegment(buf[self._offsets[first] : self._offsets[first + n]], self.plain_order)

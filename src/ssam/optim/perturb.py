@@ -8,6 +8,7 @@ keeps its update rules. The optimizer classes gather the tensors and call these.
 Which path: multi-tensor kernels on accelerators, a per-tensor loop on the CPU (where foreach kernels are loops of
 the same ops, and the loop can fuse the scale into the add), unless the caller says otherwise.
 """
+
 from __future__ import annotations
 
 import torch
@@ -38,8 +39,15 @@ def _masked_flat(tensors: list[Tensor], seg: MaskSegment) -> Tensor:
     return torch.cat([_memory_order(t) for t in tensors]).mul_(seg.mask)
 
 
-def grad_norm(params: list[Tensor], grads: list[Tensor], *, adaptive: bool, foreach: bool,
-              masks: list[Tensor] | None = None, segment: MaskSegment | None = None) -> Tensor:
+def grad_norm(
+    params: list[Tensor],
+    grads: list[Tensor],
+    *,
+    adaptive: bool,
+    foreach: bool,
+    masks: list[Tensor] | None = None,
+    segment: MaskSegment | None = None,
+) -> Tensor:
     """One norm over every gradient (as in the paper), a device tensor (no host synchronisation).
 
     ``adaptive``: of |w| * g (ASAM). ``masks``: of the masked gradient (SSAM's renormalize, which puts the masked
@@ -54,9 +62,11 @@ def grad_norm(params: list[Tensor], grads: list[Tensor], *, adaptive: bool, fore
         else:
             grads = [g * m for g, m in zip(grads, masks)]
     if adaptive:
-        scaled = torch._foreach_mul(grads, torch._foreach_abs(params)) if foreach else [
-            g * p.abs() for p, g in zip(params, grads)
-        ]
+        scaled = (
+            torch._foreach_mul(grads, torch._foreach_abs(params))
+            if foreach
+            else [g * p.abs() for p, g in zip(params, grads)]
+        )
     else:
         scaled = grads
     norms = torch._foreach_norm(scaled) if foreach else [torch.linalg.vector_norm(g) for g in scaled]
@@ -64,8 +74,17 @@ def grad_norm(params: list[Tensor], grads: list[Tensor], *, adaptive: bool, fore
     return torch.linalg.vector_norm(torch.stack([n.to(device) for n in norms]))
 
 
-def perturb_(params: list[Tensor], grads: list[Tensor], saved: list[Tensor], masks: list[Tensor | None], *,
-             scale: Tensor, adaptive: bool, foreach: bool, segment: MaskSegment | None = None) -> None:
+def perturb_(
+    params: list[Tensor],
+    grads: list[Tensor],
+    saved: list[Tensor],
+    masks: list[Tensor | None],
+    *,
+    scale: Tensor,
+    adaptive: bool,
+    foreach: bool,
+    segment: MaskSegment | None = None,
+) -> None:
     """w <- w + scale * g (* w^2) (* mask), after copying w into ``saved``. ``segment`` (multi-tensor path only):
     the masks as one stretch of the flat mask buffer."""
     if foreach:
@@ -74,8 +93,15 @@ def perturb_(params: list[Tensor], grads: list[Tensor], saved: list[Tensor], mas
         _single_tensor_perturb(params, grads, saved, masks, scale, adaptive)
 
 
-def _multi_tensor_perturb(ps: list[Tensor], gs: list[Tensor], saved: list[Tensor], masks: list[Tensor | None],
-                          scale: Tensor, adaptive: bool, seg: MaskSegment | None) -> None:
+def _multi_tensor_perturb(
+    ps: list[Tensor],
+    gs: list[Tensor],
+    saved: list[Tensor],
+    masks: list[Tensor | None],
+    scale: Tensor,
+    adaptive: bool,
+    seg: MaskSegment | None,
+) -> None:
     """Multi-tensor kernels; the scale stays on the device."""
     torch._foreach_copy_(saved, ps)
     if seg is not None:
@@ -100,8 +126,9 @@ def _multi_tensor_perturb(ps: list[Tensor], gs: list[Tensor], saved: list[Tensor
     torch._foreach_add_(ps, es)
 
 
-def _single_tensor_perturb(ps: list[Tensor], gs: list[Tensor], saved: list[Tensor], masks: list[Tensor | None],
-                           scale: Tensor, adaptive: bool) -> None:
+def _single_tensor_perturb(
+    ps: list[Tensor], gs: list[Tensor], saved: list[Tensor], masks: list[Tensor | None], scale: Tensor, adaptive: bool
+) -> None:
     """One tensor at a time, reusing one scratch buffer.
 
     On a CPU the scale becomes a Python number (no device to wait for) and fuses into the add; elsewhere it stays a
@@ -118,7 +145,7 @@ def _single_tensor_perturb(ps: list[Tensor], gs: list[Tensor], saved: list[Tenso
             continue
         if scratch is None or scratch.numel() < p.numel() or scratch.dtype != g.dtype or scratch.device != g.device:
             scratch = torch.empty(max(q.numel() for q in ps), dtype=g.dtype, device=g.device)
-        e = scratch[:p.numel()].view_as(g)
+        e = scratch[: p.numel()].view_as(g)
         if m is not None:
             # A bool mask read as uint8 takes the vectorised mixed-type kernel; as bool it does not.
             torch.mul(g, m.view(torch.uint8), out=e)

@@ -14,6 +14,7 @@ wrapper and the base optimizer share one ``param_groups`` list, so a learning-ra
 changes both, and ``zero_grad`` on either clears every gradient. Parameters sharded by FSDP2's ``fully_shard`` are
 perturbed shard by shard, with the norm summed over the ranks in one all-reduce (``ssam.optim.sharded``).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -60,8 +61,11 @@ def _keywords(fn: Callable, skip: tuple[str, ...] = ()) -> tuple[list[str], bool
         sig = inspect.signature(fn)
     except (TypeError, ValueError):
         return [], True
-    names = [n for n, p in sig.parameters.items()
-             if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and n not in ("self", "params", *skip)]
+    names = [
+        n
+        for n, p in sig.parameters.items()
+        if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and n not in ("self", "params", *skip)
+    ]
     return names, any(p.kind is p.VAR_KEYWORD for p in sig.parameters.values())
 
 
@@ -162,8 +166,12 @@ class SAM(torch.optim.Optimizer):
         if takes_any or not unknown:
             return
         key = unknown[0]
-        own = [k for cls in type(self).__mro__ if issubclass(cls, SAM)
-               for k in _keywords(cls.__init__, ("base_optimizer",))[0]]
+        own = [
+            k
+            for cls in type(self).__mro__
+            if issubclass(cls, SAM)
+            for k in _keywords(cls.__init__, ("base_optimizer",))[0]
+        ]
         hint = f" ({type(self).__name__}'s own is {_RENAMED[key]})" if key in _RENAMED else ""
         raise ValueError(
             f"{key}: got {kwargs[key]!r}, a keyword neither {base.__name__} nor {type(self).__name__} takes{hint}; "
@@ -260,9 +268,16 @@ class SAM(torch.optim.Optimizer):
             saved = [self._buffer(p) for p in ps]
             segment = self._mask_segment(ps, gs) if foreach and self._layout is None else None
             lp = self._locals(ps)
-            perturb_(lp, self._locals(gs), saved, [self._mask_for(p) for p in ps],
-                     scale=group["rho"] / (norm + self.perturb_eps), adaptive=group["adaptive"], foreach=foreach,
-                     segment=segment)
+            perturb_(
+                lp,
+                self._locals(gs),
+                saved,
+                [self._mask_for(p) for p in ps],
+                scale=group["rho"] / (norm + self.perturb_eps),
+                adaptive=group["adaptive"],
+                foreach=foreach,
+                segment=segment,
+            )
             perturbed_p.extend(lp)
             perturbed_w.extend(saved)
         self._perturbed = (perturbed_p, perturbed_w)
@@ -359,9 +374,16 @@ class SAM(torch.optim.Optimizer):
             for p in frozen:
                 p.requires_grad_(True)
 
-    def refresh_mask(self, epoch: int, *, model: torch.nn.Module | None = None, data: Any = None,
-                     generator: torch.Generator | None = None, reduce: Callable | None = None,
-                     loss_fn: Callable[[Tensor, Tensor], Tensor] | None = None) -> bool:
+    def refresh_mask(
+        self,
+        epoch: int,
+        *,
+        model: torch.nn.Module | None = None,
+        data: Any = None,
+        generator: torch.Generator | None = None,
+        reduce: Callable | None = None,
+        loss_fn: Callable[[Tensor, Tensor], Tensor] | None = None,
+    ) -> bool:
         """Refresh the mask if ``epoch`` calls for it; True when it did. Dense SAM has no mask: False. Call it where
         ``mask_refresh`` says: ``"before_epoch"`` before an epoch's first step, ``"first_backward"`` after the
         first backward of an epoch's first step. ``model``, ``data``, ``generator``, ``reduce`` and ``loss_fn``

@@ -13,6 +13,7 @@ path that computed it. Two execution paths:
 
 ``random_subset`` (SSAM-D's random drop/growth on a CPU) lives here too: a uniformly random exact-size subset.
 """
+
 from __future__ import annotations
 
 import math
@@ -23,8 +24,17 @@ from torch import Tensor
 
 __all__ = ["top_k_mask", "device_top_k_mask", "random_subset"]
 
-_NUMPY_DTYPES = (torch.float16, torch.float32, torch.float64, torch.int8, torch.uint8, torch.int16, torch.int32,
-                 torch.int64, torch.bool)
+_NUMPY_DTYPES = (
+    torch.float16,
+    torch.float32,
+    torch.float64,
+    torch.int8,
+    torch.uint8,
+    torch.int16,
+    torch.int32,
+    torch.int64,
+    torch.bool,
+)
 
 
 def top_k_mask(score: Tensor, k: int, among: Tensor | None = None) -> Tensor:
@@ -112,7 +122,7 @@ def random_subset(among: Tensor, m: int, seed: int) -> Tensor:
     if m >= size:
         return among.clone()
     words = (pool.size + 3) // 4
-    bits = rng.bit_generator.random_raw(words).view(np.uint16)[:pool.size]
+    bits = rng.bit_generator.random_raw(words).view(np.uint16)[: pool.size]
     chosen = (bits < min(65535, round(65536 * m / size))) & pool
     have = int(np.count_nonzero(chosen))
     if have > m:

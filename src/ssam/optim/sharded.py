@@ -13,6 +13,7 @@ a global-size score vector (4 bytes per weight) and mask (1 byte per weight) on 
 SSAM-F's Fisher is measured on the unsharded parameters (``unsharded``), so it holds the full model and its Fisher
 on every rank for that pass too.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -74,7 +75,7 @@ class ShardLayout:
         send = local_flat.reshape(-1).to(torch.uint8) if dtype == torch.bool else local_flat.reshape(-1)
         width = max(self.sizes)
         padded = torch.zeros(width, dtype=send.dtype, device=send.device)
-        padded[:send.numel()] = send
+        padded[: send.numel()] = send
         got = [torch.empty_like(padded) for _ in range(self.world)]
         dist.all_gather(got, padded, group=self.group)
         pieces = []
@@ -82,7 +83,7 @@ class ShardLayout:
         for i in range(len(self.offsets) - 1):
             for r in range(self.world):
                 a, b = self.spans[r][i]
-                pieces.append(got[r][starts[r]:starts[r] + b - a])
+                pieces.append(got[r][starts[r] : starts[r] + b - a])
                 starts[r] += b - a
         flat = torch.cat(pieces)
         return flat.to(torch.bool) if dtype == torch.bool else flat
@@ -90,7 +91,7 @@ class ShardLayout:
     def local(self, global_flat: Tensor) -> Tensor:
         """This rank's pieces of a global flat vector, concatenated (parameters in order)."""
         flat = global_flat.reshape(-1)
-        return torch.cat([flat[o + a:o + b] for o, (a, b) in zip(self.offsets, self.spans[self.rank])])
+        return torch.cat([flat[o + a : o + b] for o, (a, b) in zip(self.offsets, self.spans[self.rank])])
 
 
 def shard_layout(params: list[Tensor]) -> tuple[ShardLayout | None, str]:
@@ -112,8 +113,10 @@ def shard_layout(params: list[Tensor]) -> tuple[ShardLayout | None, str]:
     for i, p in enumerate(params):
         a, b = layout.spans[layout.rank][i]
         if local(p).numel() != b - a:
-            return None, (f"a local shard of {local(p).numel()} entries where torch.chunk's split gives {b - a}; "
-                          "allowed: fully_shard's even dim-0 split")
+            return None, (
+                f"a local shard of {local(p).numel()} entries where torch.chunk's split gives {b - a}; "
+                "allowed: fully_shard's even dim-0 split"
+            )
     return layout, ""
 
 
@@ -127,22 +130,31 @@ def unsharded(model: nn.Module, params: list[Tensor]) -> Iterator[list[Tensor]]:
     full: dict[int, Tensor] = {}
     try:
         for mod in model.modules():
-            hooks: tuple[dict, ...] = (mod._forward_pre_hooks, mod._forward_hooks, mod._forward_pre_hooks_with_kwargs,
-                     mod._forward_hooks_with_kwargs, mod._forward_hooks_always_called)
+            hooks: tuple[dict, ...] = (
+                mod._forward_pre_hooks,
+                mod._forward_hooks,
+                mod._forward_pre_hooks_with_kwargs,
+                mod._forward_hooks_with_kwargs,
+                mod._forward_hooks_always_called,
+            )
             stashed.append((hooks, [dict(h) for h in hooks]))
             for h in hooks:
                 h.clear()
             for name, p in list(mod._parameters.items()):
                 if p is not None and is_dtensor(p):
                     if id(p) not in full:
-                        full[id(p)] = nn.Parameter(p.full_tensor().detach(),  # type: ignore[attr-defined]
-                                                   requires_grad=p.requires_grad)
+                        full[id(p)] = nn.Parameter(
+                            p.full_tensor().detach(),  # type: ignore[attr-defined]
+                            requires_grad=p.requires_grad,
+                        )
                     mod._parameters[name] = full[id(p)]  # type: ignore[assignment]
                     swapped.append((mod, name, p))
         missing = [i for i, p in enumerate(params) if id(p) not in full]
         if missing:
-            raise ValueError(f"model: {len(missing)} sharded optimizer parameters are not parameters of the model "
-                             "given to update_mask")
+            raise ValueError(
+                f"model: {len(missing)} sharded optimizer parameters are not parameters of the model "
+                "given to update_mask"
+            )
         yield [full[id(p)] for p in params]
     finally:
         for mod, name, p in swapped:

@@ -22,6 +22,7 @@ FSDP2 (``fully_shard``): masks are held over each rank's local shards and every 
 as unsharded, on a flat vector gathered across the ranks (``ssam.optim.sharded``); element granularity only.
 ``flat_mask``, ``mask_density`` and ``mask_stats`` are then collectives (every rank calls them).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -55,9 +56,19 @@ def _flat(tensors: list[Tensor]) -> Tensor:
 class _SparseSAM(SAM):
     """Shared machinery of SSAM-F and SSAM-D: the maskable set, the global mask and its bookkeeping."""
 
-    def __init__(self, params: Any, base_optimizer: Any, rho: float, sparsity: float | None, update_freq: int,
-                 renormalize: bool, adaptive: bool, granularity: str = "element", cost_aware: bool = False,
-                 **kwargs: Any) -> None:
+    def __init__(
+        self,
+        params: Any,
+        base_optimizer: Any,
+        rho: float,
+        sparsity: float | None,
+        update_freq: int,
+        renormalize: bool,
+        adaptive: bool,
+        granularity: str = "element",
+        cost_aware: bool = False,
+        **kwargs: Any,
+    ) -> None:
         # sparsity=None: 0.5, or for N:M the implied 1 - N/M (an explicit different one is an error)
         self._granularity, sparsity = resolve(granularity, sparsity, cost_aware)
         if not (isinstance(sparsity, (int, float)) and 0 <= sparsity < 1):
@@ -78,11 +89,15 @@ class _SparseSAM(SAM):
     def _set_layout(self) -> None:
         layout, why = shard_layout(self._all_params())
         if why:
-            raise ValueError(f"params: DTensor parameters with {why}; {type(self).__name__} runs on plain tensors or "
-                             "on FSDP2's fully_shard parameters (Shard(dim=0) on one 1-D mesh)")
+            raise ValueError(
+                f"params: DTensor parameters with {why}; {type(self).__name__} runs on plain tensors or "
+                "on FSDP2's fully_shard parameters (Shard(dim=0) on one 1-D mesh)"
+            )
         if layout is not None and self._granularity.kind != "element":
-            raise ValueError(f"granularity: got {str(self._granularity)!r} with FSDP-sharded parameters; allowed: "
-                             "'element' (channel, tensor and N:M groups would straddle the shards)")
+            raise ValueError(
+                f"granularity: got {str(self._granularity)!r} with FSDP-sharded parameters; allowed: "
+                "'element' (channel, tensor and N:M groups would straddle the shards)"
+            )
         self._layout = layout
 
     def _set_maskable(self, maskable: list[Tensor]) -> None:
@@ -140,8 +155,10 @@ class _SparseSAM(SAM):
         mask, the same on every rank; each keeps its own pieces)."""
         if self._mask_layout is not None:
             if flat.numel() != self._numel:
-                raise ValueError(f"flat mask: got {flat.numel()} entries; allowed: exactly {self._numel}, one per "
-                                 "entry of the maskable parameters (all shards)")
+                raise ValueError(
+                    f"flat mask: got {flat.numel()} entries; allowed: exactly {self._numel}, one per "
+                    "entry of the maskable parameters (all shards)"
+                )
             flat = self._mask_layout.local(flat)
         self._set_local(flat)
 
@@ -202,20 +219,25 @@ class _SparseSAM(SAM):
         """One row per maskable parameter tensor: name (``param{i}`` when unnamed, i its position among all the
         optimizer's parameters), shape, numel, live fraction (NaN before the first mask). Frozen parameters have no
         row; ``excluded_params()`` names them. Sharded: of the whole tensors (a collective, as ``flat_mask``)."""
-        masks = dict(zip(map(id, self._maskable), self.flat_mask().split([p.numel() for p in self._maskable]))) \
-            if self.has_masks() else {}
+        masks = (
+            dict(zip(map(id, self._maskable), self.flat_mask().split([p.numel() for p in self._maskable])))
+            if self.has_masks()
+            else {}
+        )
         maskable = {id(p) for p in self._maskable}
         rows = []
         for i, p in enumerate(self._all_params()):
             if id(p) not in maskable:
                 continue
             m = masks.get(id(p))
-            rows.append({
-                "name": self.param_name(p, i),
-                "shape": tuple(p.shape),
-                "numel": p.numel(),
-                "density": float(m.float().mean()) if m is not None else float("nan"),
-            })
+            rows.append(
+                {
+                    "name": self.param_name(p, i),
+                    "shape": tuple(p.shape),
+                    "numel": p.numel(),
+                    "density": float(m.float().mean()) if m is not None else float("nan"),
+                }
+            )
         return rows
 
     def _grad_norm(self, params: list[Tensor], grads: list[Tensor], adaptive: bool, foreach: bool) -> Tensor:
@@ -223,8 +245,9 @@ class _SparseSAM(SAM):
             return super()._grad_norm(params, grads, adaptive, foreach)
         masks = [self.state[p]["mask"] for p in params]
         segment = self._masks.segment(params, grads) if foreach and not adaptive and self._layout is None else None
-        norm = grad_norm(self._locals(params), self._locals(grads), adaptive=adaptive, foreach=foreach, masks=masks,
-                         segment=segment)
+        norm = grad_norm(
+            self._locals(params), self._locals(grads), adaptive=adaptive, foreach=foreach, masks=masks, segment=segment
+        )
         return self._global_norm(norm)
 
 
@@ -238,18 +261,40 @@ class SSAMF(_SparseSAM):
 
     mask_refresh = "before_epoch"
 
-    def __init__(self, params: Any, base_optimizer: Any, rho: float = 0.05, sparsity: float | None = None,
-                 num_samples: int = 128, update_freq: int = 1, renormalize: bool = False, adaptive: bool = False,
-                 fisher_mode: str = "train", fisher_method: str = "auto", granularity: str = "element",
-                 cost_aware: bool = False, **base_kwargs: Any) -> None:
+    def __init__(
+        self,
+        params: Any,
+        base_optimizer: Any,
+        rho: float = 0.05,
+        sparsity: float | None = None,
+        num_samples: int = 128,
+        update_freq: int = 1,
+        renormalize: bool = False,
+        adaptive: bool = False,
+        fisher_mode: str = "train",
+        fisher_method: str = "auto",
+        granularity: str = "element",
+        cost_aware: bool = False,
+        **base_kwargs: Any,
+    ) -> None:
         if not (isinstance(num_samples, int) and not isinstance(num_samples, bool) and num_samples >= 1):
             raise ValueError(f"num_samples: got {num_samples!r}; allowed: an integer >= 1")
         if fisher_mode not in ("train", "eval"):
             raise ValueError(f"fisher_mode: got {fisher_mode!r}; allowed: 'train', 'eval'")
         if fisher_method not in FISHER_METHODS:
             raise ValueError(f"fisher_method: got {fisher_method!r}; allowed: {', '.join(map(repr, FISHER_METHODS))}")
-        super().__init__(params, base_optimizer, rho, sparsity, update_freq, renormalize, adaptive, granularity,
-                         cost_aware, **base_kwargs)
+        super().__init__(
+            params,
+            base_optimizer,
+            rho,
+            sparsity,
+            update_freq,
+            renormalize,
+            adaptive,
+            granularity,
+            cost_aware,
+            **base_kwargs,
+        )
         self.num_samples = num_samples
         self.fisher_mode = fisher_mode
         self.fisher_method = fisher_method
@@ -263,19 +308,36 @@ class SSAMF(_SparseSAM):
             )
 
     @torch.no_grad()
-    def update_mask(self, model: nn.Module, data: Any, loss_fn: Callable[[Tensor, Tensor], Tensor] | None = None,
-                    generator: torch.Generator | None = None,
-                    reduce: Callable[[list[Tensor]], list[Tensor]] | None = None) -> None:
+    def update_mask(
+        self,
+        model: nn.Module,
+        data: Any,
+        loss_fn: Callable[[Tensor, Tensor], Tensor] | None = None,
+        generator: torch.Generator | None = None,
+        reduce: Callable[[list[Tensor]], list[Tensor]] | None = None,
+    ) -> None:
         """Recompute the mask from the Fisher of ``num_samples`` examples of ``data`` (a Dataset or batches).
 
         ``reduce`` (distributed training) turns this process's Fisher into the sum over all processes, so that each
         can measure its own share of the examples and every one still builds the same mask. FSDP-sharded
         parameters: the Fisher is measured on full copies of them (``ssam.optim.sharded.unsharded``).
         """
-        with torch.enable_grad(), unsharded(model, self._maskable) if self._layout is not None \
-                else contextlib.nullcontext(self._maskable) as params:
-            fisher = empirical_fisher(model, params, data, self.num_samples, loss_fn, mode=self.fisher_mode,
-                                      method=self.fisher_method, generator=generator)
+        with (
+            torch.enable_grad(),
+            unsharded(model, self._maskable)
+            if self._layout is not None
+            else contextlib.nullcontext(self._maskable) as params,
+        ):
+            fisher = empirical_fisher(
+                model,
+                params,
+                data,
+                self.num_samples,
+                loss_fn,
+                mode=self.fisher_mode,
+                method=self.fisher_method,
+                generator=generator,
+            )
         self.set_mask_from_scores(reduce(fisher) if reduce is not None else fisher)
 
     @torch.no_grad()
@@ -292,15 +354,24 @@ class SSAMF(_SparseSAM):
             self.set_flat_mask(mask_from_scores(scores, self._granularity, self.num_live, self.cost_aware))
         self.num_updates += 1
 
-    def refresh_mask(self, epoch: int, *, model: nn.Module | None = None, data: Any = None,
-                     generator: torch.Generator | None = None, reduce: Callable | None = None,
-                     loss_fn: Callable[[Tensor, Tensor], Tensor] | None = None) -> bool:
+    def refresh_mask(
+        self,
+        epoch: int,
+        *,
+        model: nn.Module | None = None,
+        data: Any = None,
+        generator: torch.Generator | None = None,
+        reduce: Callable | None = None,
+        loss_fn: Callable[[Tensor, Tensor], Tensor] | None = None,
+    ) -> bool:
         """``update_mask(model, data, ...)`` when ``should_update(epoch)`` or there is no mask yet; True if it ran."""
         if not (self.should_update(epoch) or not self.has_masks()):
             return False
         if model is None or data is None:
-            raise ValueError(f"model, data: got {type(model).__name__}, {type(data).__name__}; allowed: the model and "
-                             "its training data (SSAM-F measures the Fisher on them)")
+            raise ValueError(
+                f"model, data: got {type(model).__name__}, {type(data).__name__}; allowed: the model and "
+                "its training data (SSAM-F measures the Fisher on them)"
+            )
         self.update_mask(model, data, loss_fn=loss_fn, generator=generator, reduce=reduce)
         return True
 
@@ -321,11 +392,25 @@ class SSAMD(_SparseSAM):
 
     mask_refresh = "first_backward"
 
-    def __init__(self, params: Any, base_optimizer: Any, rho: float = 0.05, sparsity: float | None = None,
-                 drop_rate: float = 0.5, drop_strategy: str = "gradient", growth_strategy: str = "random",
-                 update_freq: int = 1, T_start: int = 0, T_end: int = 200, renormalize: bool = False,
-                 adaptive: bool = False, seed: int | None = None, granularity: str = "element",
-                 cost_aware: bool = False, **base_kwargs: Any) -> None:
+    def __init__(
+        self,
+        params: Any,
+        base_optimizer: Any,
+        rho: float = 0.05,
+        sparsity: float | None = None,
+        drop_rate: float = 0.5,
+        drop_strategy: str = "gradient",
+        growth_strategy: str = "random",
+        update_freq: int = 1,
+        T_start: int = 0,
+        T_end: int = 200,
+        renormalize: bool = False,
+        adaptive: bool = False,
+        seed: int | None = None,
+        granularity: str = "element",
+        cost_aware: bool = False,
+        **base_kwargs: Any,
+    ) -> None:
         if not (isinstance(drop_rate, (int, float)) and 0 <= drop_rate <= 1):
             raise ValueError(f"drop_rate: got {drop_rate!r}; allowed: a number in [0, 1]")
         if drop_strategy not in STRATEGIES:
@@ -334,8 +419,18 @@ class SSAMD(_SparseSAM):
             raise ValueError(f"growth_strategy: got {growth_strategy!r}; allowed: {', '.join(STRATEGIES)}")
         if not T_end > T_start:
             raise ValueError(f"T_end: got {T_end!r} with T_start={T_start!r}; allowed: T_end > T_start")
-        super().__init__(params, base_optimizer, rho, sparsity, update_freq, renormalize, adaptive, granularity,
-                         cost_aware, **base_kwargs)
+        super().__init__(
+            params,
+            base_optimizer,
+            rho,
+            sparsity,
+            update_freq,
+            renormalize,
+            adaptive,
+            granularity,
+            cost_aware,
+            **base_kwargs,
+        )
         self.drop_rate = float(drop_rate)
         self.drop_strategy = drop_strategy
         self.growth_strategy = growth_strategy
@@ -354,8 +449,9 @@ class SSAMD(_SparseSAM):
             n = self._numel
             self.set_flat_mask(top_k_mask(torch.rand(n, generator=self._generator, device=device), self.num_live))
         else:
-            flat, self.grow_from = random_mask(self._shapes(), self._granularity, self.num_live, cost_aware,
-                                               self._generator)
+            flat, self.grow_from = random_mask(
+                self._shapes(), self._granularity, self.num_live, cost_aware, self._generator
+            )
             self.set_flat_mask(flat)
 
     def _extend_mask(self, old: Tensor | None, n_new: int) -> None:
@@ -368,7 +464,7 @@ class SSAMD(_SparseSAM):
             shapes, total = self._shapes(), 0
             while total < n_new:
                 total += math.prod(shapes.pop())
-            new = random_mask(self._shapes()[len(shapes):], self._granularity, k_new, False, self._generator)[0]
+            new = random_mask(self._shapes()[len(shapes) :], self._granularity, k_new, False, self._generator)[0]
         else:
             new = top_k_mask(torch.rand(n_new, generator=self._generator, device=self._generator.device), k_new)
         self.set_flat_mask(torch.cat([old, new.to(old.device)]))
@@ -386,8 +482,12 @@ class SSAMD(_SparseSAM):
             return torch.rand(self._numel, generator=self._generator, device=device)
         srcs = self._locals([p.detach() if strategy == "weight" else p.grad for p in self._maskable])  # type: ignore
         # One concatenation instead of a copy per tensor: on an accelerator, launches are the cost.
-        flat = torch.cat([t.reshape(-1) for t in srcs]).to(device, torch.float32).abs_().nan_to_num_(
-            nan=0.0, posinf=math.inf)
+        flat = (
+            torch.cat([t.reshape(-1) for t in srcs])
+            .to(device, torch.float32)
+            .abs_()
+            .nan_to_num_(nan=0.0, posinf=math.inf)
+        )
         return flat if self._mask_layout is None else self._mask_layout.gather(flat)
 
     def _select(self, strategy: str, among: Tensor, m: int) -> Tensor:
@@ -412,8 +512,9 @@ class SSAMD(_SparseSAM):
         if not used:
             return
         maskable = {id(p) for p in self._maskable}
-        missing = [self.param_name(p, i) for i, p in enumerate(self._all_params())
-                   if id(p) in maskable and p.grad is None]
+        missing = [
+            self.param_name(p, i) for i, p in enumerate(self._all_params()) if id(p) in maskable and p.grad is None
+        ]
         if missing:
             shown = ", ".join(missing[:8]) + (f" and {len(missing) - 8} more" if len(missing) > 8 else "")
             raise RuntimeError(
@@ -428,9 +529,18 @@ class SSAMD(_SparseSAM):
         self._check_gradients()
         live = self.flat_mask()
         if self._granularity.kind != "element":  # groups die and regrow whole; N:M blocks keep N live
-            self.set_flat_mask(drop_and_grow(live, self._shapes(), self._granularity, self._keys(self.drop_strategy),
-                                             self._keys(self.growth_strategy), self.num_live,
-                                             self.death_rate(epoch), self.grow_from))
+            self.set_flat_mask(
+                drop_and_grow(
+                    live,
+                    self._shapes(),
+                    self._granularity,
+                    self._keys(self.drop_strategy),
+                    self._keys(self.growth_strategy),
+                    self.num_live,
+                    self.death_rate(epoch),
+                    self.grow_from,
+                )
+            )
             self.num_updates += 1
             self.last_update_epoch = epoch
             return
@@ -444,9 +554,16 @@ class SSAMD(_SparseSAM):
         self.num_updates += 1
         self.last_update_epoch = epoch
 
-    def refresh_mask(self, epoch: int, *, model: nn.Module | None = None, data: Any = None,
-                     generator: torch.Generator | None = None, reduce: Callable | None = None,
-                     loss_fn: Callable[[Tensor, Tensor], Tensor] | None = None) -> bool:
+    def refresh_mask(
+        self,
+        epoch: int,
+        *,
+        model: nn.Module | None = None,
+        data: Any = None,
+        generator: torch.Generator | None = None,
+        reduce: Callable | None = None,
+        loss_fn: Callable[[Tensor, Tensor], Tensor] | None = None,
+    ) -> bool:
         """``update_mask(epoch)`` when ``should_update(epoch)`` and not yet done at this epoch; True if it ran."""
         if not self.should_update(epoch) or self.last_update_epoch == epoch:
             return False
