@@ -15,7 +15,7 @@ from ssam import SAM, SSAMD, SSAMF
 from ssam.data import GPULoader, build_datasets
 from ssam.models import build_model
 from ssam.optim import empirical_fisher
-from ssam.optim.ssam import top_k_mask
+from ssam.optim.select import top_k_mask
 
 assert torch.cuda.is_available(), "no CUDA device"
 dev = torch.device("cuda")

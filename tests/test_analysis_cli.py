@@ -1,4 +1,5 @@
 """The analysis commands end to end on the bundled digits set, with tiny subsets and grids."""
+
 import argparse
 import json
 
@@ -8,12 +9,19 @@ import torch
 from torch import nn
 
 from ssam.analysis import evaluate, hessian_eigenvalues
-from ssam.analysis.cli import (add_hessian_args, add_landscape_args, add_sharpness_args, parse_range, run_hessian,
-                               run_landscape, run_sharpness)
+from ssam.analysis.cli import (
+    add_hessian_args,
+    add_landscape_args,
+    add_sharpness_args,
+    parse_range,
+    run_hessian,
+    run_landscape,
+    run_sharpness,
+)
 from ssam.data import build_datasets
 from ssam.errors import UsageError
-from ssam.models import build_model
 from ssam.io import save_torch as save_atomic
+from ssam.models import build_model
 
 MODEL = "cnn_small"
 
@@ -27,10 +35,16 @@ def make_checkpoint(path, seed, best_acc1=0.0):
     with torch.no_grad():  # non-default BN statistics, as a trained model would have
         model(torch.randn(32, 1, 8, 8) * 2 + 0.5)
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_atomic({"version": 1, "model": model.state_dict(),
-                 "model_args": {"name": MODEL, "num_classes": 10, "in_channels": 1, "image_size": 8},
-                 "config": {"dataset": "digits", "datadir": None, "model": MODEL, "seed": seed},
-                 "best_acc1": best_acc1}, path)
+    save_atomic(
+        {
+            "version": 1,
+            "model": model.state_dict(),
+            "model_args": {"name": MODEL, "num_classes": 10, "in_channels": 1, "image_size": 8},
+            "config": {"dataset": "digits", "datadir": None, "model": MODEL, "seed": seed},
+            "best_acc1": best_acc1,
+        },
+        path,
+    )
     return model.eval()
 
 
@@ -40,7 +54,7 @@ def subset(n, seed=0, batch_size=32):
     idx = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))[:n]
     xs = torch.stack([train[int(i)][0] for i in idx])
     ys = torch.tensor([train[int(i)][1] for i in idx])
-    return [(xs[i:i + batch_size], ys[i:i + batch_size]) for i in range(0, n, batch_size)]
+    return [(xs[i : i + batch_size], ys[i : i + batch_size]) for i in range(0, n, batch_size)]
 
 
 def parse(add, argv):
@@ -55,7 +69,8 @@ def runs(tmp_path_factory):
     a = make_checkpoint(root / "runA" / "best.pt", 0, best_acc1=87.5)
     b = make_checkpoint(root / "runB" / "best.pt", 1)
     (root / "runB" / "metrics.jsonl").write_text(
-        '{"epoch": 0, "test_acc1": 40.0}\n{"epoch": 1, "test_acc1": 55.25}\nnot json\n')
+        '{"epoch": 0, "test_acc1": 40.0}\n{"epoch": 1, "test_acc1": 55.25}\nnot json\n'
+    )
     c = make_checkpoint(root / "runC" / "best.pt", 2)
     return root, {"runA": a, "runB": b, "runC": c}
 
@@ -64,10 +79,35 @@ def runs(tmp_path_factory):
 def test_hessian_command(runs, tmp_path, capsys):
     root, models = runs
     out = tmp_path / "h"
-    args = parse(add_hessian_args, [
-        "--checkpoint", str(root / "runA" / "best.pt"), "--num_samples", "48", "--batch_size", "20", "--top_k", "2",
-        "--max_iter", "30", "--trace", "--trace_max_iter", "8", "--density", "--density_iter", "12",
-        "--per_layer", "--params", "fc|bn3", "--device", "cpu", "--output", str(out), "--quiet"])
+    args = parse(
+        add_hessian_args,
+        [
+            "--checkpoint",
+            str(root / "runA" / "best.pt"),
+            "--num_samples",
+            "48",
+            "--batch_size",
+            "20",
+            "--top_k",
+            "2",
+            "--max_iter",
+            "30",
+            "--trace",
+            "--trace_max_iter",
+            "8",
+            "--density",
+            "--density_iter",
+            "12",
+            "--per_layer",
+            "--params",
+            "fc|bn3",
+            "--device",
+            "cpu",
+            "--output",
+            str(out),
+            "--quiet",
+        ],
+    )
     assert run_hessian(args) == 0
     res = json.loads((out / "hessian.json").read_text())
     for key in ("eigenvalues", "trace", "density", "per_layer", "settings", "seed", "num_params", "checkpoint"):
@@ -82,16 +122,31 @@ def test_hessian_command(runs, tmp_path, capsys):
     assert "| name | numel |" in capsys.readouterr().out
     # The command analysed exactly the documented subset.
     model = models["runA"]
-    ref = hessian_eigenvalues(model, nn.CrossEntropyLoss(), subset(48, batch_size=20), top_k=2, max_iter=30,
-                              tol=1e-4, params="fc|bn3")
+    ref = hessian_eigenvalues(
+        model, nn.CrossEntropyLoss(), subset(48, batch_size=20), top_k=2, max_iter=30, tol=1e-4, params="fc|bn3"
+    )
     np.testing.assert_allclose(res["eigenvalues"], ref, rtol=1e-5)
 
 
 def test_landscape_1d_two_checkpoints_and_resume(runs, tmp_path):
     root, models = runs
     out = tmp_path / "l1"
-    argv = ["--checkpoint", str(root / "runA" / "best.pt"), str(root / "runB" / "best.pt"), "--xrange", "-1:1:5",
-            "--num_samples", "40", "--batch_size", "16", "--device", "cpu", "--output", str(out), "--quiet"]
+    argv = [
+        "--checkpoint",
+        str(root / "runA" / "best.pt"),
+        str(root / "runB" / "best.pt"),
+        "--xrange",
+        "-1:1:5",
+        "--num_samples",
+        "40",
+        "--batch_size",
+        "16",
+        "--device",
+        "cpu",
+        "--output",
+        str(out),
+        "--quiet",
+    ]
     assert run_landscape(parse(add_landscape_args, argv)) == 0
     with np.load(out / "landscape.npz") as z:
         assert set(z.files) >= {"xs", "loss", "acc", "names", "settings"}
@@ -127,9 +182,25 @@ def test_landscape_1d_two_checkpoints_and_resume(runs, tmp_path):
 def test_landscape_2d_interpolation(runs, tmp_path):
     root, models = runs
     out = tmp_path / "l2"
-    argv = ["--checkpoint", str(root / "runA" / "best.pt"), "--to", str(root / "runC" / "best.pt"), "--dims", "2",
-            "--xrange", "0:1:3", "--yrange", "-0.5:0.5:3", "--num_samples", "30", "--device", "cpu",
-            "--output", str(out), "--quiet"]
+    argv = [
+        "--checkpoint",
+        str(root / "runA" / "best.pt"),
+        "--to",
+        str(root / "runC" / "best.pt"),
+        "--dims",
+        "2",
+        "--xrange",
+        "0:1:3",
+        "--yrange",
+        "-0.5:0.5:3",
+        "--num_samples",
+        "30",
+        "--device",
+        "cpu",
+        "--output",
+        str(out),
+        "--quiet",
+    ]
     assert run_landscape(parse(add_landscape_args, argv)) == 0
     with np.load(out / "landscape.npz") as z:
         loss = z["loss"]
@@ -154,10 +225,28 @@ def test_bad_range_is_a_usage_error(bad, tmp_path):
 def test_sharpness_command(runs, tmp_path, capsys):
     root, _ = runs
     out = tmp_path / "s"
-    args = parse(add_sharpness_args, [
-        "--checkpoint", *[str(root / r / "best.pt") for r in ("runA", "runB", "runC")], "--radius", "0.1",
-        "--n_directions", "2", "--num_samples", "32", "--max_iter", "15", "--trace_max_iter", "6",
-        "--device", "cpu", "--output", str(out), "--quiet"])
+    args = parse(
+        add_sharpness_args,
+        [
+            "--checkpoint",
+            *[str(root / r / "best.pt") for r in ("runA", "runB", "runC")],
+            "--radius",
+            "0.1",
+            "--n_directions",
+            "2",
+            "--num_samples",
+            "32",
+            "--max_iter",
+            "15",
+            "--trace_max_iter",
+            "6",
+            "--device",
+            "cpu",
+            "--output",
+            str(out),
+            "--quiet",
+        ],
+    )
     assert run_sharpness(args) == 0
     printed = capsys.readouterr().out
     assert "| run | test_acc1 |" in printed

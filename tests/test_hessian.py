@@ -1,4 +1,5 @@
 """Hessian tools against exact Hessians of tiny models (torch.autograd.functional.hessian + eigvalsh)."""
+
 import copy
 
 import numpy as np
@@ -7,8 +8,7 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from ssam.analysis import (hessian_density, hessian_eigenvalues, hessian_trace, per_layer, resolve_params,
-                           select_params)
+from ssam.analysis import hessian_density, hessian_eigenvalues, hessian_trace, per_layer, resolve_params, select_params
 from ssam.errors import UsageError
 
 BATCH_SIZES = (5, 7, 4)  # unequal on purpose: the weighting by size must matter
@@ -114,8 +114,13 @@ def test_power_iteration_matches_exact_by_magnitude():
 
 def test_float32_model_against_float64_exact():
     model, loss_fn, batches = make("conv", dtype=torch.float32)
-    exact = torch.linalg.eigvalsh(exact_hessian(
-        copy.deepcopy(model).double(), loss_fn, [(x.double(), y) for x, y in batches])).flip(0)[:2].numpy()
+    exact = (
+        torch.linalg.eigvalsh(
+            exact_hessian(copy.deepcopy(model).double(), loss_fn, [(x.double(), y) for x, y in batches])
+        )
+        .flip(0)[:2]
+        .numpy()
+    )
     vals = hessian_eigenvalues(model, loss_fn, batches, top_k=2, tol=1e-5)
     np.testing.assert_allclose(vals, exact, rtol=1e-4)
 
@@ -150,8 +155,9 @@ def test_density_mass_sits_on_the_exact_spectrum():
     ev = np.sort(torch.linalg.eigvalsh(exact_hessian(model, loss_fn, batches)).numpy())
     width = ev[-1] - ev[0]
     sigma = 2e-3 * width
-    t, dens, nodes, weights = hessian_density(model, loss_fn, batches, n_iter=30, n_v=20, sigma=sigma,
-                                              grid=4000, seed=3, return_nodes=True)
+    t, dens, nodes, weights = hessian_density(
+        model, loss_fn, batches, n_iter=30, n_v=20, sigma=sigma, grid=4000, seed=3, return_nodes=True
+    )
     dt = np.diff(t)
     assert np.sum(0.5 * (dens[1:] + dens[:-1]) * dt) == pytest.approx(1.0, abs=1e-9)
     assert np.all(dens >= 0)
@@ -201,10 +207,10 @@ def test_param_subset_by_regex_and_list():
     assert chosen == [model.conv.weight, model.conv.bias, model.bn.weight, model.bn.bias]
     names = ["conv.weight", "conv.bias", "bn.weight", "bn.bias"]
     exact = torch.linalg.eigvalsh(exact_hessian(model, loss_fn, batches, names)).flip(0)[:2].numpy()
-    np.testing.assert_allclose(hessian_eigenvalues(model, loss_fn, batches, top_k=2, params=r"^(conv|bn)\."),
-                               exact, rtol=1e-4)
-    np.testing.assert_allclose(hessian_eigenvalues(model, loss_fn, batches, top_k=2, params=chosen),
-                               exact, rtol=1e-4)
+    np.testing.assert_allclose(
+        hessian_eigenvalues(model, loss_fn, batches, top_k=2, params=r"^(conv|bn)\."), exact, rtol=1e-4
+    )
+    np.testing.assert_allclose(hessian_eigenvalues(model, loss_fn, batches, top_k=2, params=chosen), exact, rtol=1e-4)
     assert [n for n, _ in resolve_params(model, chosen)] == names
     with pytest.raises(UsageError, match="nomatch"):
         select_params(model, "nomatch")

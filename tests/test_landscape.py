@@ -1,4 +1,5 @@
 """Landscape directions, grids and the loss-increase sharpness, checked against hand-made perturbations."""
+
 import copy
 
 import numpy as np
@@ -7,10 +8,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ssam.analysis import (evaluate, evaluate_grid, interpolation_direction, loss_increase, markdown_table,
-                           random_direction, summarize_run)
+from ssam.analysis import (
+    evaluate,
+    evaluate_grid,
+    interpolation_direction,
+    loss_increase,
+    markdown_table,
+    random_direction,
+    summarize_run,
+)
 from ssam.errors import UsageError
-
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -63,8 +70,9 @@ def test_filter_normalisation():
     assert set(d) == {n for n, _ in model.named_parameters()}  # parameters only, no BN buffers
     for name, p in model.named_parameters():
         if p.dim() > 1:
-            np.testing.assert_allclose(d[name].flatten(1).norm(dim=1).numpy(), p.detach().flatten(1).norm(dim=1).numpy(),
-                                       rtol=1e-9)
+            np.testing.assert_allclose(
+                d[name].flatten(1).norm(dim=1).numpy(), p.detach().flatten(1).norm(dim=1).numpy(), rtol=1e-9
+            )
             assert not torch.allclose(d[name], p.detach())
         else:
             assert torch.count_nonzero(d[name]) == 0, name
@@ -131,8 +139,15 @@ def test_resume_fills_only_missing_points():
     d1, d2 = random_direction(model, seed=0), random_direction(model, seed=1)
     xs, ys = np.linspace(-1, 1, 3), np.linspace(-1, 1, 4)
     seen = []
-    full = evaluate_grid(model, loss_fn, batches, [d1, d2], xs, ys,
-                         callback=lambda p: seen.append((p["done"], p["total"], int(np.isnan(p["loss"]).sum()))))
+    full = evaluate_grid(
+        model,
+        loss_fn,
+        batches,
+        [d1, d2],
+        xs,
+        ys,
+        callback=lambda p: seen.append((p["done"], p["total"], int(np.isnan(p["loss"]).sum()))),
+    )
     assert seen == [(i, 12, 12 - i) for i in range(1, 13)]
     partial = {"loss": full["loss"].copy(), "acc": full["acc"].copy()}
     missing = [(0, 1), (2, 3), (1, 0)]
@@ -183,14 +198,17 @@ def test_loss_increase_matches_hand_perturbation():
     r = 0.07
     out = loss_increase(model, loss_fn, batches, radius=r, n_directions=3, seed=5)
     base = reference_loss(model, batches)[0]
-    expected = [reference_loss(perturbed(model, [random_direction(model, seed=5 + i)], [r]), batches)[0] - base
-                for i in range(3)]
+    expected = [
+        reference_loss(perturbed(model, [random_direction(model, seed=5 + i)], [r]), batches)[0] - base
+        for i in range(3)
+    ]
     np.testing.assert_allclose(out["values"], expected, rtol=1e-9, atol=1e-13)
     assert out["mean"] == pytest.approx(np.mean(expected), rel=1e-9)
     assert out["std"] == pytest.approx(np.std(expected, ddof=1), rel=1e-9)
     assert out["base_loss"] == pytest.approx(base, rel=1e-12)
-    row = summarize_run(model, loss_fn, batches, name="run-a", test_acc1=91.5, radius=r, n_directions=3, seed=5,
-                        trace_max_iter=20)
+    row = summarize_run(
+        model, loss_fn, batches, name="run-a", test_acc1=91.5, radius=r, n_directions=3, seed=5, trace_max_iter=20
+    )
     assert row["loss_increase"] == pytest.approx(out["mean"], rel=1e-9)
     assert row["lambda_max"] > 0 and row["trace"] > 0
     table = markdown_table([row])

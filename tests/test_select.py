@@ -3,8 +3,7 @@
 import pytest
 import torch
 
-from ssam.optim.select import device_top_k_mask
-from ssam.optim.ssam import top_k_mask
+from ssam.optim.select import device_top_k_mask, top_k_mask
 
 KINDS = ["normal", "ties", "masked", "negative", "zeros"]
 

@@ -9,24 +9,39 @@ The Hessian side: :mod:`.operator` (the product ``H v`` and its graph cache), :m
 iteration), :mod:`.trace` (Hutchinson), :mod:`.density` (SLQ), :mod:`.per_layer`; :mod:`.profile` times
 them against PyHessian.  The commands live in :mod:`.commands`.
 """
+
 from .data import subset_batches
 from .hessian import (
-                      HessianOperator,
-                      analysis_mode,
-                      hessian_density,
-                      hessian_eigenvalues,
-                      hessian_trace,
-                      per_layer,
-                      prepare_batches,
-                      resolve_params,
-                      select_params,
+    HessianOperator,
+    analysis_mode,
+    hessian_density,
+    hessian_eigenvalues,
+    hessian_trace,
+    per_layer,
+    prepare_batches,
+    resolve_params,
+    select_params,
 )
 from .landscape import evaluate, evaluate_grid, interpolation_direction, random_direction
 from .sharpness import TABLE_COLUMNS, loss_increase, markdown_table, summarize_run
 
 __all__ = [
     "subset_batches",
-    "HessianOperator", "TABLE_COLUMNS", "analysis_mode", "evaluate", "evaluate_grid", "hessian_density",
-    "hessian_eigenvalues", "hessian_trace", "interpolation_direction", "loss_increase", "markdown_table",
-    "per_layer", "prepare_batches", "random_direction", "resolve_params", "select_params", "summarize_run",
+    "HessianOperator",
+    "TABLE_COLUMNS",
+    "analysis_mode",
+    "evaluate",
+    "evaluate_grid",
+    "hessian_density",
+    "hessian_eigenvalues",
+    "hessian_trace",
+    "interpolation_direction",
+    "loss_increase",
+    "markdown_table",
+    "per_layer",
+    "prepare_batches",
+    "random_direction",
+    "resolve_params",
+    "select_params",
+    "summarize_run",
 ]

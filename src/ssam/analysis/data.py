@@ -1,4 +1,5 @@
 """The data every analysis looks at: a fixed, un-augmented subset of the training set, in fixed batches."""
+
 from __future__ import annotations
 
 import torch

@@ -1,4 +1,5 @@
 """Eigenvalue density of the Hessian by stochastic Lanczos quadrature (SLQ)."""
+
 from __future__ import annotations
 
 import math
@@ -17,8 +18,9 @@ from .params import resolve_params
 __all__ = ["broaden", "hessian_density"]
 
 
-def broaden(runs: list[tuple[np.ndarray, np.ndarray]], sigma: float | None,
-            grid: int | Sequence[float]) -> tuple[np.ndarray, np.ndarray, float]:
+def broaden(
+    runs: list[tuple[np.ndarray, np.ndarray]], sigma: float | None, grid: int | Sequence[float]
+) -> tuple[np.ndarray, np.ndarray, float]:
     """Quadrature ``(nodes, weights)`` of each run -> ``(grid, density, sigma)``: the average over runs of
     ``Σ w·N(t; θ, sigma²)``, renormalised to integrate to 1 (trapezoid rule) on the grid."""
     lo_node = min(r[0].min() for r in runs)
@@ -37,8 +39,10 @@ def broaden(runs: list[tuple[np.ndarray, np.ndarray]], sigma: float | None,
     else:
         t = np.asarray(grid, dtype=np.float64)
         if t.ndim != 1 or t.size < 2 or np.any(np.diff(t) <= 0):
-            raise UsageError("grid: got a sequence that is not increasing or has fewer than 2 points; "
-                             "allowed: an increasing 1-D sequence of at least 2 points")
+            raise UsageError(
+                "grid: got a sequence that is not increasing or has fewer than 2 points; "
+                "allowed: an increasing 1-D sequence of at least 2 points"
+            )
     density = np.zeros_like(t)
     for theta, w in runs:
         z = (t[:, None] - theta[None, :]) / sigma
@@ -50,10 +54,21 @@ def broaden(runs: list[tuple[np.ndarray, np.ndarray]], sigma: float | None,
     return t, density, sigma
 
 
-def hessian_density(model: nn.Module, loss_fn: Callable, batches: Iterable, n_iter: int = 100, n_v: int = 1,
-                    sigma: float | None = None, grid: int | Sequence[float] = 1000, params: Any = None,
-                    seed: int = 0, device: Any = None, return_nodes: bool = False, progress: Progress = None,
-                    graph_memory: int | None = None):
+def hessian_density(
+    model: nn.Module,
+    loss_fn: Callable,
+    batches: Iterable,
+    n_iter: int = 100,
+    n_v: int = 1,
+    sigma: float | None = None,
+    grid: int | Sequence[float] = 1000,
+    params: Any = None,
+    seed: int = 0,
+    device: Any = None,
+    return_nodes: bool = False,
+    progress: Progress = None,
+    graph_memory: int | None = None,
+):
     """Eigenvalue density by stochastic Lanczos quadrature with Gaussian broadening.
 
     Each of ``n_v`` runs starts Lanczos from a normalised Gaussian vector and takes ``n_iter`` steps; the
@@ -74,8 +89,10 @@ def hessian_density(model: nn.Module, loss_fn: Callable, batches: Iterable, n_it
     plist = [p for _, p in named]
     gen = torch.Generator().manual_seed(int(seed))
     runs: list[tuple[np.ndarray, np.ndarray]] = []
-    with analysis_mode(model, plist, device) as dev, \
-            HessianOperator(model, loss_fn, batches, plist, dev, progress, graph_memory) as op:
+    with (
+        analysis_mode(model, plist, device) as dev,
+        HessianOperator(model, loss_fn, batches, plist, dev, progress, graph_memory) as op,
+    ):
         for _ in range(n_v):
             # No restart on breakdown: the quadrature is that of the Krylov space of THIS start vector.
             lz = Lanczos(op, op.random(gen), n_iter, restart=None)

@@ -1,4 +1,5 @@
 """Top Hessian eigenvalues: Lanczos with full re-orthogonalisation (default) or power iteration."""
+
 from __future__ import annotations
 
 import numbers
@@ -86,8 +87,7 @@ class Lanczos:
         return torch.from_numpy(S).to(self.V.dtype).to(self.V.device).T @ self.V[: self.k]
 
 
-def _error_bounds(theta: np.ndarray, S: np.ndarray, next_beta: float, idx: np.ndarray,
-                  values_only: bool) -> np.ndarray:
+def _error_bounds(theta: np.ndarray, S: np.ndarray, next_beta: float, idx: np.ndarray, values_only: bool) -> np.ndarray:
     """How far each wanted Ritz value may be from an eigenvalue of ``H``.
 
     ``r = ||H y - θ y|| = β_{k+1} |s_k|`` (free of further products) bounds it (Weyl).  A Ritz value's error
@@ -105,8 +105,9 @@ def _error_bounds(theta: np.ndarray, S: np.ndarray, next_beta: float, idx: np.nd
         return np.minimum(resid, np.where(gap > 0, resid * resid / np.where(gap > 0, gap, 1.0), np.inf))
 
 
-def _lanczos_top(op: HessianOperator, top_k: int, max_iter: int, tol: float, gen: torch.Generator,
-                 values_only: bool = False):
+def _lanczos_top(
+    op: HessianOperator, top_k: int, max_iter: int, tol: float, gen: torch.Generator, values_only: bool = False
+):
     lz = Lanczos(op, op.random(gen), max(max_iter, top_k), restart=gen)
     while True:
         more = lz.step()
@@ -118,8 +119,12 @@ def _lanczos_top(op: HessianOperator, top_k: int, max_iter: int, tol: float, gen
                 break
     if not np.all(err <= tol * np.maximum(np.abs(theta[idx]), 1e-30)) and lz.k < op.n:
         worst = float(np.max(err / np.maximum(np.abs(theta[idx]), 1e-30)))
-        warnings.warn(f"Lanczos stopped after {lz.k} products without reaching tol={tol} "
-                      f"(largest relative error bound {worst:.2e})", RuntimeWarning, stacklevel=3)
+        warnings.warn(
+            f"Lanczos stopped after {lz.k} products without reaching tol={tol} "
+            f"(largest relative error bound {worst:.2e})",
+            RuntimeWarning,
+            stacklevel=3,
+        )
     return theta[idx].tolist(), lz.vectors(S[:, idx])
 
 
@@ -150,8 +155,11 @@ def _power_top(op: HessianOperator, top_k: int, max_iter: int, tol: float, gen: 
                 break
             lam = new
         if not converged:
-            warnings.warn(f"power iteration for eigenvalue {len(found) + 1} did not converge in {max_iter} products",
-                          RuntimeWarning, stacklevel=3)
+            warnings.warn(
+                f"power iteration for eigenvalue {len(found) + 1} did not converge in {max_iter} products",
+                RuntimeWarning,
+                stacklevel=3,
+            )
         found.append(v)
         values.append(float(lam))
     return values, torch.stack(found)
@@ -167,10 +175,21 @@ def check_tol(name: str, value: Any) -> None:
         raise UsageError(f"{name}: got {value!r}; allowed: a number >= 0")
 
 
-def hessian_eigenvalues(model: nn.Module, loss_fn: Callable, batches: Iterable, top_k: int = 1,
-                        max_iter: int = 100, tol: float = 1e-6, params: Any = None, seed: int = 0,
-                        device: Any = None, method: str = "lanczos", return_eigenvectors: bool = False,
-                        progress: Progress = None, graph_memory: int | None = None):
+def hessian_eigenvalues(
+    model: nn.Module,
+    loss_fn: Callable,
+    batches: Iterable,
+    top_k: int = 1,
+    max_iter: int = 100,
+    tol: float = 1e-6,
+    params: Any = None,
+    seed: int = 0,
+    device: Any = None,
+    method: str = "lanczos",
+    return_eigenvectors: bool = False,
+    progress: Progress = None,
+    graph_memory: int | None = None,
+):
     """The ``top_k`` largest Hessian eigenvalues, in descending order.
 
     ``method="lanczos"`` (default): Lanczos with full re-orthogonalisation, returning the algebraically
@@ -197,8 +216,10 @@ def hessian_eigenvalues(model: nn.Module, loss_fn: Callable, batches: Iterable, 
     if method not in ("lanczos", "power"):
         raise UsageError(f"method: got {method!r}; allowed: 'lanczos' or 'power'")
     gen = torch.Generator().manual_seed(int(seed))
-    with analysis_mode(model, plist, device) as dev, \
-            HessianOperator(model, loss_fn, batches, plist, dev, progress, graph_memory) as op:
+    with (
+        analysis_mode(model, plist, device) as dev,
+        HessianOperator(model, loss_fn, batches, plist, dev, progress, graph_memory) as op,
+    ):
         if method == "lanczos":
             values, vecs = _lanczos_top(op, top_k, max_iter, tol, gen, values_only=not return_eigenvectors)
         else:

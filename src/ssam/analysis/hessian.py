@@ -1,6 +1,7 @@
 """Curvature of the training loss, gathered in one import: the operator (:mod:`.operator`), the top
 eigenvalues (:mod:`.eigen`), the trace (:mod:`.trace`), the density (:mod:`.density`) and the per-block
 table (:mod:`.per_layer`).  ``from ssam.analysis.hessian import ...`` keeps working for all of them."""
+
 from .density import hessian_density
 from .eigen import hessian_eigenvalues
 from .operator import HessianOperator, analysis_mode, prepare_batches

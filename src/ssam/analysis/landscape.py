@@ -4,6 +4,7 @@ A direction is a dict ``name -> tensor`` keyed like ``model.state_dict()``.  Eva
 model's own tensors in place to ``w + x·d1 (+ y·d2)`` and puts the saved originals back at the end, so
 the weights come back bit for bit even if an evaluation raises.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -19,8 +20,9 @@ from .hessian import analysis_mode, prepare_batches
 __all__ = ["evaluate", "evaluate_grid", "interpolation_direction", "random_direction"]
 
 
-def random_direction(model: nn.Module, seed: int = 0, ignore: str | None = "biasbn",
-                     norm: str | None = "filter") -> dict[str, Tensor]:
+def random_direction(
+    model: nn.Module, seed: int = 0, ignore: str | None = "biasbn", norm: str | None = "filter"
+) -> dict[str, Tensor]:
     """A Gaussian direction over the model's parameters (not its buffers), normalised per ``norm``.
 
     ``norm="filter"``: for every parameter with 2+ dimensions, each filter (slice along dim 0: an output
@@ -76,12 +78,16 @@ def interpolation_direction(model_a_state: Any, model_b_state: Any) -> dict[str,
         if not torch.is_tensor(ta) or not ta.is_floating_point():
             continue
         if k not in b:
-            raise UsageError(f"state entry {k!r} is in the first model but not in the second; "
-                             f"interpolation needs two models of the same architecture")
+            raise UsageError(
+                f"state entry {k!r} is in the first model but not in the second; "
+                f"interpolation needs two models of the same architecture"
+            )
         tb = b[k]
         if tuple(tb.shape) != tuple(ta.shape):
-            raise UsageError(f"state entry {k!r} has shape {tuple(ta.shape)} in the first model and "
-                             f"{tuple(tb.shape)} in the second; interpolation needs the same architecture")
+            raise UsageError(
+                f"state entry {k!r} has shape {tuple(ta.shape)} in the first model and "
+                f"{tuple(tb.shape)} in the second; interpolation needs the same architecture"
+            )
         out[k] = tb.detach().to(ta.device, ta.dtype) - ta.detach()
     return out
 
@@ -98,8 +104,14 @@ def _evaluate_prepared(model: nn.Module, loss_fn: Callable, data: list) -> tuple
         out = model(x)
         total += float(loss_fn(out, y)) * w
         # Top-1 accuracy only makes sense for class scores against integer labels.
-        if acc_ok and torch.is_tensor(out) and out.dim() == 2 and torch.is_tensor(y) and y.dim() == 1 \
-                and not y.is_floating_point():
+        if (
+            acc_ok
+            and torch.is_tensor(out)
+            and out.dim() == 2
+            and torch.is_tensor(y)
+            and y.dim() == 1
+            and not y.is_floating_point()
+        ):
             correct += int((out.argmax(1) == y).sum())
             counted += n
         else:
@@ -116,11 +128,17 @@ def evaluate(model: nn.Module, loss_fn: Callable, batches: Iterable, device: Any
         return _evaluate_prepared(model, loss_fn, prepare_batches(batches, dev))
 
 
-def evaluate_grid(model: nn.Module, loss_fn: Callable, batches: Iterable,
-                  directions: Mapping[str, Tensor] | Sequence[Mapping[str, Tensor]],
-                  xs: Sequence[float], ys: Sequence[float] | None = None,
-                  callback: Callable[[dict], Any] | None = None, resume: Mapping[str, Any] | None = None,
-                  device: Any = None) -> dict[str, np.ndarray]:
+def evaluate_grid(
+    model: nn.Module,
+    loss_fn: Callable,
+    batches: Iterable,
+    directions: Mapping[str, Tensor] | Sequence[Mapping[str, Tensor]],
+    xs: Sequence[float],
+    ys: Sequence[float] | None = None,
+    callback: Callable[[dict], Any] | None = None,
+    resume: Mapping[str, Any] | None = None,
+    device: Any = None,
+) -> dict[str, np.ndarray]:
     """Loss and accuracy at ``w + x·d1`` (1-D, ``ys=None``) or ``w + x·d1 + y·d2`` (2-D).
 
     Returns ``{"xs", "ys" (2-D only), "loss", "acc"}`` with arrays of shape ``(len(xs),)`` or
@@ -135,8 +153,9 @@ def evaluate_grid(model: nn.Module, loss_fn: Callable, batches: Iterable,
     xs = np.asarray(xs, dtype=np.float64).reshape(-1)
     two_d = ys is not None
     if len(dirs) != (2 if two_d else 1):
-        raise UsageError(f"{len(dirs)} direction(s) given for a {'2-D' if two_d else '1-D'} grid; "
-                         f"expected {2 if two_d else 1}")
+        raise UsageError(
+            f"{len(dirs)} direction(s) given for a {'2-D' if two_d else '1-D'} grid; expected {2 if two_d else 1}"
+        )
     shape: tuple[int, ...] = (len(xs),)
     if two_d:
         ys = np.asarray(ys, dtype=np.float64).reshape(-1)
@@ -166,8 +185,9 @@ def evaluate_grid(model: nn.Module, loss_fn: Callable, batches: Iterable,
                 if k not in live:
                     raise UsageError(f"direction entry {k!r} is not a parameter or buffer of the model")
                 if tuple(t.shape) != tuple(live[k].shape):
-                    raise UsageError(f"direction entry {k!r} has shape {tuple(t.shape)}, "
-                                     f"the model's is {tuple(live[k].shape)}")
+                    raise UsageError(
+                        f"direction entry {k!r} has shape {tuple(t.shape)}, the model's is {tuple(live[k].shape)}"
+                    )
                 if not live[k].is_floating_point():
                     raise UsageError(f"direction entry {k!r} targets a non-floating tensor")
                 md[k] = t.detach().to(device=live[k].device, dtype=live[k].dtype)

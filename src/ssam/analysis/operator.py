@@ -16,6 +16,7 @@ so the operator keeps each batch's graph for later products while the graphs fit
 bytes; batches beyond the bound rebuild theirs at every product (a forward and a first backward again),
 holding one graph at a time.  BENCHMARKS.md has what the cache saves.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -167,8 +168,16 @@ class HessianOperator:
     ``cached_batches``, ``graph_bytes`` (bytes kept) and ``rebuilds`` (graphs built) say what happened.
     """
 
-    def __init__(self, model: nn.Module, loss_fn: Callable, batches: Iterable, params: Sequence[Tensor],
-                 device: torch.device, progress: Progress = None, graph_memory: int | None = None):
+    def __init__(
+        self,
+        model: nn.Module,
+        loss_fn: Callable,
+        batches: Iterable,
+        params: Sequence[Tensor],
+        device: torch.device,
+        progress: Progress = None,
+        graph_memory: int | None = None,
+    ):
         check_graph_memory(graph_memory)
         self.model = model
         self.loss_fn = loss_fn
@@ -205,10 +214,12 @@ class HessianOperator:
         return [c.view(s) for c, s in zip(v.split(self.numels), self.shapes)]
 
     def _flat(self, parts: Sequence[Tensor | None]) -> Tensor:
-        return torch.cat([
-            (h.reshape(-1) if h is not None else torch.zeros(k, dtype=self.dtype, device=self.device))
-            for h, k in zip(parts, self.numels)
-        ])
+        return torch.cat(
+            [
+                (h.reshape(-1) if h is not None else torch.zeros(k, dtype=self.dtype, device=self.device))
+                for h, k in zip(parts, self.numels)
+            ]
+        )
 
     def _graph(self, b: int) -> tuple[list[tuple[int, Tensor]], bool]:
         """Batch ``b``'s gradient with its graph, and whether it stays cached after this product."""
@@ -218,8 +229,9 @@ class HessianOperator:
         on_cuda = self.device.type == "cuda"
         counter = _SavedBytes([*self.params, *self.model.buffers(), *_tensors(x), *_tensors(y)])
         before = torch.cuda.memory_allocated(self.device) if on_cuda else 0
-        hooks = contextlib.nullcontext() if on_cuda else torch.autograd.graph.saved_tensors_hooks(counter.pack,
-                                                                                                  lambda t: t)
+        hooks = (
+            contextlib.nullcontext() if on_cuda else torch.autograd.graph.saved_tensors_hooks(counter.pack, lambda t: t)
+        )
         with torch.enable_grad(), hooks:
             loss = self.loss_fn(self.model(x), y)
             grads = torch.autograd.grad(loss, self.params, create_graph=True, allow_unused=True)
@@ -247,8 +259,13 @@ class HessianOperator:
                 continue
             grads = [g for _, g in live]
             for k, pv in enumerate(parts):
-                hv = torch.autograd.grad(grads, self.params, grad_outputs=[pv[i] for i, _ in live],
-                                         retain_graph=kept or k < len(parts) - 1, allow_unused=True)
+                hv = torch.autograd.grad(
+                    grads,
+                    self.params,
+                    grad_outputs=[pv[i] for i, _ in live],
+                    retain_graph=kept or k < len(parts) - 1,
+                    allow_unused=True,
+                )
                 out[k].add_(self._flat(hv), alpha=w)
             del grads, live
         self.calls += len(vs)

@@ -1,4 +1,5 @@
 """Which parameters an analysis looks at: the ``params`` argument of every Hessian function, normalised."""
+
 from __future__ import annotations
 
 import re

@@ -5,6 +5,7 @@ importing this module neither needs a display nor switches the backend of a note
 Run names can be a hundred characters long (they encode a run's settings): titles and legends show them
 shortened in the middle, where runs of one sweep differ least.
 """
+
 from __future__ import annotations
 
 import os
@@ -27,7 +28,7 @@ def short_label(name: str, width: int = LABEL_WIDTH) -> str:
     if len(name) <= width:
         return name
     head = (width - 1) // 2
-    return name[:head] + "…" + name[len(name) - (width - 1 - head):]
+    return name[:head] + "…" + name[len(name) - (width - 1 - head) :]
 
 
 def file_slug(name: str, width: int = SLUG_WIDTH) -> str:
@@ -50,9 +51,14 @@ def _save(fig: Figure, path: str | os.PathLike) -> None:
     os.replace(tmp, path)
 
 
-def plot_esd(grid: Sequence[float], density: Sequence[float], path: str | os.PathLike,
-             eigenvalues: Sequence[float] | None = None, title: str | None = None,
-             subtitle: str | None = None) -> None:
+def plot_esd(
+    grid: Sequence[float],
+    density: Sequence[float],
+    path: str | os.PathLike,
+    eigenvalues: Sequence[float] | None = None,
+    title: str | None = None,
+    subtitle: str | None = None,
+) -> None:
     """Spectral density on a log y-axis (the bulk near zero and the outliers both stay visible), with the
     top eigenvalues marked as dashed vertical lines.  ``subtitle`` (e.g. the run name) is shortened."""
     t = np.asarray(grid, dtype=float)
@@ -68,16 +74,29 @@ def plot_esd(grid: Sequence[float], density: Sequence[float], path: str | os.Pat
     ax.set_ylim(bottom=floor)
     ax.set_title(title or "Hessian eigenvalue density")
     if subtitle:
-        ax.text(0.5, 1.0, short_label(subtitle, 60), transform=ax.transAxes, ha="center", va="bottom",
-                fontsize="x-small", color="0.35")
+        ax.text(
+            0.5,
+            1.0,
+            short_label(subtitle, 60),
+            transform=ax.transAxes,
+            ha="center",
+            va="bottom",
+            fontsize="x-small",
+            color="0.35",
+        )
         ax.title.set_y(1.05)
     ax.legend(loc="upper right", fontsize="small")
     _save(fig, path)
 
 
-def plot_landscape_1d(xs: Sequence[float], curves: Mapping[str, Mapping[str, Sequence[float]]],
-                      loss_path: str | os.PathLike, acc_path: str | os.PathLike,
-                      xlabel: str = "step along direction", title: str | None = None) -> None:
+def plot_landscape_1d(
+    xs: Sequence[float],
+    curves: Mapping[str, Mapping[str, Sequence[float]]],
+    loss_path: str | os.PathLike,
+    acc_path: str | os.PathLike,
+    xlabel: str = "step along direction",
+    title: str | None = None,
+) -> None:
     """One loss figure and one accuracy figure, each with a curve per run (``curves[name] = {"loss", "acc"}``).
     Missing points (NaN) leave gaps.  The legend sits to the right of the axes, so it covers no curve."""
     x = np.asarray(xs, dtype=float)
@@ -92,14 +111,26 @@ def plot_landscape_1d(xs: Sequence[float], curves: Mapping[str, Mapping[str, Seq
         if title:
             ax.set_title(short_label(title, 60), fontsize="medium")
         if curves:
-            ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0,
-                      ncol=1 if len(curves) <= 15 else 2)
+            ax.legend(
+                fontsize="small",
+                loc="upper left",
+                bbox_to_anchor=(1.02, 1.0),
+                borderaxespad=0.0,
+                ncol=1 if len(curves) <= 15 else 2,
+            )
         _save(fig, path)
 
 
-def plot_landscape_2d(xs: Sequence[float], ys: Sequence[float], loss: np.ndarray, contour_path: str | os.PathLike,
-                      surface_path: str | os.PathLike, title: str | None = None, xlabel: str = "direction 1",
-                      ylabel: str = "direction 2") -> None:
+def plot_landscape_2d(
+    xs: Sequence[float],
+    ys: Sequence[float],
+    loss: np.ndarray,
+    contour_path: str | os.PathLike,
+    surface_path: str | os.PathLike,
+    title: str | None = None,
+    xlabel: str = "direction 1",
+    ylabel: str = "direction 2",
+) -> None:
     """Contour and 3-D surface of ``loss[i, j]`` at ``(xs[i], ys[j])``.
 
     Contour levels are log-spaced when the loss is positive: the basin around a minimum spans orders of

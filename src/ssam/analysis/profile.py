@@ -9,6 +9,7 @@ memory is each tool's own; with several rounds the order alternates, since the m
 ``ssam hessian --profile`` runs it on a checkpoint; ``python -m ssam.analysis.profile`` on a freshly
 initialised model with random data of a given shape (no data set needed), e.g. ResNet-18 on CIFAR shape.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -58,15 +59,24 @@ def _ssam(model: nn.Module, batches: list, spec: dict) -> dict:
     products = [0]
     kw = dict(seed=spec["seed"], device=spec["device"], graph_memory=spec.get("graph_memory"))
     with _Clock() as clock:
-        lam = hessian_eigenvalues(model, nn.CrossEntropyLoss(), batches, top_k=1, max_iter=spec["max_iter"],
-                                  tol=spec["tol"], progress=lambda k: products.__setitem__(0, products[0] + k), **kw)[0]
+        lam = hessian_eigenvalues(
+            model,
+            nn.CrossEntropyLoss(),
+            batches,
+            top_k=1,
+            max_iter=spec["max_iter"],
+            tol=spec["tol"],
+            progress=lambda k: products.__setitem__(0, products[0] + k),
+            **kw,
+        )[0]
     out = {"lambda_max": lam, "products": products[0]}
     clock.record(out, "lambda")
     if spec["trace_samples"]:
         with _Clock() as clock:
             # tol=0: exactly trace_samples samples, as PyHessian is made to draw below.
-            tr, se, n = hessian_trace(model, nn.CrossEntropyLoss(), batches, max_iter=spec["trace_samples"], tol=0,
-                                      **kw)
+            tr, se, n = hessian_trace(
+                model, nn.CrossEntropyLoss(), batches, max_iter=spec["trace_samples"], tol=0, **kw
+            )
         out.update(trace=tr, trace_stderr=se, trace_samples=n)
         clock.record(out, "trace")
     return out
@@ -94,8 +104,13 @@ def _pyhessian(model: nn.Module, batches: list, spec: dict) -> dict:
     one = len(batches) == 1
     with _Clock() as clock:
         # Building the object runs the forward and backward of a single batch: part of its λ_max time.
-        h = Counted(model, nn.CrossEntropyLoss(), data=batches[0] if one else None,
-                    dataloader=None if one else batches, cuda=spec["device"] == "cuda")
+        h = Counted(
+            model,
+            nn.CrossEntropyLoss(),
+            data=batches[0] if one else None,
+            dataloader=None if one else batches,
+            cuda=spec["device"] == "cuda",
+        )
         lam = h.eigenvalues(maxIter=spec["max_iter"], tol=spec["tol"], top_n=1)[0][0]
     out = {"lambda_max": float(lam), "products": products[0]}
     clock.record(out, "lambda")
@@ -104,8 +119,11 @@ def _pyhessian(model: nn.Module, batches: list, spec: dict) -> dict:
             # A tolerance of -inf never stops early: exactly trace_samples samples.
             samples = [float(v) for v in h.trace(maxIter=spec["trace_samples"], tol=float("-inf"))]
         n = len(samples)
-        out.update(trace=statistics.fmean(samples), trace_stderr=statistics.stdev(samples) / n**0.5 if n > 1 else None,
-                   trace_samples=n)
+        out.update(
+            trace=statistics.fmean(samples),
+            trace_stderr=statistics.stdev(samples) / n**0.5 if n > 1 else None,
+            trace_samples=n,
+        )
         clock.record(out, "trace")
     return out
 
@@ -116,8 +134,10 @@ TOOLS = {"ssam": _ssam, "pyhessian": _pyhessian}
 def _version(tool: str) -> str:
     if tool == "ssam":
         from .. import __version__
+
         return __version__
     from importlib.metadata import PackageNotFoundError, version
+
     try:
         return version(tool)
     except PackageNotFoundError:
@@ -139,9 +159,13 @@ def _build(spec: dict) -> tuple[nn.Module, list]:
     model = build_model(source["model"], source["num_classes"], source["in_channels"], source["image_size"])
     gen = torch.Generator().manual_seed(source["init_seed"] + 1)
     shape = (source["batch_size"], source["in_channels"], source["image_size"], source["image_size"])
-    batches = [(torch.randn(shape, generator=gen),
-                torch.randint(0, source["num_classes"], (source["batch_size"],), generator=gen))
-               for _ in range(source["num_batches"])]
+    batches = [
+        (
+            torch.randn(shape, generator=gen),
+            torch.randint(0, source["num_classes"], (source["batch_size"],), generator=gen),
+        )
+        for _ in range(source["num_batches"])
+    ]
     return model, batches
 
 
@@ -157,8 +181,13 @@ def measure(spec: dict) -> dict:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     out = TOOLS[spec["tool"]](model, batches, spec)
-    out.update(tool=spec["tool"], version=_version(spec["tool"]), threads=torch.get_num_threads(),
-               base_rss_mib=base, peak_rss_mib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    out.update(
+        tool=spec["tool"],
+        version=_version(spec["tool"]),
+        threads=torch.get_num_threads(),
+        base_rss_mib=base,
+        peak_rss_mib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    )
     if device.type == "cuda":
         out["peak_cuda_mib"] = torch.cuda.max_memory_allocated(device) / 2**20
     return out
@@ -168,21 +197,28 @@ def available(tool: str) -> bool:
     if tool == "ssam":
         return True
     import importlib.util
+
     return importlib.util.find_spec(tool) is not None
 
 
-def run_profile(spec: dict, tools: tuple[str, ...] = ("ssam", "pyhessian"), rounds: int = 1,
-                echo: Any = None) -> list[dict]:
+def run_profile(
+    spec: dict, tools: tuple[str, ...] = ("ssam", "pyhessian"), rounds: int = 1, echo: Any = None
+) -> list[dict]:
     """Every tool once per round, each in a fresh ``python -m ssam.analysis.profile --worker``; the order
     alternates between rounds.  Returns one row per measurement (``measure``'s dict plus ``round``)."""
     rows = []
     for r in range(rounds):
-        for tool in (tools if r % 2 == 0 else tools[::-1]):
-            proc = subprocess.run([sys.executable, "-m", "ssam.analysis.profile", "--worker"],
-                                  input=json.dumps({**spec, "tool": tool}), capture_output=True, text=True)
+        for tool in tools if r % 2 == 0 else tools[::-1]:
+            proc = subprocess.run(
+                [sys.executable, "-m", "ssam.analysis.profile", "--worker"],
+                input=json.dumps({**spec, "tool": tool}),
+                capture_output=True,
+                text=True,
+            )
             if proc.returncode != 0:
-                raise RuntimeError(f"profile worker for {tool} failed (exit {proc.returncode}):\n"
-                                   + proc.stderr[-3000:])
+                raise RuntimeError(
+                    f"profile worker for {tool} failed (exit {proc.returncode}):\n" + proc.stderr[-3000:]
+                )
             row = {**json.loads(proc.stdout.strip().splitlines()[-1]), "round": r}
             rows.append(row)
             if echo is not None:
@@ -193,8 +229,11 @@ def run_profile(spec: dict, tools: tuple[str, ...] = ("ssam", "pyhessian"), roun
 def format_profile(rows: list[dict]) -> str:
     """A markdown table of the rows (medians over rounds per tool), and the ratios ssam / PyHessian."""
     timed = ("lambda_seconds", "lambda_cpu_seconds", "trace_seconds", "trace_cpu_seconds", "peak_rss_mib")
-    lines = ["| tool | λ_max | products | λ_max s (wall / cpu) | trace ± stderr | samples | trace s (wall / cpu) "
-             "| peak RSS MiB | rounds |", "|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| tool | λ_max | products | λ_max s (wall / cpu) | trace ± stderr | samples | trace s (wall / cpu) "
+        "| peak RSS MiB | rounds |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     med: dict[str, dict] = {}
     for tool in dict.fromkeys(r["tool"] for r in rows):
         mine = [r for r in rows if r["tool"] == tool]
@@ -204,24 +243,32 @@ def format_profile(rows: list[dict]) -> str:
         if "trace" in last:
             trace = f"{last['trace']:.5g} ± {last['trace_stderr']:.2g}"
             trace_s = f"{m['trace_seconds']:.2f} / {m['trace_cpu_seconds']:.2f}"
-        lines.append(f"| {tool} {last['version']} | {last['lambda_max']:.6g} | {last['products']} | "
-                     f"{m['lambda_seconds']:.2f} / {m['lambda_cpu_seconds']:.2f} | {trace} | "
-                     f"{last.get('trace_samples', '-')} | {trace_s} | {m['peak_rss_mib']:.0f} | {len(mine)} |")
+        lines.append(
+            f"| {tool} {last['version']} | {last['lambda_max']:.6g} | {last['products']} | "
+            f"{m['lambda_seconds']:.2f} / {m['lambda_cpu_seconds']:.2f} | {trace} | "
+            f"{last.get('trace_samples', '-')} | {trace_s} | {m['peak_rss_mib']:.0f} | {len(mine)} |"
+        )
     if "ssam" in med and "pyhessian" in med:
         s, p = med["ssam"], med["pyhessian"]
-        parts = [f"λ_max {s[k] / p[k]:.2f}x {clock}" for k, clock in (("lambda_seconds", "wall"),
-                                                                      ("lambda_cpu_seconds", "cpu"))]
+        parts = [
+            f"λ_max {s[k] / p[k]:.2f}x {clock}"
+            for k, clock in (("lambda_seconds", "wall"), ("lambda_cpu_seconds", "cpu"))
+        ]
         if "trace_seconds" in s and "trace_seconds" in p:
-            parts += [f"trace {s[k] / p[k]:.2f}x {clock}" for k, clock in (("trace_seconds", "wall"),
-                                                                         ("trace_cpu_seconds", "cpu"))]
+            parts += [
+                f"trace {s[k] / p[k]:.2f}x {clock}"
+                for k, clock in (("trace_seconds", "wall"), ("trace_cpu_seconds", "cpu"))
+            ]
         diff = abs(s["lambda_max"] - p["lambda_max"]) / max(abs(p["lambda_max"]), 1e-30)
         lines.append(f"\nssam / PyHessian time (medians): {', '.join(parts)}; λ_max differ by {100 * diff:.2f}%")
     return "\n".join(lines)
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = ArgumentParser(prog="python -m ssam.analysis.profile",
-                       description="ssam and PyHessian side by side on a freshly initialised model with random data")
+    p = ArgumentParser(
+        prog="python -m ssam.analysis.profile",
+        description="ssam and PyHessian side by side on a freshly initialised model with random data",
+    )
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--model", default="resnet18")
     p.add_argument("--num_classes", type=int, default=10)
@@ -252,10 +299,19 @@ def main(argv: list[str] | None = None) -> int:
             raise UsageError(f"--tools: got {t!r}; allowed: a comma-separated subset of {', '.join(TOOLS)}")
         if not available(t):
             raise UsageError(f"--tools: {t} is not installed (pip install {t})")
-    source = {k: getattr(args, k) for k in ("model", "num_classes", "in_channels", "image_size", "batch_size",
-                                             "num_batches", "init_seed")}
-    spec = {"source": source, "tol": args.tol, "max_iter": args.max_iter, "trace_samples": args.trace_samples,
-            "seed": args.seed, "device": args.device, "threads": args.threads}
+    source = {
+        k: getattr(args, k)
+        for k in ("model", "num_classes", "in_channels", "image_size", "batch_size", "num_batches", "init_seed")
+    }
+    spec = {
+        "source": source,
+        "tol": args.tol,
+        "max_iter": args.max_iter,
+        "trace_samples": args.trace_samples,
+        "seed": args.seed,
+        "device": args.device,
+        "threads": args.threads,
+    }
     rows = run_profile(spec, tools, args.rounds, echo=lambda r: print(json.dumps(r), file=sys.stderr))
     print(format_profile(rows))
     return 0

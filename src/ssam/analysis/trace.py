@@ -1,4 +1,5 @@
 """Hutchinson estimate of the Hessian trace."""
+
 from __future__ import annotations
 
 import math
@@ -16,10 +17,20 @@ from .params import resolve_params
 __all__ = ["hessian_trace"]
 
 
-def hessian_trace(model: nn.Module, loss_fn: Callable, batches: Iterable, max_iter: int = 200, tol: float = 1e-3,
-                  params: Any = None, seed: int = 0, device: Any = None, min_samples: int = 10,
-                  vectors_per_pass: int = 4, progress: Progress = None,
-                  graph_memory: int | None = None) -> tuple[float, float, int]:
+def hessian_trace(
+    model: nn.Module,
+    loss_fn: Callable,
+    batches: Iterable,
+    max_iter: int = 200,
+    tol: float = 1e-3,
+    params: Any = None,
+    seed: int = 0,
+    device: Any = None,
+    min_samples: int = 10,
+    vectors_per_pass: int = 4,
+    progress: Progress = None,
+    graph_memory: int | None = None,
+) -> tuple[float, float, int]:
     """Hutchinson estimate ``E[vᵀHv]`` with Rademacher ``v``: returns ``(trace, stderr, n_samples)``.
 
     Sampling stops once at least ``min_samples`` are drawn and the standard error of the mean is below
@@ -36,8 +47,10 @@ def hessian_trace(model: nn.Module, loss_fn: Callable, batches: Iterable, max_it
     gen = torch.Generator().manual_seed(int(seed))
     samples: list[float] = []
     min_samples = max(2, min(int(min_samples), int(max_iter)))
-    with analysis_mode(model, plist, device) as dev, \
-            HessianOperator(model, loss_fn, batches, plist, dev, progress, graph_memory) as op:
+    with (
+        analysis_mode(model, plist, device) as dev,
+        HessianOperator(model, loss_fn, batches, plist, dev, progress, graph_memory) as op,
+    ):
         while len(samples) < max_iter:
             vs = [op.random(gen, "rademacher") for _ in range(min(vectors_per_pass, max_iter - len(samples)))]
             hvs = op.matvec(vs)

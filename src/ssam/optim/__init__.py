@@ -12,7 +12,9 @@ from .factory import create_optimizer
 from .fisher import FISHER_METHODS, empirical_fisher
 from .sam import CLOSURE_PASSES, SAM
 from .select import top_k_mask
-from .ssam import SSAMD, SSAMF, STRATEGIES
+from .ssam import STRATEGIES
+from .ssamd import SSAMD
+from .ssamf import SSAMF
 
 __all__ = [
     "SAM",

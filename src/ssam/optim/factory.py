@@ -13,7 +13,8 @@ import torch
 from torch import nn
 
 from .sam import SAM
-from .ssam import SSAMD, SSAMF
+from .ssamd import SSAMD
+from .ssamf import SSAMF
 
 __all__ = ["BASE_OPTIMIZERS", "WRAPPERS", "OPT_NAMES", "parse_opt", "create_optimizer", "param_groups"]
 

@@ -4,6 +4,7 @@ All three analyse the same kind of data: a fixed, un-augmented subset of the TRA
 first ``--num_samples`` examples of a permutation seeded by ``--data_seed``.  Sharpness is a property of
 the training objective, and a fixed subset makes numbers comparable across runs and re-runs.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -29,8 +30,12 @@ def parse_range(value: str, flag: str = "--xrange") -> np.ndarray:
     """``"START:STOP:NUM"`` -> ``NUM`` evenly spaced points from START to STOP inclusive, parsed strictly."""
     form = "expected START:STOP:NUM, e.g. -1:1:41 (numbers with START < STOP, NUM an integer >= 2)"
     parts = str(value).split(":")
-    if len(parts) != 3 or not re.fullmatch(_NUM, parts[0]) or not re.fullmatch(_NUM, parts[1]) \
-            or not re.fullmatch(r"\d+", parts[2]):
+    if (
+        len(parts) != 3
+        or not re.fullmatch(_NUM, parts[0])
+        or not re.fullmatch(_NUM, parts[1])
+        or not re.fullmatch(r"\d+", parts[2])
+    ):
         raise UsageError(f"{flag} {value!r}: {form}")
     a, b, n = float(parts[0]), float(parts[1]), int(parts[2])
     if not (math.isfinite(a) and math.isfinite(b)) or a >= b or n < 2:
@@ -51,15 +56,23 @@ def add_common_args(p: argparse.ArgumentParser, many: bool) -> None:
     g.add_argument("--dataset", default=None, help="default: the dataset in the checkpoint's saved config")
     g.add_argument("--datadir", default=None, help="default: the datadir in the checkpoint's saved config")
     g.add_argument("--model", default=None, help="default: the architecture recorded in the checkpoint")
-    g.add_argument("--num_samples", type=int, default=4096,
-                   help="training examples analysed: the first N of a fixed permutation, without augmentation")
+    g.add_argument(
+        "--num_samples",
+        type=int,
+        default=4096,
+        help="training examples analysed: the first N of a fixed permutation, without augmentation",
+    )
     g.add_argument("--batch_size", type=int, default=256, help="examples per forward pass")
     g.add_argument("--data_seed", type=int, default=0, help="seed of the permutation that picks the examples")
     g = p.add_argument_group("run")
     g.add_argument("--seed", type=int, default=0, help="seed of the random vectors / directions")
     g.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="where to compute")
-    g.add_argument("--output", default=None, metavar="DIR",
-                   help="output folder (default: 'analysis' next to the checkpoint; ./analysis for several)")
+    g.add_argument(
+        "--output",
+        default=None,
+        metavar="DIR",
+        help="output folder (default: 'analysis' next to the checkpoint; ./analysis for several)",
+    )
     g.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
@@ -93,8 +106,10 @@ def checkpoint_file(path: str, flag: str = "--checkpoint") -> str:
         if (p / name).is_file():
             print(f"ssam: {flag} {path}: a run folder; using {p / name}", file=sys.stderr)
             return str(p / name)
-    raise UsageError(f"{flag} {path!r} is a folder without {' or '.join(RUN_FOLDER_CHECKPOINTS)}; "
-                     f"allowed: a checkpoint file or a run folder written by ssam train")
+    raise UsageError(
+        f"{flag} {path!r} is a folder without {' or '.join(RUN_FOLDER_CHECKPOINTS)}; "
+        f"allowed: a checkpoint file or a run folder written by ssam train"
+    )
 
 
 def output_dir(args: argparse.Namespace, paths: list[str]) -> Path:
@@ -132,6 +147,7 @@ class Loader:
         key = (dataset, datadir)
         if key not in self._data:
             from ...data import build_datasets
+
             self._data[key] = build_datasets(dataset, datadir, augment=False)
         return self._data[key]
 
@@ -152,8 +168,7 @@ class Loader:
         fallback = None
         if not all(k in margs for k in ("num_classes", "in_channels", "image_size")):
             info = self.datasets(dataset, datadir)[2]
-            fallback = {"num_classes": info.num_classes, "in_channels": info.in_channels,
-                        "image_size": info.image_size}
+            fallback = {"num_classes": info.num_classes, "in_channels": info.in_channels, "image_size": info.image_size}
         return model_from_checkpoint(ckpt, path, name=self.args.model, fallback=fallback), ckpt, (dataset, datadir)
 
     def batches(self, dataset: str, datadir: str | None) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -162,19 +177,25 @@ class Loader:
             return self._data[key]
         train = self.datasets(dataset, datadir)[0]
         if len(train) < self.args.num_samples:
-            print(f"ssam: note: --num_samples {self.args.num_samples} exceeds the {len(train)} training examples "
-                  f"of {dataset}; using all of them", file=sys.stderr)
+            print(
+                f"ssam: note: --num_samples {self.args.num_samples} exceeds the {len(train)} training examples "
+                f"of {dataset}; using all of them",
+                file=sys.stderr,
+            )
         self._data[key] = subset_batches(train, self.args.num_samples, self.args.batch_size, self.args.data_seed)
         return self._data[key]
 
 
 def progress_bar(args: argparse.Namespace, desc: str, total: int | None = None, unit: str = "hvp"):
     from tqdm.auto import tqdm
-    return tqdm(total=total, desc=desc, unit=unit, disable=True if args.quiet else None, leave=False,
-                file=sys.stderr)
+
+    return tqdm(total=total, desc=desc, unit=unit, disable=True if args.quiet else None, leave=False, file=sys.stderr)
 
 
 def settings_of(args: argparse.Namespace, skip: tuple[str, ...] = ()) -> dict:
     """The flags that shape a result, for its JSON record."""
-    return {k: v for k, v in sorted(vars(args).items())
-            if k not in ("func", "quiet", "output", "device", *skip) and not callable(v)}
+    return {
+        k: v
+        for k, v in sorted(vars(args).items())
+        if k not in ("func", "quiet", "output", "device", *skip) and not callable(v)
+    }

@@ -1,5 +1,6 @@
 """``ssam hessian``: top eigenvalues, trace, density and per-layer table of one checkpoint; ``--profile``
 times ssam against PyHessian on the same work instead."""
+
 from __future__ import annotations
 
 import argparse
@@ -38,30 +39,53 @@ def add_hessian_args(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("hessian")
     g.add_argument("--top_k", type=int, default=5, help="number of top eigenvalues (Lanczos)")
     g.add_argument("--max_iter", type=int, default=100, help="at most this many Hessian-vector products for them")
-    g.add_argument("--tol", type=float, default=1e-4,
-                   help="relative accuracy at which a top eigenvalue is done (Lanczos error bound)")
+    g.add_argument(
+        "--tol",
+        type=float,
+        default=1e-4,
+        help="relative accuracy at which a top eigenvalue is done (Lanczos error bound)",
+    )
     g.add_argument("--trace", action="store_true", help="also estimate the trace (Hutchinson)")
     g.add_argument("--trace_max_iter", type=int, default=200, help="at most this many Hutchinson samples")
     g.add_argument("--trace_tol", type=float, default=1e-2, help="stop when stderr <= tol * |trace|")
     g.add_argument("--density", action="store_true", help="also estimate the eigenvalue density (SLQ) -> esd.png")
     g.add_argument("--density_iter", type=int, default=100, help="Lanczos steps per SLQ run")
     g.add_argument("--density_runs", type=int, default=1, help="SLQ runs (random start vectors)")
-    g.add_argument("--density_sigma", type=float, default=None,
-                   help="Gaussian broadening in eigenvalue units (default: 1%% of the spectral range)")
-    g.add_argument("--params", default=None, metavar="REGEX",
-                   help="analyse only the parameters whose names match (re.search), e.g. 'layer4|fc'")
-    g.add_argument("--per_layer", action="store_true",
-                   help="also top eigenvalue and trace of each parameter tensor's diagonal block")
-    g.add_argument("--graph_memory", default="auto", metavar="GIB",
-                   help="GiB of batch gradient graphs kept between Hessian-vector products; beyond it a batch's "
-                        "graph is rebuilt at every product; 0: never kept; auto: half the free memory")
+    g.add_argument(
+        "--density_sigma",
+        type=float,
+        default=None,
+        help="Gaussian broadening in eigenvalue units (default: 1%% of the spectral range)",
+    )
+    g.add_argument(
+        "--params",
+        default=None,
+        metavar="REGEX",
+        help="analyse only the parameters whose names match (re.search), e.g. 'layer4|fc'",
+    )
+    g.add_argument(
+        "--per_layer",
+        action="store_true",
+        help="also top eigenvalue and trace of each parameter tensor's diagonal block",
+    )
+    g.add_argument(
+        "--graph_memory",
+        default="auto",
+        metavar="GIB",
+        help="GiB of batch gradient graphs kept between Hessian-vector products; beyond it a batch's "
+        "graph is rebuilt at every product; 0: never kept; auto: half the free memory",
+    )
     g = parser.add_argument_group("profile")
-    g.add_argument("--profile", action="store_true",
-                   help="instead of the analysis, time ssam and (if installed) PyHessian side by side, each in its "
-                        "own process: lambda_max to --tol within --max_iter products, and with --trace the trace "
-                        "from exactly --trace_max_iter samples; -> profile.json")
-    g.add_argument("--profile_rounds", type=int, default=1,
-                   help="measure each tool this many times, alternating which goes first")
+    g.add_argument(
+        "--profile",
+        action="store_true",
+        help="instead of the analysis, time ssam and (if installed) PyHessian side by side, each in its "
+        "own process: lambda_max to --tol within --max_iter products, and with --trace the trace "
+        "from exactly --trace_max_iter samples; -> profile.json",
+    )
+    g.add_argument(
+        "--profile_rounds", type=int, default=1, help="measure each tool this many times, alternating which goes first"
+    )
 
 
 def _graph_memory(value: str) -> int | None:
@@ -77,8 +101,17 @@ def _graph_memory(value: str) -> int | None:
 
 
 def run_hessian(args: argparse.Namespace) -> int:
-    check_positive(args, "num_samples", "batch_size", "top_k", "max_iter", "trace_max_iter", "density_iter",
-                   "density_runs", "profile_rounds")
+    check_positive(
+        args,
+        "num_samples",
+        "batch_size",
+        "top_k",
+        "max_iter",
+        "trace_max_iter",
+        "density_iter",
+        "density_runs",
+        "profile_rounds",
+    )
     check_tolerances(args, "tol", "trace_tol")
     if args.density_sigma is not None and not args.density_sigma > 0:
         raise UsageError(f"--density_sigma {args.density_sigma!r} is out of range; allowed: a number > 0")
@@ -97,10 +130,19 @@ def run_hessian(args: argparse.Namespace) -> int:
     loss_fn = nn.CrossEntropyLoss()
     common = dict(params=params, seed=args.seed, device=device, graph_memory=graph_memory)
     result: dict[str, Any] = {
-        "checkpoint": str(Path(args.checkpoint).resolve()), "run": run_names([args.checkpoint])[0],
-        "dataset": dataset, "model": type(model).__name__, "num_params": n_params,
-        "num_examples": sum(len(y) for _, y in batches), "seed": args.seed, "loss": "cross_entropy (mean)",
-        "settings": settings_of(args), "eigenvalues": None, "trace": None, "density": None, "per_layer": None,
+        "checkpoint": str(Path(args.checkpoint).resolve()),
+        "run": run_names([args.checkpoint])[0],
+        "dataset": dataset,
+        "model": type(model).__name__,
+        "num_params": n_params,
+        "num_examples": sum(len(y) for _, y in batches),
+        "seed": args.seed,
+        "loss": "cross_entropy (mean)",
+        "settings": settings_of(args),
+        "eigenvalues": None,
+        "trace": None,
+        "density": None,
+        "per_layer": None,
         "seconds": {},
     }
     bar = progress_bar(args, "hessian")
@@ -113,23 +155,43 @@ def run_hessian(args: argparse.Namespace) -> int:
         return value
 
     try:
-        result["eigenvalues"] = timed("eigenvalues", hessian_eigenvalues, top_k=args.top_k, max_iter=args.max_iter,
-                                      tol=args.tol)
+        result["eigenvalues"] = timed(
+            "eigenvalues", hessian_eigenvalues, top_k=args.top_k, max_iter=args.max_iter, tol=args.tol
+        )
         print("top eigenvalues: " + ", ".join(f"{v:.6g}" for v in result["eigenvalues"]))
         if args.trace:
             tr, se, ns = timed("trace", hessian_trace, max_iter=args.trace_max_iter, tol=args.trace_tol)
             result["trace"] = {"mean": tr, "stderr": se, "n_samples": ns}
             print(f"trace: {tr:.6g} ± {se:.3g} ({ns} Hutchinson samples)")
         if args.density:
-            grid, dens, nodes, weights = timed("density", hessian_density, n_iter=args.density_iter,
-                                               n_v=args.density_runs, sigma=args.density_sigma, return_nodes=True)
-            result["density"] = {"grid": grid, "density": dens, "nodes": nodes, "weights": weights,
-                                 "sigma": args.density_sigma if args.density_sigma is not None
-                                 else 0.01 * float(np.nanmax(nodes) - np.nanmin(nodes)),
-                                 "n_iter": args.density_iter, "n_v": args.density_runs}
+            grid, dens, nodes, weights = timed(
+                "density",
+                hessian_density,
+                n_iter=args.density_iter,
+                n_v=args.density_runs,
+                sigma=args.density_sigma,
+                return_nodes=True,
+            )
+            result["density"] = {
+                "grid": grid,
+                "density": dens,
+                "nodes": nodes,
+                "weights": weights,
+                "sigma": args.density_sigma
+                if args.density_sigma is not None
+                else 0.01 * float(np.nanmax(nodes) - np.nanmin(nodes)),
+                "n_iter": args.density_iter,
+                "n_v": args.density_runs,
+            }
         if args.per_layer:
-            result["per_layer"] = timed("per_layer", per_layer, max_iter=args.max_iter, tol=args.tol,
-                                        trace_max_iter=args.trace_max_iter, trace_tol=args.trace_tol)
+            result["per_layer"] = timed(
+                "per_layer",
+                per_layer,
+                max_iter=args.max_iter,
+                tol=args.tol,
+                trace_max_iter=args.trace_max_iter,
+                trace_tol=args.trace_tol,
+            )
     finally:
         bar.close()
     write_json(out / "hessian.json", result)
@@ -138,6 +200,7 @@ def run_hessian(args: argparse.Namespace) -> int:
         write_csv(out / "per_layer.csv", result["per_layer"], PER_LAYER_COLUMNS)
     if result["density"] is not None:
         from ..plots import plot_esd
+
         plot_esd(grid, dens, out / "esd.png", eigenvalues=result["eigenvalues"], subtitle=result["run"])
     print(f"wrote {out / 'hessian.json'}")
     return 0
@@ -147,16 +210,25 @@ def _profile(args: argparse.Namespace, device: Any, graph_memory: int | None, ou
     from ..profile import available, format_profile, run_profile
 
     if args.params or args.density or args.per_layer:
-        raise UsageError("--profile times lambda_max (and --trace) on all parameters; "
-                         "leave out --params, --density and --per_layer")
+        raise UsageError(
+            "--profile times lambda_max (and --trace) on all parameters; leave out --params, --density and --per_layer"
+        )
     tools = ("ssam", "pyhessian") if available("pyhessian") else ("ssam",)
     if len(tools) == 1:
         print("ssam: note: PyHessian is not installed (pip install pyhessian); timing ssam alone", file=sys.stderr)
-    source = {k: getattr(args, k) for k in ("checkpoint", "dataset", "datadir", "model", "num_samples",
-                                             "batch_size", "data_seed")}
-    spec = {"source": source, "tol": args.tol, "max_iter": args.max_iter,
-            "trace_samples": args.trace_max_iter if args.trace else 0, "seed": args.seed, "device": device.type,
-            "graph_memory": graph_memory}
+    source = {
+        k: getattr(args, k)
+        for k in ("checkpoint", "dataset", "datadir", "model", "num_samples", "batch_size", "data_seed")
+    }
+    spec = {
+        "source": source,
+        "tol": args.tol,
+        "max_iter": args.max_iter,
+        "trace_samples": args.trace_max_iter if args.trace else 0,
+        "seed": args.seed,
+        "device": device.type,
+        "graph_memory": graph_memory,
+    }
     rows = run_profile(spec, tools, args.profile_rounds)
     table = format_profile(rows)
     print(table)

@@ -1,4 +1,5 @@
 """``ssam landscape``: loss and accuracy on a 1-D or 2-D grid around checkpoints, resumable point by point."""
+
 from __future__ import annotations
 
 import argparse
@@ -38,10 +39,18 @@ def add_landscape_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--dims", type=int, default=1, choices=(1, 2), help="1: curves; 2: contour and surface")
     g.add_argument("--xrange", default="-1:1:41", metavar="START:STOP:NUM", help="steps along the first direction")
     g.add_argument("--yrange", default=None, metavar="START:STOP:NUM", help="2-D only (default: as --xrange)")
-    g.add_argument("--ignore", default="biasbn", choices=("biasbn", "none"),
-                   help="biasbn: biases and BN parameters stay fixed; none: they move too (normalised per tensor)")
-    g.add_argument("--to", default=None, metavar="CKPT",
-                   help="first direction = the straight line to this checkpoint (x=0: the model, x=1: CKPT)")
+    g.add_argument(
+        "--ignore",
+        default="biasbn",
+        choices=("biasbn", "none"),
+        help="biasbn: biases and BN parameters stay fixed; none: they move too (normalised per tensor)",
+    )
+    g.add_argument(
+        "--to",
+        default=None,
+        metavar="CKPT",
+        help="first direction = the straight line to this checkpoint (x=0: the model, x=1: CKPT)",
+    )
     g.add_argument("--resume", action="store_true", help="continue the grid in --output's landscape.npz")
 
 
@@ -70,8 +79,10 @@ def _start_grid(npz_path: Path, resume: bool, settings: dict, shape: tuple) -> t
         saved = json.loads(str(z["settings"]))
         for k in sorted(set(saved) | set(settings)):
             if to_plain(saved.get(k)) != to_plain(settings.get(k)):
-                raise UsageError(f"--resume: {k} is {settings.get(k)!r} now but {saved.get(k)!r} in {npz_path}; "
-                                 f"rerun with the same settings or another --output")
+                raise UsageError(
+                    f"--resume: {k} is {settings.get(k)!r} now but {saved.get(k)!r} in {npz_path}; "
+                    f"rerun with the same settings or another --output"
+                )
         loss, acc = z["loss"].copy(), z["acc"].copy()
     print(f"resuming {npz_path}: {int(np.isnan(loss).sum())} of {loss.size} points left")
     return loss, acc
@@ -82,19 +93,34 @@ def _plot(args: argparse.Namespace, out: Path, names: list[str], xs, ys, loss, a
 
     if ys is None:
         target = run_names([args.to])[0] if args.to else None
-        xlabel = (f"interpolation coefficient (0: checkpoint, 1: {target})" if target
-                  else "step along a filter-normalised direction")
-        plot_landscape_1d(xs, {n: {"loss": loss[i], "acc": acc[i]} for i, n in enumerate(names)},
-                          out / "landscape_loss.png", out / "landscape_acc.png", xlabel=xlabel,
-                          title=f"towards {target}" if target else None)
+        xlabel = (
+            f"interpolation coefficient (0: checkpoint, 1: {target})"
+            if target
+            else "step along a filter-normalised direction"
+        )
+        plot_landscape_1d(
+            xs,
+            {n: {"loss": loss[i], "acc": acc[i]} for i, n in enumerate(names)},
+            out / "landscape_loss.png",
+            out / "landscape_acc.png",
+            xlabel=xlabel,
+            title=f"towards {target}" if target else None,
+        )
         return ["landscape_loss.png", "landscape_acc.png"]
     written = []
     for i, n in enumerate(names):
         # Several checkpoints: the position and a short slug keep file names short and distinct.
         suffix = "" if len(names) == 1 else f"_{i + 1}_{file_slug(n)}"
         xlabel = f"towards {run_names([args.to])[0]}" if args.to else "direction 1"
-        plot_landscape_2d(xs, ys, loss[i], out / f"landscape_contour{suffix}.png",
-                          out / f"landscape_surface{suffix}.png", title=n, xlabel=xlabel)
+        plot_landscape_2d(
+            xs,
+            ys,
+            loss[i],
+            out / f"landscape_contour{suffix}.png",
+            out / f"landscape_surface{suffix}.png",
+            title=n,
+            xlabel=xlabel,
+        )
         written += [f"landscape_contour{suffix}.png", f"landscape_surface{suffix}.png"]
     return written
 
@@ -110,18 +136,29 @@ def run_landscape(args: argparse.Namespace) -> int:
     out = output_dir(args, paths)
     # Exactly what determines the grid's values: a resumed grid must not mix two different landscapes.
     settings = {
-        "checkpoint": [str(Path(p).resolve()) for p in paths], "to": str(Path(args.to).resolve()) if args.to else None,
-        "dims": args.dims, "xs": xs.tolist(), "ys": None if ys is None else ys.tolist(), "ignore": args.ignore,
-        "norm": "filter", "seed": args.seed, "dataset": args.dataset, "datadir": args.datadir, "model": args.model,
-        "num_samples": args.num_samples, "data_seed": args.data_seed,
+        "checkpoint": [str(Path(p).resolve()) for p in paths],
+        "to": str(Path(args.to).resolve()) if args.to else None,
+        "dims": args.dims,
+        "xs": xs.tolist(),
+        "ys": None if ys is None else ys.tolist(),
+        "ignore": args.ignore,
+        "norm": "filter",
+        "seed": args.seed,
+        "dataset": args.dataset,
+        "datadir": args.datadir,
+        "model": args.model,
+        "num_samples": args.num_samples,
+        "data_seed": args.data_seed,
     }  # not --batch_size: in eval mode with size weighting it changes nothing but rounding
     npz_path = out / "landscape.npz"
-    loss, acc = _start_grid(npz_path, args.resume, settings,
-                            (len(paths), len(xs)) + ((len(ys),) if ys is not None else ()))
+    loss, acc = _start_grid(
+        npz_path, args.resume, settings, (len(paths), len(xs)) + ((len(ys),) if ys is not None else ())
+    )
 
     def save() -> None:
-        arrays = dict(xs=xs, loss=loss, acc=acc, names=np.array(names),
-                      settings=np.array(json.dumps(to_plain(settings))))
+        arrays = dict(
+            xs=xs, loss=loss, acc=acc, names=np.array(names), settings=np.array(json.dumps(to_plain(settings)))
+        )
         if ys is not None:
             arrays["ys"] = ys
         _save_npz(npz_path, **arrays)
@@ -132,8 +169,18 @@ def run_landscape(args: argparse.Namespace) -> int:
     finally:
         bar.close()
     save()
-    write_json(out / "landscape.json", {"settings": settings, "names": names, "xs": xs, "ys": ys, "loss": loss,
-                                        "acc": acc, "axes": ["checkpoint", "x"] + (["y"] if ys is not None else [])})
+    write_json(
+        out / "landscape.json",
+        {
+            "settings": settings,
+            "names": names,
+            "xs": xs,
+            "ys": ys,
+            "loss": loss,
+            "acc": acc,
+            "axes": ["checkpoint", "x"] + (["y"] if ys is not None else []),
+        },
+    )
     written = _plot(args, out, names, xs, ys, loss, acc)
     for i, n in enumerate(names):
         finite = loss[i][np.isfinite(loss[i])]
@@ -149,6 +196,7 @@ def _evaluate_all(args, paths, names, xs, ys, loss, acc, save, bar, device) -> N
     other = None
     if args.to:
         from ...checkpoint import load_checkpoint
+
         other = load_checkpoint(args.to)["model"]
     ignore = None if args.ignore == "none" else args.ignore
     for i, path in enumerate(paths):
@@ -156,8 +204,11 @@ def _evaluate_all(args, paths, names, xs, ys, loss, acc, save, bar, device) -> N
             continue
         model, _, (dataset, datadir) = loader.load(path)
         model.to(device)
-        dirs = [interpolation_direction(model.state_dict(), other) if other is not None
-                else random_direction(model, seed=args.seed, ignore=ignore)]
+        dirs = [
+            interpolation_direction(model.state_dict(), other)
+            if other is not None
+            else random_direction(model, seed=args.seed, ignore=ignore)
+        ]
         if ys is not None:
             dirs.append(random_direction(model, seed=args.seed + 1, ignore=ignore))
         last = [time.time()]
@@ -171,5 +222,14 @@ def _evaluate_all(args, paths, names, xs, ys, loss, acc, save, bar, device) -> N
                 last[0] = time.time()
 
         bar.set_description(names[i])
-        evaluate_grid(model, nn.CrossEntropyLoss(), loader.batches(dataset, datadir), dirs, xs, ys,
-                      callback=callback, resume={"loss": loss[i], "acc": acc[i]}, device=device)
+        evaluate_grid(
+            model,
+            nn.CrossEntropyLoss(),
+            loader.batches(dataset, datadir),
+            dirs,
+            xs,
+            ys,
+            callback=callback,
+            resume={"loss": loss[i], "acc": acc[i]},
+            device=device,
+        )

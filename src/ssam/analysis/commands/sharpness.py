@@ -1,4 +1,5 @@
 """``ssam sharpness``: one table of accuracy, λ_max, trace and loss increase for several checkpoints."""
+
 from __future__ import annotations
 
 import argparse
@@ -29,14 +30,21 @@ from .common import (
 def add_sharpness_args(parser: argparse.ArgumentParser) -> None:
     add_common_args(parser, many=True)
     g = parser.add_argument_group("sharpness")
-    g.add_argument("--radius", type=float, default=0.05,
-                   help="loss increase at w + r*d, d filter-normalised (each filter moves by r times its norm)")
+    g.add_argument(
+        "--radius",
+        type=float,
+        default=0.05,
+        help="loss increase at w + r*d, d filter-normalised (each filter moves by r times its norm)",
+    )
     g.add_argument("--n_directions", type=int, default=5, help="random directions averaged for the loss increase")
     g.add_argument("--max_iter", type=int, default=100, help="Hessian-vector products for the top eigenvalue")
-    g.add_argument("--tol", type=float, default=1e-4,
-                   help="relative accuracy at which lambda_max is done (Lanczos error bound)")
+    g.add_argument(
+        "--tol", type=float, default=1e-4, help="relative accuracy at which lambda_max is done (Lanczos error bound)"
+    )
     g.add_argument("--trace_max_iter", type=int, default=200, help="at most this many Hutchinson samples")
     g.add_argument("--trace_tol", type=float, default=1e-2, help="stop when stderr <= tol * |trace|")
+
+
 def _recorded_acc(ckpt: dict, path: str) -> tuple[float | None, str]:
     best = ckpt.get("best_acc1")
     # A checkpoint written before any evaluation carries a placeholder 0 (or none at all).
@@ -98,10 +106,22 @@ def run_sharpness(args: argparse.Namespace) -> int:
             if acc is None:
                 acc = _test_accuracy(model, loader.datasets(dataset, datadir)[1], args.batch_size, device)
             bar.set_description(name)
-            row = summarize_run(model, nn.CrossEntropyLoss(), loader.batches(dataset, datadir), name=name,
-                                test_acc1=acc, radius=args.radius, n_directions=args.n_directions, seed=args.seed,
-                                max_iter=args.max_iter, tol=args.tol, trace_max_iter=args.trace_max_iter,
-                                trace_tol=args.trace_tol, device=device, progress=bar.update)
+            row = summarize_run(
+                model,
+                nn.CrossEntropyLoss(),
+                loader.batches(dataset, datadir),
+                name=name,
+                test_acc1=acc,
+                radius=args.radius,
+                n_directions=args.n_directions,
+                seed=args.seed,
+                max_iter=args.max_iter,
+                tol=args.tol,
+                trace_max_iter=args.trace_max_iter,
+                trace_tol=args.trace_tol,
+                device=device,
+                progress=bar.update,
+            )
             row["acc_source"] = source
             row["checkpoint"] = str(Path(path).resolve())
             rows.append(row)
