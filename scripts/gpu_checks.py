@@ -168,7 +168,7 @@ check(
     torch.equal(labels, torch.as_tensor(train.targets).sort().values),
     f"{len(labels)} labels",
 )
-# 5. first_pass() on CUDA (issue 12): entering and leaving it never waits for the device (the live/dead decision
+# 5. first_pass() on CUDA: entering and leaving it never waits for the device (the live/dead decision
 # is made when the mask changes, not per step), dead tensors take no gradient, requires_grad comes back.
 if not hasattr(SSAMF, "first_pass"):
     print("SKIP first_pass checks: this version of SSAMF has no first_pass()")

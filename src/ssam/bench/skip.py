@@ -1,4 +1,4 @@
-"""The ``skip`` section: what a first pass that skips the dead saves (issue 12).
+"""The ``skip`` section: what a first pass that skips the dead saves.
 
 Every variant is an SSAM-F optimizer whose mask comes from its own Fisher (``update_mask`` on the random examples
 of the data set's shape), stepped by the trainer's step with ``skip_dead=True``: the first forward and backward run
@@ -6,8 +6,8 @@ inside ``opt.first_pass()``, so parameters without a live mask entry take no wei
 below the lowest live one. Each variant has its own model copy from the same initial weights; all steps, the SAM
 step included, are interleaved round-robin in one run, and every time is reported as a ratio to the SAM step.
 
-Two hand-made masks (whole tensors, no Fisher) are the references of ANCHORS.md: the last tensors that fit in 10%
-of the parameters, and the normalisation layers with the classifier.
+Two hand-made masks (whole tensors, no Fisher) repeat earlier measurements with tensors frozen by hand: the last
+tensors that fit in 10% of the parameters, and the normalisation layers with the classifier.
 """
 
 from __future__ import annotations
