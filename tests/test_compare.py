@@ -402,6 +402,7 @@ def test_lock_refuses_a_second_comparison(tmp_path):
 # ------------------------------------------------------------------------------------------------ end to end
 
 
+@pytest.mark.slow
 def test_end_to_end_tiny_compare(tmp_path, capsys):
     out = tmp_path / "cmp"
     argv = [
@@ -463,6 +464,7 @@ def test_end_to_end_tiny_compare(tmp_path, capsys):
     assert json.loads((out / "runs" / "sgd_seed1234" / "summary.json").read_text())["finished"] is True
 
 
+@pytest.mark.slow
 def test_end_to_end_failing_run_aborts(tmp_path, capsys):
     # The data folder is given (so the flags parse) but empty: the child exits 2, which aborts the grid.
     out = tmp_path / "cmp"

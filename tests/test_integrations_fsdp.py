@@ -96,6 +96,7 @@ def _worker(rank, port, out):
         dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_sam_and_ssam_over_fully_shard_equal_unsharded(tmp_path):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -203,12 +203,14 @@ def test_without_sam_optimizer_the_callback_says_so():
         fit(Plain(), epochs=1)
 
 
+@pytest.mark.slow
 def test_example_lightning_runs():
     out = run_example("lightning_ssam.py", "--epochs", "3")
     first, last = last_value(out, "loss")
     assert last < first
 
 
+@pytest.mark.slow
 def test_ddp_two_gloo_processes_match_one_process(tmp_path):
     # Lightning's DistributedSampler shuffles with seed 0 (seed_everything) reseeded by the epoch; rank r takes
     # perm[r::2], so a step's 2 x 8 examples are perm[16 s : 16 s + 16]. With both passes synchronised, that is one

@@ -137,6 +137,7 @@ def test_fp16_and_plain_optimizers_are_refused(tmp_path):
         train(tmp_path, {"opt": "adamw"})
 
 
+@pytest.mark.slow
 def test_example_loss_falls():
     out = run_example("hf_trainer_ssam.py", "--opt", "ssamf", "--epochs", "3")
     first, last = last_value(out, "loss")

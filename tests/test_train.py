@@ -64,6 +64,7 @@ def test_digits_default_run_writes_the_run_folder(tmp_path, capsys):
     assert "momentum_buffer" in ck["optimizer"]["base_optimizer"]["state"][0]
 
 
+@pytest.mark.slow
 def test_paper_commands_on_tiny_real_format_cifar(tmp_path):
     make_cifar10(tmp_path / "data", n=16)
     common = [
@@ -94,6 +95,7 @@ def test_paper_commands_on_tiny_real_format_cifar(tmp_path):
     assert rec["mask_density"] == pytest.approx(0.5, abs=1e-6)
 
 
+@pytest.mark.slow
 def test_worker_count_does_not_change_the_run(tmp_path):
     # Augmentation is drawn from (seed, epoch, index), so DataLoader workers cannot change what is trained.
     make_cifar10(tmp_path / "data", n=16)
@@ -299,6 +301,7 @@ def _final_weights(out):
     return load_checkpoint(Path(out) / "r" / "last.pt")["model"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("opt", ["sgd", "sam-sgd", "ssamf-sgd", "ssamd-sgd"])
 def test_sigkill_at_arbitrary_points_then_resume_is_bit_identical(tmp_path, opt):
     ref = tmp_path / "ref"
@@ -328,6 +331,7 @@ def test_sigkill_at_arbitrary_points_then_resume_is_bit_identical(tmp_path, opt)
             assert torch.equal(want[k], got[k]), (opt, kill_after, k)
 
 
+@pytest.mark.slow
 def test_sigterm_finishes_the_step_and_says_how_to_resume(tmp_path):
     cmd = _cmd(tmp_path, "ssamd-sgd")
     cmd[cmd.index("--epochs") + 1] = "50"
@@ -380,6 +384,7 @@ def _torchrun(out, name, opt, extra=(), restarts=0):
     ]
 
 
+@pytest.mark.slow
 def test_ddp_two_gloo_ranks_agree_on_masks_and_weights(tmp_path):
     # SSAM-D with local first passes: the rank-death test below. With --skip_dead, dead tensors take no gradient
     # in the first pass, which DDP's reducer would wait for: the trainer runs that pass under no_sync.
@@ -395,6 +400,7 @@ def test_ddp_two_gloo_ranks_agree_on_masks_and_weights(tmp_path):
         assert len((tmp_path / name / "metrics.jsonl").read_text().splitlines()) == 2
 
 
+@pytest.mark.slow
 def test_ddp_rank_death_stops_the_job_and_max_restarts_resumes(tmp_path):
     extra = ["--save_every_steps", "1", "--deterministic", "--sam_first_pass", "local"]
     ref = subprocess.run(
@@ -445,6 +451,7 @@ def _mask_worker(rank, world, port, queue):
         dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_mask_mismatch_across_ranks_is_a_clear_error():
     import socket
 
@@ -689,6 +696,7 @@ def _skip_dead_worker(rank, world, port, queue):
         dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_skip_dead_under_ddp_averages_the_first_pass_itself():
     """Two gloo ranks with --skip_dead take the step that one process takes on both ranks' examples at once."""
     import socket
