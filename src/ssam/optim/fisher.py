@@ -150,9 +150,8 @@ def empirical_fisher(
 
 
 def auto_method(model: nn.Module, params: list[Tensor], mode: str = "train") -> str:
-    """The method ``method="auto"`` runs: ``hooks`` where the model allows it, the fastest of the three both on a
-    2-core CPU and on an H200 (BENCHMARKS.md: ResNet-18, 128 examples, H200: hooks 47-55 ms, vmap 82-136 ms, loop
-    0.8 s); else ``loop`` on a CPU and ``vmap`` on an accelerator."""
+    """The method ``method="auto"`` runs: ``hooks`` where the model allows it, the fastest of the three on CPUs and
+    GPUs alike (BENCHMARKS.md has the timings); else ``loop`` on a CPU and ``vmap`` on an accelerator."""
     if hook_plan(model, params, mode)[0] is not None:
         return "hooks"
     return _fallback_method(params[0].device)

@@ -155,7 +155,7 @@ def best_first_fit(keys: np.ndarray, sizes: np.ndarray, budget: int, among: np.n
 
 def expand_groups(chosen: np.ndarray, sizes: np.ndarray, device: torch.device | str = "cpu") -> Tensor:
     """Flat bool mask over the entries: every entry of a chosen group True."""
-    # numpy's repeat: 3 ms for ResNet-18's 11 M entries, against 220 ms for torch.repeat_interleave on a CPU
+    # numpy's repeat rather than torch.repeat_interleave: on a CPU the latter is about 70x slower for 11 M entries
     return torch.from_numpy(np.repeat(np.asarray(chosen, dtype=bool), np.asarray(sizes, dtype=np.int64))).to(device)
 
 
