@@ -21,6 +21,7 @@ if not hasattr(fsdp, "fully_shard") or not dist.is_gloo_available():
     pytest.skip("this torch has no fully_shard or no gloo backend", allow_module_level=True)
 
 import ssam  # noqa: E402
+from integrations_util import last_value, run_example  # noqa: E402
 
 OPTS = {
     "sam-sgd": {},
@@ -119,3 +120,18 @@ def test_sam_and_ssam_over_fully_shard_equal_unsharded(tmp_path):
         assert not torch.equal(weights["0.weight"], _net().state_dict()["0.weight"])  # it trained
     if len(masks) == 2:
         assert not torch.equal(masks[0], masks[1])  # SSAM-D's update moved the mask
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("opt_name", ["ssamd-sgd", "ssamf-sgd"])
+def test_example_fsdp_runs(opt_name):
+    out = run_example("fsdp_ssam.py", "--opt", opt_name, "--epochs", "2")
+    first, last = last_value(out, "loss after epoch")
+    assert last < first
+    assert last_value(out, "epoch 1 global mask density") == [0.5]
+    # Every layer has an even number of rows, so each rank holds half of every tensor: the ranks' densities average
+    # to the global one, and the global top-k leaves them uneven.
+    line = next(line for line in out.splitlines() if line.startswith("epoch 1 per-rank"))
+    per_rank = [float(v) for v in line.split()[-2:]]
+    assert sum(per_rank) / 2 == pytest.approx(0.5, abs=1e-9)
+    assert per_rank[0] != per_rank[1]

@@ -13,6 +13,7 @@ from torch import nn
 timm = pytest.importorskip("timm")
 
 import ssam  # noqa: E402
+from integrations_util import last_value, run_example  # noqa: E402
 from ssam.errors import UsageError  # noqa: E402
 from ssam.integrations.timm import build_timm_model  # noqa: E402
 from ssam.models import build_model  # noqa: E402
@@ -131,3 +132,10 @@ def test_build_model_errors_are_one_line():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120).stdout
     assert out.startswith("UsageError") and "pip install 'sparse-sam[timm]'" in out and out.count("\n") == 1
+
+
+def test_example_timm_runs():
+    out = run_example("timm_ssam.py", "--epochs", "2")
+    first, last = last_value(out, "loss after epoch")
+    assert last < first
+    assert last_value(out, "epoch") == [0.5, 0.5]  # "epoch E mask density D": sparsity 0.5, refreshed each epoch
