@@ -7,6 +7,7 @@ across the ranks. The references are the same models unsharded, seeing every ran
 
 from __future__ import annotations
 
+import gc
 import os
 import socket
 
@@ -95,6 +96,7 @@ def _worker(rank, port, out):
             torch.save(results, out)
     finally:
         dist.destroy_process_group()
+        gc.collect()  # free gloo objects before interpreter shutdown, where freeing them can abort the process
 
 
 @pytest.mark.slow
