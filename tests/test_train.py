@@ -301,16 +301,30 @@ def _final_weights(out):
     return load_checkpoint(Path(out) / "r" / "last.pt")["model"]
 
 
+# Every optimizer with its default (element) mask, then each structured granularity: the masks, SSAM-D's
+# drop-and-grow state and the skipping first pass must all come back from last.pt exactly.
+KILL_CASES = [
+    ("sgd", ()),
+    ("sam-sgd", ()),
+    ("ssamf-sgd", ()),
+    ("ssamd-sgd", ()),
+    ("ssamf-sgd", ("--granularity", "channel")),
+    ("ssamf-sgd", ("--granularity", "tensor", "--skip_dead", "--cost_aware")),
+    ("ssamd-sgd", ("--granularity", "tensor", "--skip_dead")),
+    ("ssamd-sgd", ("--granularity", "2:4")),
+]
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("opt", ["sgd", "sam-sgd", "ssamf-sgd", "ssamd-sgd"])
-def test_sigkill_at_arbitrary_points_then_resume_is_bit_identical(tmp_path, opt):
+@pytest.mark.parametrize("opt,flags", KILL_CASES, ids=[" ".join((o, *f)) for o, f in KILL_CASES])
+def test_sigkill_at_arbitrary_points_then_resume_is_bit_identical(tmp_path, opt, flags):
     ref = tmp_path / "ref"
-    subprocess.run(_cmd(ref, opt), check=True, env=ENV, capture_output=True)
+    subprocess.run(_cmd(ref, opt, flags), check=True, env=ENV, capture_output=True)
     want = _final_weights(ref)
     # Kill after the 1st and after the 4th checkpoint write (mid-epoch and in a later epoch).
     for kill_after in (1, 4):
         out = tmp_path / f"k{kill_after}"
-        proc = subprocess.Popen(_cmd(out, opt), env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        proc = subprocess.Popen(_cmd(out, opt, flags), env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         last, seen, mtime = out / "r" / "last.pt", 0, None
         deadline = time.time() + 120
         while proc.poll() is None and time.time() < deadline:
@@ -324,11 +338,11 @@ def test_sigkill_at_arbitrary_points_then_resume_is_bit_identical(tmp_path, opt)
         if proc.returncode == 0:  # finished before the kill landed: nothing to resume
             continue
         assert proc.returncode == -signal.SIGKILL
-        r = subprocess.run(_cmd(out, opt, ["--resume"]), env=ENV, capture_output=True, text=True)
+        r = subprocess.run(_cmd(out, opt, (*flags, "--resume")), env=ENV, capture_output=True, text=True)
         assert r.returncode == 0, r.stderr
         got = _final_weights(out)
         for k in want:
-            assert torch.equal(want[k], got[k]), (opt, kill_after, k)
+            assert torch.equal(want[k], got[k]), (opt, flags, kill_after, k)
 
 
 @pytest.mark.slow
