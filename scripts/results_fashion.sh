@@ -1,24 +1,31 @@
 #!/usr/bin/env bash
 # The Fashion-MNIST runs of docs/results.md, one part per call (every part is resumable: run it again to continue).
-#   bash scripts/results_fashion.sh cpu              # 24 runs: 4 optimizers x 3 seeds x clean / 40% label noise
-#   bash scripts/results_fashion.sh cpu-rho          # 15 runs: SGD and SAM at rho 0.02, 0.05, 0.1, 0.2 x 3 seeds
+#   bash scripts/results_fashion.sh cpu [SEED]       # 8 runs a seed: 4 optimizers x clean / 40% label noise (all 3 seeds without SEED)
+#   bash scripts/results_fashion.sh cpu-rho [SEED]   # 5 runs a seed: SGD and SAM at rho 0.02, 0.05, 0.1, 0.2
 #   bash scripts/results_fashion.sh gpu SEED         # 4 runs, ResNet-18, one seed (about 10 min on one H200)
 #   bash scripts/results_fashion.sh gpu-noise SEED   # the same with 40% label noise
 #   bash scripts/results_fashion.sh gpu-rho SEED     # SGD and SAM at the four rhos, one seed
 #   bash scripts/results_fashion.sh report           # tables and plots of every folder from what has finished
+#   bash scripts/results_fashion.sh archive          # copy the finished runs' results (no checkpoints) to docs/results/data
+#   bash scripts/results_fashion.sh restore          # copy them back into $OUT, so that finished runs are not retrained
 # Environment: OUT (default runs), DATADIR (default: the Debian package's folder, which --dataset FashionMNIST
 # reads without --datadir; on a machine without it copy the four .gz files into e.g. runs/fashion-data and pass
-# DATADIR=runs/fashion-data), SSAM (default: .venv/bin/ssam if present, else ssam). Each part appends its command,
-# machine and wall time to $OUT/<folder>/parts.log, which is what docs/results.md quotes.
+# DATADIR=runs/fashion-data), SSAM (default: .venv/bin/ssam if present, else ssam), JOBS (runs at once; default:
+# the recipe's 2). Each part appends its command, machine and wall time to $OUT/<folder>/parts.log, which is what
+# docs/results.md quotes. A CPU part of one seed fits in one sitting; archive keeps what finished across clones
+# (a run folder without its checkpoints: summary, metrics, masks, Hessian, config and log, a few kB).
 set -euo pipefail
 OUT=${OUT:-runs}
-PART=${1:?usage: results_fashion.sh cpu|cpu-rho|gpu SEED|gpu-noise SEED|gpu-rho SEED|report}
+PART=${1:?usage: results_fashion.sh cpu [SEED]|cpu-rho [SEED]|gpu SEED|gpu-noise SEED|gpu-rho SEED|report|archive|restore}
 SEED=${2:-}
 if [[ -z ${SSAM:-} ]]; then
     if [[ -x .venv/bin/ssam ]]; then SSAM=.venv/bin/ssam; else SSAM=ssam; fi
 fi
 DATA=()
 [[ -n ${DATADIR:-} ]] && DATA=(--datadir "$DATADIR")
+[[ -n ${JOBS:-} ]] && DATA+=(--jobs "$JOBS")
+ARCHIVE=docs/results/data
+FOLDERS="fashion_cpu fashion_cpu_rho fashion_gpu fashion_gpu_noise40 fashion_gpu_rho"
 CPU=recipes/fashion_mnist_cpu.yaml
 GPU=recipes/fashion_mnist_gpu.yaml
 RHOS=0.02,0.05,0.1,0.2
@@ -40,11 +47,31 @@ part() {
     return $rc
 }
 
+# seeds: --seeds SEED, when a seed was given (the CPU parts), else the recipe's three.
+seeds() { if [[ -n $SEED ]]; then need_seed; echo --seeds "$SEED,"; fi; }
+
+# copy FROM TO: the small files of every finished run (summary.json says finished), plus the folder's parts.log.
+copy_finished() {
+    local from=$1 to=$2 f run
+    for f in $FOLDERS; do
+        [[ -d $from/$f ]] || continue
+        mkdir -p "$to/$f"
+        [[ -f $from/$f/parts.log ]] && cp "$from/$f/parts.log" "$to/$f/"
+        for run in "$from/$f"/runs/*/; do
+            [[ -f $run/summary.json ]] && grep -q '"finished": true' "$run/summary.json" || continue
+            mkdir -p "$to/$f/runs/$(basename "$run")"
+            find "$run" -maxdepth 1 -type f ! -name '*.pt' -exec cp {} "$to/$f/runs/$(basename "$run")/" \;
+        done
+    done
+}
+
 need_seed() { [[ $SEED =~ ^[0-9]+$ ]] || { echo "results_fashion.sh $PART: give a seed, e.g. 1234" >&2; exit 2; }; }
 
 case $PART in
-    cpu)       part fashion_cpu --config $CPU ;;
-    cpu-rho)   part fashion_cpu_rho --config $CPU --opts sgd,sam --rho $RHOS --label_noise 0 ;;
+    cpu)       part fashion_cpu --config $CPU $(seeds) ;;
+    cpu-rho)   part fashion_cpu_rho --config $CPU $(seeds) --opts sgd,sam --rho $RHOS --label_noise 0 ;;
+    archive)   copy_finished "$OUT" "$ARCHIVE"; echo "results_fashion.sh: finished runs copied to $ARCHIVE" ;;
+    restore)   copy_finished "$ARCHIVE" "$OUT"; echo "results_fashion.sh: finished runs restored into $OUT" ;;
     gpu)       need_seed; part fashion_gpu --config $GPU --seeds "$SEED," ;;
     gpu-noise) need_seed; part fashion_gpu_noise40 --config $GPU --seeds "$SEED," --label_noise 0.4 ;;
     gpu-rho)   need_seed; part fashion_gpu_rho --config $GPU --seeds "$SEED," --opts sgd,sam --rho $RHOS ;;
@@ -57,6 +84,6 @@ case $PART in
         [[ -d $OUT/fashion_gpu_noise40 ]] && part fashion_gpu_noise40 --config $GPU --label_noise 0.4 --report_only
         [[ -d $OUT/fashion_gpu_rho ]] && part fashion_gpu_rho --config $GPU --opts sgd,sam --rho $RHOS --report_only
         true ;;
-    *) echo "results_fashion.sh: unknown part '$PART'; allowed: cpu, cpu-rho, gpu, gpu-noise, gpu-rho, report" >&2
+    *) echo "results_fashion.sh: unknown part '$PART'; allowed: cpu, cpu-rho, gpu, gpu-noise, gpu-rho, report, archive, restore" >&2
        exit 2 ;;
 esac
