@@ -5,11 +5,13 @@ Every function takes a model, a loss function returning the batch mean, and a li
 ``ssam landscape`` / ``ssam sharpness``.  Plotting lives in :mod:`ssam.analysis.plots` (not imported
 here, so that importing the analysis does not pull in matplotlib).
 
-The Hessian side: :mod:`.operator` (the product ``H v`` and its graph cache), :mod:`.eigen` (Lanczos, power
+The Hessian side: :mod:`.operator` (the product ``H v`` and its graph cache), :mod:`.convolution`
+(convolutions differentiated twice with the first-order kernels), :mod:`.eigen` (Lanczos, power
 iteration), :mod:`.trace` (Hutchinson), :mod:`.density` (SLQ), :mod:`.per_layer`; :mod:`.profile` times
 them against PyHessian.  The commands live in :mod:`.commands`.
 """
 
+from .convolution import first_order_kernels
 from .data import subset_batches
 from .hessian import (
     HessianOperator,
@@ -32,6 +34,7 @@ __all__ = [
     "analysis_mode",
     "evaluate",
     "evaluate_grid",
+    "first_order_kernels",
     "hessian_density",
     "hessian_eigenvalues",
     "hessian_trace",

@@ -15,6 +15,10 @@ Graph cache.  A product ``H v`` is a backward pass through the graph of the firs
 so the operator keeps each batch's graph for later products while the graphs fit in ``graph_memory``
 bytes; batches beyond the bound rebuild theirs at every product (a forward and a first backward again),
 holding one graph at a time.  BENCHMARKS.md has what the cache saves.
+
+Convolutions.  While a graph is built, stock convolution modules record nodes whose second derivative runs
+on the first-order kernels (:mod:`.convolution`): the same products, faster.  ``first_order_convs=False``
+keeps PyTorch's own double backward.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import UsageError
+from .convolution import first_order_kernels
 
 __all__ = ["GRAPH_MEMORY_FRACTION", "HessianOperator", "analysis_mode", "default_graph_memory", "prepare_batches"]
 
@@ -164,7 +169,8 @@ class HessianOperator:
     as a context manager) to free the cached graphs before the caller's next step.
 
     ``graph_memory``: bytes of batch graphs kept between products (module docstring); ``None``: half the
-    memory free now; ``0``: none kept, every product rebuilds every graph.  After a first product,
+    memory free now; ``0``: none kept, every product rebuilds every graph.  ``first_order_convs``: see the
+    module docstring.  After a first product,
     ``cached_batches``, ``graph_bytes`` (bytes kept) and ``rebuilds`` (graphs built) say what happened.
     """
 
@@ -177,8 +183,10 @@ class HessianOperator:
         device: torch.device,
         progress: Progress = None,
         graph_memory: int | None = None,
+        first_order_convs: bool = True,
     ):
         check_graph_memory(graph_memory)
+        self.first_order_convs = bool(first_order_convs)
         self.model = model
         self.loss_fn = loss_fn
         self.params = list(params)
@@ -232,7 +240,8 @@ class HessianOperator:
         hooks = (
             contextlib.nullcontext() if on_cuda else torch.autograd.graph.saved_tensors_hooks(counter.pack, lambda t: t)
         )
-        with torch.enable_grad(), hooks:
+        kernels = first_order_kernels(self.model) if self.first_order_convs else contextlib.nullcontext()
+        with torch.enable_grad(), hooks, kernels:
             loss = self.loss_fn(self.model(x), y)
             grads = torch.autograd.grad(loss, self.params, create_graph=True, allow_unused=True)
         del loss

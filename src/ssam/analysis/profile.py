@@ -75,9 +75,15 @@ def _ssam(model: nn.Module, batches: list, spec: dict) -> dict:
         with _Clock() as clock:
             # tol=0: exactly trace_samples samples, as PyHessian is made to draw below.
             tr, se, n = hessian_trace(
-                model, nn.CrossEntropyLoss(), batches, max_iter=spec["trace_samples"], tol=0, **kw
+                model,
+                nn.CrossEntropyLoss(),
+                batches,
+                max_iter=spec["trace_samples"],
+                tol=0,
+                method=spec.get("trace_method", "auto"),
+                **kw,
             )
-        out.update(trace=tr, trace_stderr=se, trace_samples=n)
+        out.update(trace=tr, trace_stderr=se, trace_samples=n, trace_method=spec.get("trace_method", "auto"))
         clock.record(out, "trace")
     return out
 
@@ -281,6 +287,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--max_iter", type=int, default=100, help="at most this many products for λ_max")
     p.add_argument("--trace_samples", type=int, default=32, help="Rademacher samples of the trace (0: no trace)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random vectors")
+    p.add_argument(
+        "--trace_method", default="auto", choices=("auto", "taylor", "hvp"), help="how ssam computes each trace sample"
+    )
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     p.add_argument("--threads", type=int, default=None, help="torch threads in each worker")
     p.add_argument("--rounds", type=int, default=1, help="each tool this many times, alternating the order")
@@ -311,6 +320,7 @@ def main(argv: list[str] | None = None) -> int:
         "seed": args.seed,
         "device": args.device,
         "threads": args.threads,
+        "trace_method": args.trace_method,
     }
     rows = run_profile(spec, tools, args.rounds, echo=lambda r: print(json.dumps(r), file=sys.stderr))
     print(format_profile(rows))

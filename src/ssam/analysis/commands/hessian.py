@@ -19,7 +19,7 @@ from ..eigen import hessian_eigenvalues
 from ..params import resolve_params
 from ..per_layer import PER_LAYER_COLUMNS, per_layer
 from ..sharpness import markdown_table
-from ..trace import hessian_trace
+from ..trace import TRACE_METHODS, hessian_trace
 from .common import (
     Loader,
     add_common_args,
@@ -48,6 +48,13 @@ def add_hessian_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--trace", action="store_true", help="also estimate the trace (Hutchinson)")
     g.add_argument("--trace_max_iter", type=int, default=200, help="at most this many Hutchinson samples")
     g.add_argument("--trace_tol", type=float, default=1e-2, help="stop when stderr <= tol * |trace|")
+    g.add_argument(
+        "--trace_method",
+        default="auto",
+        choices=TRACE_METHODS,
+        help="each sample by Taylor mode (one second-order forward pass), by a Hessian-vector product, or auto: "
+        "Taylor mode where the model is covered",
+    )
     g.add_argument("--density", action="store_true", help="also estimate the eigenvalue density (SLQ) -> esd.png")
     g.add_argument("--density_iter", type=int, default=100, help="Lanczos steps per SLQ run")
     g.add_argument("--density_runs", type=int, default=1, help="SLQ runs (random start vectors)")
@@ -160,7 +167,9 @@ def run_hessian(args: argparse.Namespace) -> int:
         )
         print("top eigenvalues: " + ", ".join(f"{v:.6g}" for v in result["eigenvalues"]))
         if args.trace:
-            tr, se, ns = timed("trace", hessian_trace, max_iter=args.trace_max_iter, tol=args.trace_tol)
+            tr, se, ns = timed(
+                "trace", hessian_trace, max_iter=args.trace_max_iter, tol=args.trace_tol, method=args.trace_method
+            )
             result["trace"] = {"mean": tr, "stderr": se, "n_samples": ns}
             print(f"trace: {tr:.6g} ± {se:.3g} ({ns} Hutchinson samples)")
         if args.density:
@@ -228,6 +237,7 @@ def _profile(args: argparse.Namespace, device: Any, graph_memory: int | None, ou
         "seed": args.seed,
         "device": device.type,
         "graph_memory": graph_memory,
+        "trace_method": args.trace_method,
     }
     rows = run_profile(spec, tools, args.profile_rounds)
     table = format_profile(rows)
