@@ -28,10 +28,22 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-__all__ = ["first_order_kernels"]
+__all__ = ["CONVOLUTIONS", "first_order_kernels", "runs_stock_forward"]
 
 _aten = torch.ops.aten
-_STOCK = {cls: (cls.forward, cls._conv_forward) for cls in (nn.Conv1d, nn.Conv2d, nn.Conv3d)}
+CONVOLUTIONS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+def runs_stock_forward(m: nn.Module) -> bool:
+    """Whether ``m`` runs the forward of the ``torch.nn`` class it derives from: not overridden by a subclass
+    or on the instance (for convolutions, ``_conv_forward`` neither).  Code that replaces a module's
+    computation by its own formulas (here, :mod:`.taylor`) may do so only then."""
+    if "forward" in vars(m):
+        return False
+    base = next((c for c in type(m).__mro__ if c.__module__.startswith("torch.nn.modules")), None)
+    if base is None or type(m).forward is not base.forward:
+        return False
+    return not isinstance(m, CONVOLUTIONS) or type(m)._conv_forward is base._conv_forward
 
 
 class _ConvBackward(torch.autograd.Function):
@@ -108,11 +120,9 @@ def _forward(self: nn.Module, x: Tensor) -> Tensor:
 
 
 def _switchable(m: nn.Module) -> bool:
-    stock = _STOCK.get(type(m)) or next((v for k, v in _STOCK.items() if isinstance(m, k)), None)
     return (
-        stock is not None
-        and (type(m).forward, type(m)._conv_forward) == stock
-        and "forward" not in vars(m)
+        isinstance(m, CONVOLUTIONS)
+        and runs_stock_forward(m)
         and m.padding_mode == "zeros"
         and not isinstance(m.padding, str)
     )

@@ -224,5 +224,5 @@ def hessian_eigenvalues(
             values, vecs = _lanczos_top(op, top_k, max_iter, tol, gen, values_only=not return_eigenvectors)
         else:
             values, vecs = _power_top(op, top_k, max_iter, tol, gen)
-        vectors = [[t.detach().clone() for t in op._split(v)] for v in vecs] if return_eigenvectors else None
+        vectors = [[t.detach().clone() for t in op.split(v)] for v in vecs] if return_eigenvectors else None
     return (values, vectors) if return_eigenvectors else values

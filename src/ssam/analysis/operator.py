@@ -218,7 +218,8 @@ class HessianOperator:
     def __exit__(self, *exc: Any) -> None:
         self.close()
 
-    def _split(self, v: Tensor) -> list[Tensor]:
+    def split(self, v: Tensor) -> list[Tensor]:
+        """A flat vector as one view per parameter, shaped like it."""
         return [c.view(s) for c, s in zip(v.split(self.numels), self.shapes)]
 
     def _flat(self, parts: Sequence[Tensor | None]) -> Tensor:
@@ -260,7 +261,7 @@ class HessianOperator:
 
     def matvec(self, vs: Sequence[Tensor]) -> list[Tensor]:
         """``[H v for v in vs]``: one backward through each batch's gradient graph per vector."""
-        parts = [self._split(v) for v in vs]
+        parts = [self.split(v) for v in vs]
         out = [torch.zeros(self.n, dtype=self.dtype, device=self.device) for _ in vs]
         for b, (_, _, _, w) in enumerate(self.batches):
             live, kept = self._graph(b)

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from ..errors import ArgumentParser, UsageError
+from .trace import TRACE_METHODS
 
 __all__ = ["TOOLS", "format_profile", "measure", "run_profile"]
 
@@ -72,6 +73,7 @@ def _ssam(model: nn.Module, batches: list, spec: dict) -> dict:
     out = {"lambda_max": lam, "products": products[0]}
     clock.record(out, "lambda")
     if spec["trace_samples"]:
+        method = spec.get("trace_method", "auto")
         with _Clock() as clock:
             # tol=0: exactly trace_samples samples, as PyHessian is made to draw below.
             tr, se, n = hessian_trace(
@@ -80,10 +82,10 @@ def _ssam(model: nn.Module, batches: list, spec: dict) -> dict:
                 batches,
                 max_iter=spec["trace_samples"],
                 tol=0,
-                method=spec.get("trace_method", "auto"),
+                method=method,
                 **kw,
             )
-        out.update(trace=tr, trace_stderr=se, trace_samples=n, trace_method=spec.get("trace_method", "auto"))
+        out.update(trace=tr, trace_stderr=se, trace_samples=n, trace_method=method)
         clock.record(out, "trace")
     return out
 
@@ -287,9 +289,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--max_iter", type=int, default=100, help="at most this many products for λ_max")
     p.add_argument("--trace_samples", type=int, default=32, help="Rademacher samples of the trace (0: no trace)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random vectors")
-    p.add_argument(
-        "--trace_method", default="auto", choices=("auto", "taylor", "hvp"), help="how ssam computes each trace sample"
-    )
+    p.add_argument("--trace_method", default="auto", choices=TRACE_METHODS, help="how ssam computes each trace sample")
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     p.add_argument("--threads", type=int, default=None, help="torch threads in each worker")
     p.add_argument("--rounds", type=int, default=1, help="each tool this many times, alternating the order")

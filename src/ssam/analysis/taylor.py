@@ -28,9 +28,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, fx, nn
 
+from .convolution import CONVOLUTIONS, runs_stock_forward
+
 __all__ = ["QuadraticForm", "Unsupported"]
 
-_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 _POOLS_MAX = {nn.MaxPool1d: F.max_pool1d, nn.MaxPool2d: F.max_pool2d, nn.MaxPool3d: F.max_pool3d}
 # Modules that are linear maps of their one input (no parameters, no bias): apply them to each derivative.
@@ -86,6 +87,7 @@ _LINEAR_METHODS = {
     "__getitem__",
     "neg",
 }
+_COVERED_MODULES = (*CONVOLUTIONS, *_NORMS, nn.Linear, nn.ReLU, *_POOLS_MAX, *_LINEAR_MODULES)
 _RELUS = {F.relu, torch.relu}
 _OUT_OF_PLACE = {operator.iadd: operator.add, operator.isub: operator.sub, operator.imul: operator.mul}
 _ADDS = {operator.add, operator.iadd, torch.add}
@@ -163,6 +165,7 @@ class QuadraticForm:
         except Exception as e:  # fx raises many types for data-dependent control flow
             raise Unsupported(f"torch.fx cannot trace the model: {type(e).__name__}: {e}") from None
         self.modules = dict(self.graph.named_modules())
+        self.output = next(n for n in self.graph.graph.nodes if n.op == "output")
         self.params = list(params)
         self._slot = {id(p): i for i, p in enumerate(self.params)}
         for node in self.graph.graph.nodes:
@@ -172,20 +175,15 @@ class QuadraticForm:
     def _check(self, node: fx.Node) -> None:
         if node.op == "call_module":
             m = self.modules[node.target]
-            if isinstance(m, _CONVS):
-                base = next(c for c in type(m).__mro__ if c in _CONVS)
-                if (type(m).forward, type(m)._conv_forward) != (base.forward, base._conv_forward):
-                    raise Unsupported(f"{node.target}: {type(m).__name__} has a forward of its own")
-            elif isinstance(m, _NORMS):
+            if not isinstance(m, _COVERED_MODULES):
+                raise Unsupported(f"{node.target}: module {type(m).__name__} is not covered")
+            if not runs_stock_forward(m):
+                raise Unsupported(f"{node.target}: {type(m).__name__} has a forward of its own")
+            if isinstance(m, _NORMS):
                 if m.training or m.running_mean is None:
                     raise Unsupported(f"{node.target}: BatchNorm needs eval mode and running statistics")
-            elif isinstance(m, (nn.Linear, nn.ReLU, *_LINEAR_MODULES)) or type(m) in _POOLS_MAX:
-                if type(m).forward is not _stock_forward(m):
-                    raise Unsupported(f"{node.target}: {type(m).__name__} has a forward of its own")
-                if isinstance(m, nn.Dropout | nn.Dropout1d | nn.Dropout2d | nn.Dropout3d) and m.training:
-                    raise Unsupported(f"{node.target}: dropout in train mode")
-            else:
-                raise Unsupported(f"{node.target}: module {type(m).__name__} is not covered")
+            elif isinstance(m, nn.Dropout | nn.Dropout1d | nn.Dropout2d | nn.Dropout3d) and m.training:
+                raise Unsupported(f"{node.target}: dropout in train mode")
         elif node.op == "call_function":
             known = _LINEAR_FUNCTIONS | _RELUS | _ADDS | _SUBS | _MULS | {torch.cat, getattr}
             if node.target not in known:
@@ -236,7 +234,7 @@ class QuadraticForm:
             return _OUT_OF_PLACE.get(node.target, node.target)(*args, **kwargs)
         if node.op == "call_method":
             return getattr(args[0], node.target)(*args[1:], **kwargs)
-        return _attr(self.graph, node.target)
+        return operator.attrgetter(node.target)(self.graph)
 
     @torch.no_grad()
     def __call__(self, env: dict[fx.Node, Any], y: Any, v: Sequence[Tensor]) -> Tensor:
@@ -254,10 +252,9 @@ class QuadraticForm:
                 jets[node] = self._jet(node, env, jets, tangent)
                 for inp in node.all_input_nodes:  # free what no later node reads
                     waiting[inp] -= 1
-                    if waiting[inp] == 0 and inp.op != "output":
+                    if waiting[inp] == 0:
                         jets.pop(inp, None)
-        logits = env[[n for n in self.graph.graph.nodes if n.op == "output"][0]]
-        return self._loss(logits, y, out if isinstance(out, _Jet) else _Jet(None, None))
+        return self._loss(env[self.output], y, out if isinstance(out, _Jet) else _Jet(None, None))
 
     def _tan(self, p: Tensor | None, tangent: dict) -> Tensor | None:
         return None if p is None else tangent.get(self._slot.get(id(p), -1))
@@ -278,7 +275,7 @@ class QuadraticForm:
             m = self.modules[tgt]
             x, j = vals[0], jet_args[0]
             j = j if isinstance(j, _Jet) else _Jet(None, None)
-            if isinstance(m, _CONVS):
+            if isinstance(m, CONVOLUTIONS):
                 return self._bilinear(lambda a, w, b=None: m._conv_forward(a, w, b), x, env[node], j, m, tangent)
             if isinstance(m, nn.Linear):
                 return self._bilinear(F.linear, x, env[node], j, m, tangent)
@@ -286,7 +283,7 @@ class QuadraticForm:
                 return self._norm(m, x, j, tangent, exclusive(0))
             if isinstance(m, nn.ReLU):
                 return _mask(j, env[("keep", node)], exclusive(0))
-            if type(m) in _POOLS_MAX:
+            if isinstance(m, tuple(_POOLS_MAX)):
                 return self._max_pool(m, x, j)
             return _map(m, j)  # a linear module
         if node.op == "call_method" and tgt in ("size", "dim"):
@@ -306,8 +303,7 @@ class QuadraticForm:
                     if da is not None and db is not None:
                         da.add_(db, alpha=sign)
                 return a
-            d1 = _sum(a.d1, b.d1 if sign == 1 else _scale(b.d1, sign))
-            d2 = _sum(a.d2, b.d2 if sign == 1 else _scale(b.d2, sign))
+            d1, d2 = _sum(a.d1, _scale(b.d1, sign)), _sum(a.d2, _scale(b.d2, sign))
             fresh = all(
                 x is None or (x is not a.d1 and x is not b.d1 and x is not a.d2 and x is not b.d2) for x in (d1, d2)
             )
@@ -395,7 +391,7 @@ class QuadraticForm:
         return _Jet(d1, d2, True)
 
     def _max_pool(self, m: nn.Module, x: Tensor, j: _Jet) -> _Jet:
-        pool = _POOLS_MAX[type(m)]
+        pool = next(f for cls, f in _POOLS_MAX.items() if isinstance(m, cls))
         out, idx = pool(x, m.kernel_size, m.stride, m.padding, m.dilation, m.ceil_mode, return_indices=True)
         flat = idx.flatten(2)
         return _map(lambda d: d.flatten(2).gather(2, flat).view_as(out), j)
@@ -427,18 +423,3 @@ class QuadraticForm:
             quad = (p * d1 * d1).sum(dim) - (p * d1).sum(dim) ** 2
             total = total + (quad * (keep.squeeze(dim) if keep is not None else 1)).sum()
         return total / max(count, 1.0)
-
-
-def _stock_forward(m: nn.Module) -> Any:
-    """The forward a module of this kind runs when it is not customised: the first stock class's."""
-    for cls in type(m).__mro__:
-        if cls.__module__.startswith("torch.nn.modules"):
-            return cls.forward
-    return None
-
-
-def _attr(gm: fx.GraphModule, target: str) -> Any:
-    obj: Any = gm
-    for part in target.split("."):
-        obj = getattr(obj, part)
-    return obj

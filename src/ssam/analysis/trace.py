@@ -127,7 +127,7 @@ class _Primals:
     def quadratic_forms(self, vs: list[torch.Tensor]) -> torch.Tensor:
         """``[vᵀHv for v in vs]`` in float64, the batches weighted by size."""
         out = torch.zeros(len(vs), dtype=torch.float64, device=self.op.device)
-        parts = [self.op._split(v) for v in vs]
+        parts = [self.op.split(v) for v in vs]
         for b, (_, y, _, w) in enumerate(self.op.batches):
             env = self._env(b)
             for k, pv in enumerate(parts):
