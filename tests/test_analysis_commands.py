@@ -184,3 +184,21 @@ def test_profile_command_runs_each_tool_in_its_own_process(run_folder, tmp_path,
     assert "| ssam" in capsys.readouterr().out
     with pytest.raises(UsageError, match="--profile"):
         run_hessian(hessian_args(root / "runA", out, "--profile", "--per_layer"))
+
+
+def test_trace_method_flag(run_folder, tmp_path, capsys):
+    """Both methods give the same trace from the command line; an unknown one is one line and exit 2."""
+    from ssam.cli import main
+
+    root, _ = run_folder
+    traces = []
+    for method in ("taylor", "hvp"):
+        out = tmp_path / method
+        args = hessian_args(root / "runA", out, "--trace", "--trace_max_iter", "6", "--trace_method", method)
+        assert run_hessian(args) == 0
+        traces.append(json.loads((out / "hessian.json").read_text())["trace"]["mean"])
+    np.testing.assert_allclose(traces[0], traces[1], rtol=1e-5)
+    capsys.readouterr()
+    assert main(["hessian", "--checkpoint", str(root / "runA"), "--trace", "--trace_method", "fast"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--trace_method" in err and "'fast'" in err and "taylor" in err
