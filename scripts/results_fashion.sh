@@ -2,6 +2,7 @@
 # The Fashion-MNIST runs of docs/results.md, one part per call (every part is resumable: run it again to continue).
 #   bash scripts/results_fashion.sh cpu [SEED]       # 8 runs a seed: 4 optimizers x clean / 40% label noise (all 3 seeds without SEED)
 #   bash scripts/results_fashion.sh cpu-rho [SEED]   # 5 runs a seed: SGD and SAM at rho 0.02, 0.05, 0.1, 0.2
+#   bash scripts/results_fashion.sh cpu-noise-rho [SEED]  # 4 runs a seed: SGD and SAM at rho 0.02, 0.05, 0.1, 40% label noise
 #   bash scripts/results_fashion.sh gpu SEED         # 4 runs, ResNet-18, one seed (about 10 min on one H200)
 #   bash scripts/results_fashion.sh gpu-noise SEED   # the same with 40% label noise
 #   bash scripts/results_fashion.sh gpu-rho SEED     # SGD and SAM at the four rhos, one seed
@@ -16,7 +17,7 @@
 # (a run folder without its checkpoints: summary, metrics, masks, Hessian, config and log, a few kB).
 set -euo pipefail
 OUT=${OUT:-runs}
-PART=${1:?usage: results_fashion.sh cpu [SEED]|cpu-rho [SEED]|gpu SEED|gpu-noise SEED|gpu-rho SEED|report|archive|restore}
+PART=${1:?usage: results_fashion.sh cpu [SEED]|cpu-rho [SEED]|cpu-noise-rho [SEED]|gpu SEED|gpu-noise SEED|gpu-rho SEED|report|archive|restore}
 SEED=${2:-}
 if [[ -z ${SSAM:-} ]]; then
     if [[ -x .venv/bin/ssam ]]; then SSAM=.venv/bin/ssam; else SSAM=ssam; fi
@@ -25,10 +26,11 @@ DATA=()
 [[ -n ${DATADIR:-} ]] && DATA=(--datadir "$DATADIR")
 [[ -n ${JOBS:-} ]] && DATA+=(--jobs "$JOBS")
 ARCHIVE=docs/results/data
-FOLDERS="fashion_cpu fashion_cpu_rho fashion_gpu fashion_gpu_noise40 fashion_gpu_rho"
+FOLDERS="fashion_cpu fashion_cpu_rho fashion_cpu_noise_rho fashion_gpu fashion_gpu_noise40 fashion_gpu_rho"
 CPU=recipes/fashion_mnist_cpu.yaml
 GPU=recipes/fashion_mnist_gpu.yaml
 RHOS=0.02,0.05,0.1,0.2
+NOISE_RHOS=0.02,0.05,0.1   # under label noise: rho 0.2 already cost SAM 3 points on clean labels
 
 machine() {
     echo "host $(hostname), $(nproc) cores, load $(cut -d' ' -f1-3 /proc/loadavg)"
@@ -65,11 +67,32 @@ copy_finished() {
     done
 }
 
+# share_grid NOISE FOLDER: a sweep's SGD run and its SAM run at the recipe's rho have the grid's settings, so the
+# grid's finished runs of the chosen seed(s) are copied in instead of retrained (compare checks that the settings
+# agree and refuses a run folder that does not), with a note in parts.log.
+share_grid() {
+    local noise=$1 folder=$OUT/$2 seeds=${SEED:-*} run seed name from
+    for from in "$OUT"/fashion_cpu/runs/{sgd,sam}_noise"$noise"_seed$seeds; do
+        [[ -f $from/summary.json ]] && grep -q '"finished": true' "$from/summary.json" || continue
+        run=$(basename "$from"); seed=${run##*_seed}
+        if [[ $run == sgd_* ]]; then name=sgd_seed$seed; else name=sam_rho0.05_seed$seed; fi
+        [[ -e $folder/runs/$name ]] && continue
+        mkdir -p "$folder/runs"
+        cp -r "$from" "$folder/runs/$name"
+        echo "== $(date -u +%FT%TZ) note: runs/$name copied from fashion_cpu/runs/$run (same settings), not retrained" \
+            | tee -a "$folder/parts.log"
+    done
+}
+
 need_seed() { [[ $SEED =~ ^[0-9]+$ ]] || { echo "results_fashion.sh $PART: give a seed, e.g. 1234" >&2; exit 2; }; }
 
 case $PART in
     cpu)       part fashion_cpu --config $CPU $(seeds) ;;
-    cpu-rho)   part fashion_cpu_rho --config $CPU $(seeds) --opts sgd,sam --rho $RHOS --label_noise 0 ;;
+    cpu-rho)   share_grid 0 fashion_cpu_rho
+               part fashion_cpu_rho --config $CPU $(seeds) --opts sgd,sam --rho $RHOS --label_noise 0 ;;
+    cpu-noise-rho)
+               share_grid 0.4 fashion_cpu_noise_rho
+               part fashion_cpu_noise_rho --config $CPU $(seeds) --opts sgd,sam --rho $NOISE_RHOS --label_noise 0.4 ;;
     archive)   copy_finished "$OUT" "$ARCHIVE"; echo "results_fashion.sh: finished runs copied to $ARCHIVE" ;;
     restore)   copy_finished "$ARCHIVE" "$OUT"; echo "results_fashion.sh: finished runs restored into $OUT" ;;
     gpu)       need_seed; part fashion_gpu --config $GPU --seeds "$SEED," ;;
@@ -80,10 +103,12 @@ case $PART in
         [[ -d $OUT/fashion_cpu ]] && part fashion_cpu --config $CPU --report_only
         [[ -d $OUT/fashion_cpu_rho ]] && part fashion_cpu_rho --config $CPU --opts sgd,sam --rho $RHOS \
             --label_noise 0 --report_only
+        [[ -d $OUT/fashion_cpu_noise_rho ]] && part fashion_cpu_noise_rho --config $CPU --opts sgd,sam \
+            --rho $NOISE_RHOS --label_noise 0.4 --report_only
         [[ -d $OUT/fashion_gpu ]] && part fashion_gpu --config $GPU --report_only
         [[ -d $OUT/fashion_gpu_noise40 ]] && part fashion_gpu_noise40 --config $GPU --label_noise 0.4 --report_only
         [[ -d $OUT/fashion_gpu_rho ]] && part fashion_gpu_rho --config $GPU --opts sgd,sam --rho $RHOS --report_only
         true ;;
-    *) echo "results_fashion.sh: unknown part '$PART'; allowed: cpu, cpu-rho, gpu, gpu-noise, gpu-rho, report, archive, restore" >&2
+    *) echo "results_fashion.sh: unknown part '$PART'; allowed: cpu, cpu-rho, cpu-noise-rho, gpu, gpu-noise, gpu-rho, report, archive, restore" >&2
        exit 2 ;;
 esac
