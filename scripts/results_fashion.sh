@@ -52,13 +52,16 @@ part() {
 # seeds: --seeds SEED, when a seed was given (the CPU parts), else the recipe's three.
 seeds() { if [[ -n $SEED ]]; then need_seed; echo --seeds "$SEED,"; fi; }
 
-# copy FROM TO: the small files of every finished run (summary.json says finished), plus the folder's parts.log.
+# copy FROM TO: the small files of every finished run (summary.json says finished), plus each folder's own files.
 copy_finished() {
     local from=$1 to=$2 f run
     for f in $FOLDERS; do
         [[ -d $from/$f ]] || continue
         mkdir -p "$to/$f"
-        [[ -f $from/$f/parts.log ]] && cp "$from/$f/parts.log" "$to/$f/"
+        # the folder's log, tables and plots (rebuilt by `report` from the runs, kept so that the page's links work)
+        for table in parts.log compare.yaml results.md results.csv runs.csv curves.png rho.png masks.png; do
+            [[ -f $from/$f/$table ]] && cp "$from/$f/$table" "$to/$f/"
+        done
         for run in "$from/$f"/runs/*/; do
             [[ -f $run/summary.json ]] && grep -q '"finished": true' "$run/summary.json" || continue
             mkdir -p "$to/$f/runs/$(basename "$run")"
