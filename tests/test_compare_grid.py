@@ -222,6 +222,48 @@ def test_report_of_a_rho_sweep(tmp_path):
     assert (out / "rho.png").stat().st_size > 5000 and not (out / "sparsity.png").exists()
 
 
+def test_paired_difference_with_the_base_optimizer(tmp_path):
+    # Every SAM run is compared with the SGD run of its own seed and label noise (rho does not apply to SGD);
+    # the expected numbers come from the run names alone.
+    rng = random.Random(3)
+    out = tmp_path / "cmp"
+    argv = ["--opts", "sgd,sam", "--seeds", "1,2,3", "--rho", "0.02,0.1", "--label_noise", "0,0.4"]
+    argv += ["--output", str(out), "--no_hessian"]
+    final = {}
+    for r in plan(*argv):
+        final[r.name] = rng.uniform(70, 90)
+        unfinished = r.name == "sgd_noise0.4_seed3"  # its SAM runs of seed 3 have nothing to be paired with
+        write_run(r.folder, final[r.name], final[r.name], 0.1, 1.0, [(80, 0.5)], finished=not unfinished)
+    assert main(argv + ["--report_only"]) == 0
+    with open(out / "results.csv") as f:
+        rows = {row["optimizer"]: row for row in csv.DictReader(f)}
+    for rho in ("0.02", "0.1"):
+        for noise, seeds in (("0", (1, 2, 3)), ("0.4", (1, 2))):
+            diffs = [final[f"sam_rho{rho}_noise{noise}_seed{s}"] - final[f"sgd_noise{noise}_seed{s}"] for s in seeds]
+            row = rows[f"SAM rho={rho} noise={noise}"]
+            assert int(row["vs_base_pairs"]) == len(seeds)
+            assert int(row["vs_base_ahead"]) == sum(d > 0 for d in diffs)
+            assert float(row["vs_base_final_acc1_mean"]) == pytest.approx(statistics.mean(diffs))
+            assert float(row["vs_base_final_acc1_std"]) == pytest.approx(statistics.stdev(diffs))
+    assert rows["SGD noise=0"]["vs_base_pairs"] == "0" and rows["SGD noise=0"]["vs_base_final_acc1_mean"] == ""
+    md = (out / "results.md").read_text()
+    section = md.split("## Against the base optimizer, seed by seed")[1].split("## Runs")[0]
+    diffs = [final[f"sam_rho0.1_noise0_seed{s}"] - final[f"sgd_noise0_seed{s}"] for s in (1, 2, 3)]
+    ahead = sum(d > 0 for d in diffs)
+    mean, std = statistics.mean(diffs), statistics.stdev(diffs)
+    assert f"| SAM rho=0.1 noise=0 | 3 | {mean:+.2f} ± {std:.2f} | {ahead} of 3 |" in section
+    assert "| SGD" not in section
+
+
+def test_no_paired_section_without_a_base_run(tmp_path):
+    out = tmp_path / "cmp"
+    argv = ["--opts", "sam,ssamf", "--seeds", "1,", "--output", str(out), "--no_hessian"]
+    for r in plan(*argv):
+        write_run(r.folder, 90, 89, 0.1, 1.0, [(89, 0.5)])
+    assert main(argv + ["--report_only"]) == 0
+    assert "seed by seed" not in (out / "results.md").read_text()
+
+
 def test_masks_plot_draws_one_bar_per_tensor_and_row(monkeypatch):
     figures = []
     monkeypatch.setattr(plots, "_save", lambda fig, path: figures.append(fig))

@@ -6,8 +6,9 @@ resumes an interrupted comparison: finished runs are skipped, runs with a ``last
 ``summary.json`` are resumed.
 
 Outputs in OUTPUT: ``results.md`` / ``results.csv`` (one row per variant and axis setting, mean ± sample std over
-seeds), ``runs.csv`` (one row per run), ``curves.png``, ``sparsity.png`` and ``rho.png`` (sweeps), ``masks.png``
-(SSAM runs), ``compare.yaml`` (the resolved grid, for the record), ``logs/<run>.log`` (each child's output).
+seeds, and each SAM-family row's final accuracy minus the base optimizer's, seed by seed), ``runs.csv`` (one row
+per run), ``curves.png``, ``sparsity.png`` and ``rho.png`` (sweeps), ``masks.png`` (SSAM runs), ``compare.yaml``
+(the resolved grid, for the record), ``logs/<run>.log`` (each child's output).
 
 The modules, in the order ``main`` uses them: ``settings`` and ``recipe`` (what to compare), ``plan`` (the grid and
 what each run folder needs), ``runner`` (training), ``measure`` (Hessian), ``report`` and ``plots``.

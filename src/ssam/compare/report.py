@@ -137,7 +137,45 @@ def aggregate(records: list[dict], columns: Sequence[str] = ALWAYS_SHOWN) -> lis
         finals = [r["final_acc1"] for r in done if r["final_acc1"] is not None]
         row["final_acc1_min"], row["final_acc1_max"] = (min(finals), max(finals)) if finals else (None, None)
         rows.append(row)
+    pair_with_base(rows, records)
     return rows
+
+
+def _pair_key(rec: dict) -> tuple:
+    """What a run shares with the base-optimizer run it is compared with: the base optimizer, the seed, and the
+    named axis values that mean something to the base optimizer (label noise does; rho and sparsity do not)."""
+    from ..optim.factory import parse_opt  # torch: imported when a report is made, not with the command line
+
+    base = parse_opt(rec["train_opt"])[1]
+    return (base, rec["seed"], tuple((k, v) for k, v in rec["group"][1] if applies(k, "sgd")))
+
+
+def pair_with_base(rows: list[dict], records: list[dict]) -> None:
+    """Add ``vs_base_*`` to each SAM-family row: final acc1 minus that of the base optimizer's run with the same
+    seed (and label noise), mean ± sample std over the seeds where both finished, and in how many it was ahead.
+
+    A seed fixes the initial weights and the noisy labels, so a paired difference is free of much of the
+    seed-to-seed spread that the unpaired ± of the main table carries. Rows without a base run get nothing."""
+    base_runs: dict[tuple, dict] = {}
+    ambiguous = set()
+    for r in records:
+        if r["opt"] == "sgd" and r["finished"] and r["final_acc1"] is not None:
+            key = _pair_key(r)
+            if key in base_runs and base_runs[key]["variant"] != r["variant"]:
+                ambiguous.add(key)  # two base variants (say, two weight decays): no single reference
+            base_runs[key] = r
+    by_group: dict[tuple, list[float]] = {}
+    for r in records:
+        if r["opt"] == "sgd" or not r["finished"] or r["final_acc1"] is None:
+            continue
+        key = _pair_key(r)
+        if key in base_runs and key not in ambiguous:
+            by_group.setdefault(r["group"], []).append(r["final_acc1"] - base_runs[key]["final_acc1"])
+    for row in rows:
+        diffs = by_group.get(row["group"], [])
+        row["vs_base_pairs"] = len(diffs)
+        row["vs_base_ahead"] = sum(d > 0 for d in diffs)
+        row["vs_base_final_acc1_mean"], row["vs_base_final_acc1_std"] = mean_std(diffs)
 
 
 def _fmt(v: Any, digits: int) -> str:
@@ -207,6 +245,7 @@ def markdown(
             + ", ".join(f"{n} ({'diverged' if status.get(n) == 'diverged' else 'missing'})" for n in unfinished)
             + "."
         )
+    paired = paired_markdown(rows)
     per_keys = [k for k in keys if k != "time_per_epoch"] + ["time_per_epoch"]
     per_run = [
         "| run | seed | " + " | ".join([*columns, *[dict(METRICS)[k] for k in per_keys]]) + " |",
@@ -238,6 +277,7 @@ def markdown(
             "",
             *notes,
             "",
+            *paired,
             "## Runs",
             "",
             *per_run,
@@ -246,6 +286,32 @@ def markdown(
             "",
         ]
     )
+
+
+def paired_markdown(rows: list[dict]) -> list[str]:
+    """The seed-by-seed comparison with the base optimizer (lines ending in a blank one), or nothing."""
+    paired = [r for r in rows if r["vs_base_pairs"]]
+    if not paired:
+        return []
+    lines = [
+        "## Against the base optimizer, seed by seed",
+        "",
+        "| optimizer | seeds paired | Δ final acc1 (points) | ahead in |",
+        "|---|---:|---:|---:|",
+    ]
+    for r in paired:
+        mean, std = r["vs_base_final_acc1_mean"], r["vs_base_final_acc1_std"]
+        delta = f"{mean:+.2f}" + (f" ± {std:.2f}" if np.isfinite(std) else "")
+        lines.append(
+            f"| {r['optimizer']} | {r['vs_base_pairs']} | {delta} | {r['vs_base_ahead']} of {r['vs_base_pairs']} |"
+        )
+    lines += [
+        "",
+        "Δ = final acc1 minus that of the base optimizer's run (SGD or AdamW without SAM) with the same seed and label "
+        f"noise, hence the same initial weights and the same noisy labels; mean ± {STD_NOTE}.",
+        "",
+    ]
+    return lines
 
 
 def console_table(rows: list[dict], records: list[dict], hessian: bool) -> str:
@@ -271,6 +337,10 @@ def group_columns(columns: Sequence[str]) -> list[str]:
         "finished",
         "seeds",
         *[f"{k}_{m}" for k, _ in METRICS for m in ("mean", "std")],
+        "vs_base_pairs",
+        "vs_base_ahead",
+        "vs_base_final_acc1_mean",
+        "vs_base_final_acc1_std",
     ]
 
 
