@@ -45,6 +45,19 @@ def test_mean_std_is_sample_std():
     assert math.isnan(m) and math.isnan(s)
 
 
+def test_spread_has_the_decimals_of_the_mean():
+    from ssam.compare.report import _pm
+
+    def pm(mean, std, key="trace"):
+        return _pm({f"{key}_mean": mean, f"{key}_std": std}, key)
+
+    assert pm(1159.3, 123.4) == "1159 ± 123"  # four significant digits leave no decimal: nor does the spread
+    assert pm(690.44, 151.63) == "690.4 ± 151.6"
+    assert pm(1.5e6, 3e4) == "1.5e+06 ± 3e+04"
+    assert pm(86.434, 0.2412, "final_acc1") == "86.43 ± 0.24"
+    assert pm(86.434, float("nan"), "final_acc1") == "86.43"
+
+
 def test_grid_names_opts_and_sparsities(tmp_path):
     runs = plan(
         "--opts",

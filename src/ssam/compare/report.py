@@ -192,7 +192,8 @@ def _pm(row: dict, key: str) -> str:
     if not np.isfinite(std):
         return text
     # The spread to the same decimal place as the mean, so the two columns of digits line up in meaning.
-    decimals = len(text.split(".")[1]) if "." in text and "e" not in text else None
+    # A whole number (1159) gets a whole spread (± 120), not 1.2e+02.
+    decimals = None if "e" in text else len(text.split(".")[1]) if "." in text else 0
     return f"{text} ± {std:.{decimals}f}" if decimals is not None else f"{text} ± {std:.2g}"
 
 
