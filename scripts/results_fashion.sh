@@ -81,7 +81,7 @@ share_grid() {
         if [[ $run == sgd_* ]]; then name=sgd_seed$seed; else name=sam_rho0.05_seed$seed; fi
         [[ -e $folder/runs/$name ]] && continue
         mkdir -p "$folder/runs"
-        cp -r "$from" "$folder/runs/$name"
+        cp -rp "$from" "$folder/runs/$name"  # -p: the kept mtime keeps the Hessian cache valid
         echo "== $(date -u +%FT%TZ) note: runs/$name copied from fashion_cpu/runs/$run (same settings), not retrained" \
             | tee -a "$folder/parts.log"
     done
