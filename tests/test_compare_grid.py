@@ -255,6 +255,23 @@ def test_paired_difference_with_the_base_optimizer(tmp_path):
     assert "| SGD" not in section
 
 
+def test_one_value_of_a_folders_sweep_is_warned(tmp_path, capsys):
+    from ssam.compare.plan import record_grid
+
+    base = ["--opts", "sam", "--seeds", "1,", "--output", str(tmp_path)]
+    plan(*base, "--rho", "0.2")
+    assert "warning" not in capsys.readouterr().err  # a fresh folder: one rho is a plain setting
+    sweep = [*base, "--rho", "0.02,0.1"]
+    record_grid(resolve(sweep), plan(*sweep))
+    assert "warning" not in capsys.readouterr().err
+    runs = plan(*base, "--rho", "0.2")
+    assert [r.name for r in runs] == ["sam_seed1"]  # beside the sweep's sam_rho0.02_seed1, not in it
+    err = capsys.readouterr().err
+    assert "--rho 0.2 is one value" in err and "holds a rho sweep (0.02, 0.1)" in err and "--rho 0.02,0.2" in err
+    assert [r.name for r in plan(*base, "--rho", "0.1,0.2")][-1] == "sam_rho0.2_seed1"
+    assert "warning" not in capsys.readouterr().err
+
+
 def test_no_paired_section_without_a_base_run(tmp_path):
     out = tmp_path / "cmp"
     argv = ["--opts", "sam,ssamf", "--seeds", "1,", "--output", str(out), "--no_hessian"]

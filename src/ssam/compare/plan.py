@@ -120,6 +120,29 @@ def _combos(variant: Variant, axes: list[Axis]) -> list[dict]:
     return [dict(zip([a.flag for a in mine], values)) for values in itertools.product(*(a.values for a in mine))]
 
 
+def _warn_single_value_of_a_sweep(s: Settings) -> None:
+    """One value of a flag that this folder swept before names no run folder (``sam_seed1``, not
+    ``sam_rho0.2_seed1``): the run would land beside the sweep instead of in it, so say how to add it."""
+    try:
+        recorded = yaml.safe_load((s.output / "compare.yaml").read_text())
+    except (OSError, yaml.YAMLError):
+        return
+    swept = recorded.get("axes") if isinstance(recorded, dict) else None
+    if not isinstance(swept, dict):
+        return
+    for a in s.axes:
+        before = swept.get(a.flag)
+        if a.named or not isinstance(before, list) or len(before) < 2:
+            continue
+        value = value_text(a.values[0])
+        say(
+            f"ssam compare: warning: --{a.flag} {value} is one value, so its run folders are named without it, but "
+            f"{s.output} holds a {a.flag} sweep ({', '.join(map(value_text, before))}); to add {value} to that sweep "
+            f"give a list, e.g. --{a.flag} {value_text(before[0])},{value} (finished runs are skipped)",
+            err=True,
+        )
+
+
 def plan_runs(s: Settings) -> list[Run]:
     """The grid, seed-major so that a partly finished comparison already covers every variant."""
     from ..train.config import parse_args
@@ -131,6 +154,7 @@ def plan_runs(s: Settings) -> list[Run]:
                 f"to {', '.join(FLAG_FAMILIES.get(a.flag, OPTS))} only, and a variant that sets it is not swept)",
                 err=True,
             )
+    _warn_single_value_of_a_sweep(s)
     runs, seen = [], {}
     for seed in s.seeds:
         for v in s.variants:
