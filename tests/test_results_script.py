@@ -1,0 +1,97 @@
+"""scripts/results_fashion.sh without training: the sweeps reuse the grid's finished runs, archive/restore keep the
+small files, bad parts and seeds are one line with exit 2. `SSAM=echo` stands in for the ssam command."""
+
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "scripts" / "results_fashion.sh"
+pytestmark = pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
+
+
+def run(tmp_path, *args, **env):
+    return subprocess.run(
+        ["bash", str(SCRIPT), *args],
+        cwd=ROOT,
+        env={**os.environ, "OUT": str(tmp_path / "out"), "SSAM": "echo", **env},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def grid_run(tmp_path, name, finished=True):
+    folder = tmp_path / "out" / "fashion_cpu" / "runs" / name
+    folder.mkdir(parents=True)
+    (folder / "summary.json").write_text(json.dumps({"finished": finished, "final_acc1": 80.0}))
+    (folder / "last.pt").write_bytes(b"checkpoint")
+    return folder
+
+
+def test_noise_sweep_copies_the_grids_runs_of_the_seed(tmp_path):
+    for seed in (1, 2):
+        for opt in ("sgd", "sam"):
+            grid_run(tmp_path, f"{opt}_noise0.4_seed{seed}")
+            grid_run(tmp_path, f"{opt}_noise0_seed{seed}")
+    grid_run(tmp_path, "sam_noise0.4_seed3", finished=False)  # unfinished: not copied
+    grid_run(tmp_path, "sgd_noise0.4_seed3")
+    done = run(tmp_path, "cpu-noise-rho", "1")
+    assert done.returncode == 0, done.stderr
+    sweep = tmp_path / "out" / "fashion_cpu_noise_rho"
+    assert sorted(p.name for p in (sweep / "runs").iterdir()) == ["sam_rho0.05_seed1", "sgd_seed1"]
+    assert (sweep / "runs" / "sgd_seed1" / "last.pt").read_bytes() == b"checkpoint"
+    src = tmp_path / "out" / "fashion_cpu" / "runs" / "sgd_noise0.4_seed1" / "last.pt"
+    assert (sweep / "runs" / "sgd_seed1" / "last.pt").stat().st_mtime_ns == src.stat().st_mtime_ns
+    log = (sweep / "parts.log").read_text()
+    assert "runs/sgd_seed1 copied from fashion_cpu/runs/sgd_noise0.4_seed1" in log
+    assert "compare --config recipes/fashion_mnist_cpu.yaml --seeds 1, --opts sgd,sam --rho 0.02,0.05,0.1" in log
+    assert "--label_noise 0.4" in log and "== exit 0" in log
+    # All seeds: seed 2 joins, seed 3's unfinished SAM run does not; a copy is never made twice.
+    assert run(tmp_path, "cpu-noise-rho").returncode == 0
+    names = sorted(p.name for p in (sweep / "runs").iterdir())
+    assert names == ["sam_rho0.05_seed1", "sam_rho0.05_seed2", "sgd_seed1", "sgd_seed2", "sgd_seed3"]
+    assert (sweep / "parts.log").read_text().count("runs/sgd_seed1 copied") == 1
+    # The clean sweep takes the clean runs.
+    assert run(tmp_path, "cpu-rho", "2").returncode == 0
+    clean = tmp_path / "out" / "fashion_cpu_rho" / "runs"
+    assert sorted(p.name for p in clean.iterdir()) == ["sam_rho0.05_seed2", "sgd_seed2"]
+
+
+def test_archive_keeps_small_files_and_tables(tmp_path):
+    grid_run(tmp_path, "sgd_noise0_seed1")
+    grid_run(tmp_path, "sam_noise0_seed1", finished=False)
+    folder = tmp_path / "out" / "fashion_cpu"
+    (folder / "results.md").write_text("table")
+    (folder / "parts.log").write_text("log")
+    archive = tmp_path / "archive"
+    # archive writes to docs/results/data of the checkout: point it elsewhere by copying the script.
+    script = tmp_path / "results_fashion.sh"
+    script.write_text(SCRIPT.read_text().replace("ARCHIVE=docs/results/data", f"ARCHIVE={archive}"))
+    done = subprocess.run(
+        ["bash", str(script), "archive"],
+        cwd=ROOT,
+        env={**os.environ, "OUT": str(tmp_path / "out")},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    kept = archive / "fashion_cpu"
+    assert (kept / "results.md").read_text() == "table" and (kept / "parts.log").read_text() == "log"
+    assert (kept / "runs" / "sgd_noise0_seed1" / "summary.json").exists()
+    assert not (kept / "runs" / "sgd_noise0_seed1" / "last.pt").exists()  # no checkpoints
+    assert not (kept / "runs" / "sam_noise0_seed1").exists()  # unfinished
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [(("sweep",), "unknown part 'sweep'; allowed: cpu, cpu-rho, cpu-noise-rho"), (("gpu", "x1"), "give a seed")],
+)
+def test_bad_part_or_seed_is_one_line_exit_2(tmp_path, args, needle):
+    done = run(tmp_path, *args)
+    assert done.returncode == 2 and needle in done.stderr and len(done.stderr.strip().splitlines()) == 1
