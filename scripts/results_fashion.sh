@@ -12,9 +12,10 @@
 # Environment: OUT (default runs), DATADIR (default: the Debian package's folder, which --dataset FashionMNIST
 # reads without --datadir; on a machine without it copy the four .gz files into e.g. runs/fashion-data and pass
 # DATADIR=runs/fashion-data), SSAM (default: .venv/bin/ssam if present, else ssam), JOBS (runs at once; default:
-# the recipe's 2). Each part appends its command, machine and wall time to $OUT/<folder>/parts.log, which is what
-# docs/results.md quotes. A CPU part of one seed fits in one sitting; archive keeps what finished across clones
-# (a run folder without its checkpoints: summary, metrics, masks, Hessian, config and log, a few kB).
+# the recipe's 2), ARCHIVE (default docs/results/data: where archive writes and restore reads). Each part appends
+# its command, machine and wall time to $OUT/<folder>/parts.log, which is what docs/results.md quotes. A CPU part
+# of one seed fits in one sitting; archive keeps what finished across clones (a run folder without its
+# checkpoints: summary, metrics, masks, Hessian, config and log, a few kB).
 set -euo pipefail
 OUT=${OUT:-runs}
 PART=${1:?usage: results_fashion.sh cpu [SEED]|cpu-rho [SEED]|cpu-noise-rho [SEED]|gpu SEED|gpu-noise SEED|gpu-rho SEED|report|archive|restore}
@@ -25,7 +26,7 @@ fi
 DATA=()
 [[ -n ${DATADIR:-} ]] && DATA=(--datadir "$DATADIR")
 [[ -n ${JOBS:-} ]] && DATA+=(--jobs "$JOBS")
-ARCHIVE=docs/results/data
+ARCHIVE=${ARCHIVE:-docs/results/data}
 FOLDERS="fashion_cpu fashion_cpu_rho fashion_cpu_noise_rho fashion_gpu fashion_gpu_noise40 fashion_gpu_rho"
 CPU=recipes/fashion_mnist_cpu.yaml
 GPU=recipes/fashion_mnist_gpu.yaml
@@ -59,8 +60,8 @@ copy_finished() {
         [[ -d $from/$f ]] || continue
         mkdir -p "$to/$f"
         # the folder's log, tables and plots (rebuilt by `report` from the runs, kept so that the page's links work)
-        for table in parts.log compare.yaml results.md results.csv runs.csv curves.png rho.png masks.png; do
-            [[ -f $from/$f/$table ]] && cp "$from/$f/$table" "$to/$f/"
+        for table in "$from/$f"/*.{log,yaml,md,csv,png}; do
+            [[ -f $table ]] && cp "$table" "$to/$f/"
         done
         for run in "$from/$f"/runs/*/; do
             [[ -f $run/summary.json ]] && grep -q '"finished": true' "$run/summary.json" || continue
@@ -72,13 +73,19 @@ copy_finished() {
 
 # share_grid NOISE FOLDER: a sweep's SGD run and its SAM run at the recipe's rho have the grid's settings, so the
 # grid's finished runs of the chosen seed(s) are copied in instead of retrained (compare checks that the settings
-# agree and refuses a run folder that does not), with a note in parts.log.
+# agree and refuses a run folder that does not), with a note in parts.log. The SAM run's rho, for its name in the
+# sweep, is read from its own config.yaml, so that the recipe stays the one place that sets it.
 share_grid() {
-    local noise=$1 folder=$OUT/$2 seeds=${SEED:-*} run seed name from
+    local noise=$1 folder=$OUT/$2 seeds=${SEED:-*} run seed name from rho
     for from in "$OUT"/fashion_cpu/runs/{sgd,sam}_noise"$noise"_seed$seeds; do
         [[ -f $from/summary.json ]] && grep -q '"finished": true' "$from/summary.json" || continue
         run=$(basename "$from"); seed=${run##*_seed}
-        if [[ $run == sgd_* ]]; then name=sgd_seed$seed; else name=sam_rho0.05_seed$seed; fi
+        if [[ $run == sgd_* ]]; then
+            name=sgd_seed$seed
+        else
+            rho=$(sed -n 's/^rho: *//p' "$from/config.yaml")
+            name=sam_rho${rho}_seed$seed
+        fi
         [[ -e $folder/runs/$name ]] && continue
         mkdir -p "$folder/runs"
         cp -rp "$from" "$folder/runs/$name"  # -p: the kept mtime keeps the Hessian cache valid

@@ -29,6 +29,7 @@ def grid_run(tmp_path, name, finished=True):
     folder = tmp_path / "out" / "fashion_cpu" / "runs" / name
     folder.mkdir(parents=True)
     (folder / "summary.json").write_text(json.dumps({"finished": finished, "final_acc1": 80.0}))
+    (folder / "config.yaml").write_text("label_noise: 0.4\nrho: 0.05\nseed: 1\n")
     (folder / "last.pt").write_bytes(b"checkpoint")
     return folder
 
@@ -69,17 +70,7 @@ def test_archive_keeps_small_files_and_tables(tmp_path):
     (folder / "results.md").write_text("table")
     (folder / "parts.log").write_text("log")
     archive = tmp_path / "archive"
-    # archive writes to docs/results/data of the checkout: point it elsewhere by copying the script.
-    script = tmp_path / "results_fashion.sh"
-    script.write_text(SCRIPT.read_text().replace("ARCHIVE=docs/results/data", f"ARCHIVE={archive}"))
-    done = subprocess.run(
-        ["bash", str(script), "archive"],
-        cwd=ROOT,
-        env={**os.environ, "OUT": str(tmp_path / "out")},
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    done = run(tmp_path, "archive", ARCHIVE=str(archive))
     assert done.returncode == 0, done.stderr
     kept = archive / "fashion_cpu"
     assert (kept / "results.md").read_text() == "table" and (kept / "parts.log").read_text() == "log"
