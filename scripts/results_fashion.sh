@@ -3,6 +3,10 @@
 #   bash scripts/results_fashion.sh cpu [SEED]       # 8 runs a seed: 4 optimizers x clean / 40% label noise (all 3 seeds without SEED)
 #   bash scripts/results_fashion.sh cpu-rho [SEED]   # 5 runs a seed: SGD and SAM at rho 0.02, 0.05, 0.1, 0.2
 #   bash scripts/results_fashion.sh cpu-noise-rho [SEED]  # 4 runs a seed: SGD and SAM at rho 0.02, 0.05, 0.1, 40% label noise
+#   bash scripts/results_fashion.sh mem [SEED]       # memorization regime (MLP, 10,000 images, 40% noise): 5 optimizers
+#   bash scripts/results_fashion.sh mem-clean [SEED] # the same 5 on clean labels (rho 0.05)
+#   bash scripts/results_fashion.sh mem-rho [SEED]   # SAM and SSAM-F 0.5 at rho 0.05, 0.1, 0.2, 0.3, 40% noise
+#   bash scripts/results_fashion.sh mem-full [SEED]  # the headline: all 60,000 images (55,000 trained), 50 epochs
 #   bash scripts/results_fashion.sh gpu SEED         # 4 runs, ResNet-18, one seed (about 10 min on one H200)
 #   bash scripts/results_fashion.sh gpu-noise SEED   # the same with 40% label noise
 #   bash scripts/results_fashion.sh gpu-rho SEED     # SGD and SAM at the four rhos, one seed
@@ -18,7 +22,7 @@
 # checkpoints: summary, metrics, masks, Hessian, config and log, a few kB).
 set -euo pipefail
 OUT=${OUT:-runs}
-PART=${1:?usage: results_fashion.sh cpu [SEED]|cpu-rho [SEED]|cpu-noise-rho [SEED]|gpu SEED|gpu-noise SEED|gpu-rho SEED|report|archive|restore}
+PART=${1:?usage: results_fashion.sh mem|mem-clean|mem-rho|mem-full [SEED]|cpu [SEED]|cpu-rho [SEED]|cpu-noise-rho [SEED]|gpu SEED|gpu-noise SEED|gpu-rho SEED|report|archive|restore}
 SEED=${2:-}
 if [[ -z ${SSAM:-} ]]; then
     if [[ -x .venv/bin/ssam ]]; then SSAM=.venv/bin/ssam; else SSAM=ssam; fi
@@ -27,7 +31,11 @@ DATA=()
 [[ -n ${DATADIR:-} ]] && DATA=(--datadir "$DATADIR")
 [[ -n ${JOBS:-} ]] && DATA+=(--jobs "$JOBS")
 ARCHIVE=${ARCHIVE:-docs/results/data}
-FOLDERS="fashion_cpu fashion_cpu_rho fashion_cpu_noise_rho fashion_gpu fashion_gpu_noise40 fashion_gpu_rho"
+FOLDERS="fashion_cpu fashion_cpu_rho fashion_cpu_noise_rho fashion_gpu fashion_gpu_noise40 fashion_gpu_rho
+fashion_mem fashion_mem_clean fashion_mem_rho fashion_mem_full"
+MEM=recipes/fashion_mnist_memorization.yaml
+MEM_RHOS=0.05,0.1,0.2,0.3
+MEM_FULL=(--train_subset 0 --val_split 5000 --epochs 50)
 CPU=recipes/fashion_mnist_cpu.yaml
 GPU=recipes/fashion_mnist_gpu.yaml
 RHOS=0.02,0.05,0.1,0.2
@@ -94,6 +102,23 @@ share_grid() {
     done
 }
 
+# share_mem: the rho sweep's SAM and SSAM-F runs at the recipe's rho are the memorization grid's runs (same
+# settings, checked by compare); copied in instead of retrained, with a note in parts.log.
+share_mem() {
+    local folder=$OUT/fashion_mem_rho seeds=${SEED:-*} from run seed rho name
+    for from in "$OUT"/fashion_mem/runs/{sam,ssamf}_seed$seeds; do
+        [[ -f $from/summary.json ]] && grep -q '"finished": true' "$from/summary.json" || continue
+        run=$(basename "$from"); seed=${run##*_seed}
+        rho=$(sed -n 's/^rho: *//p' "$from/config.yaml")
+        name=${run%%_seed*}_rho${rho}_seed$seed
+        [[ -e $folder/runs/$name ]] && continue
+        mkdir -p "$folder/runs"
+        cp -rp "$from" "$folder/runs/$name"
+        echo "== $(date -u +%FT%TZ) note: runs/$name copied from fashion_mem/runs/$run (same settings), not retrained" \
+            | tee -a "$folder/parts.log"
+    done
+}
+
 need_seed() { [[ $SEED =~ ^[0-9]+$ ]] || { echo "results_fashion.sh $PART: give a seed, e.g. 1234" >&2; exit 2; }; }
 
 case $PART in
@@ -103,6 +128,11 @@ case $PART in
     cpu-noise-rho)
                share_grid 0.4 fashion_cpu_noise_rho
                part fashion_cpu_noise_rho --config $CPU $(seeds) --opts sgd,sam --rho $NOISE_RHOS --label_noise 0.4 ;;
+    mem)       part fashion_mem --config $MEM $(seeds) ;;
+    mem-clean) part fashion_mem_clean --config $MEM $(seeds) --label_noise 0 --rho 0.05 ;;
+    mem-rho)   share_mem
+               part fashion_mem_rho --config $MEM $(seeds) --opts sam,ssamf --rho $MEM_RHOS ;;
+    mem-full)  part fashion_mem_full --config $MEM $(seeds) "${MEM_FULL[@]}" ;;
     archive)   copy_finished "$OUT" "$ARCHIVE"; echo "results_fashion.sh: finished runs copied to $ARCHIVE" ;;
     restore)   copy_finished "$ARCHIVE" "$OUT"; echo "results_fashion.sh: finished runs restored into $OUT" ;;
     gpu)       need_seed; part fashion_gpu --config $GPU --seeds "$SEED," ;;
@@ -115,10 +145,14 @@ case $PART in
             --label_noise 0 --report_only
         [[ -d $OUT/fashion_cpu_noise_rho ]] && part fashion_cpu_noise_rho --config $CPU --opts sgd,sam \
             --rho $NOISE_RHOS --label_noise 0.4 --report_only
+        [[ -d $OUT/fashion_mem ]] && part fashion_mem --config $MEM --report_only
+        [[ -d $OUT/fashion_mem_clean ]] && part fashion_mem_clean --config $MEM --label_noise 0 --rho 0.05 --report_only
+        [[ -d $OUT/fashion_mem_rho ]] && part fashion_mem_rho --config $MEM --opts sam,ssamf --rho $MEM_RHOS --report_only
+        [[ -d $OUT/fashion_mem_full ]] && part fashion_mem_full --config $MEM "${MEM_FULL[@]}" --report_only
         [[ -d $OUT/fashion_gpu ]] && part fashion_gpu --config $GPU --report_only
         [[ -d $OUT/fashion_gpu_noise40 ]] && part fashion_gpu_noise40 --config $GPU --label_noise 0.4 --report_only
         [[ -d $OUT/fashion_gpu_rho ]] && part fashion_gpu_rho --config $GPU --opts sgd,sam --rho $RHOS --report_only
         true ;;
-    *) echo "results_fashion.sh: unknown part '$PART'; allowed: cpu, cpu-rho, cpu-noise-rho, gpu, gpu-noise, gpu-rho, report, archive, restore" >&2
+    *) echo "results_fashion.sh: unknown part '$PART'; allowed: cpu, cpu-rho, cpu-noise-rho, mem, mem-clean, mem-rho, mem-full, gpu, gpu-noise, gpu-rho, report, archive, restore" >&2
        exit 2 ;;
 esac

@@ -3,7 +3,7 @@
 Format (a plain dict, loadable with ``torch.load(weights_only=True)``):
     version      int
     model        the unwrapped model's state_dict (no ``module.`` / ``_orig_mod.`` prefixes)
-    model_args   {"name", "num_classes", "in_channels", "image_size"} to rebuild the model
+    model_args   {"name", "num_classes", "in_channels", "image_size"[, "width"]} to rebuild the model
     config       the run's full configuration as plain values
     optimizer    the optimizer's state_dict (base state, masks, SSAM-D schedule position)
     scheduler    the LR scheduler's state_dict
@@ -63,8 +63,13 @@ def model_from_checkpoint(
     missing = [k for k in ("num_classes", "in_channels", "image_size") if k not in margs]
     if missing:
         raise UsageError(f"{path}: the checkpoint records no {', '.join(missing)}; pass --dataset")
+    width = margs.get("width")
     model = build_model(
-        name, int(margs["num_classes"]), in_channels=int(margs["in_channels"]), image_size=int(margs["image_size"])
+        name,
+        int(margs["num_classes"]),
+        in_channels=int(margs["in_channels"]),
+        image_size=int(margs["image_size"]),
+        width=None if width is None else int(width),
     )
     try:
         model.load_state_dict(ckpt["model"], strict=True)

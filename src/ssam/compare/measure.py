@@ -19,14 +19,27 @@ TRACE_TOL = 0.02
 SMALL_MODEL = 1_000_000
 
 
-def _hessian_batches(dataset: str, datadir: str | None, samples: int) -> list:
+def _hessian_batches(config: dict, samples: int) -> list:
     from ..analysis.data import subset_batches
-    from ..data import build_datasets
+    from ..data import build_training_data
 
     # A fixed seed and no augmentation: every run of the comparison is measured on the same examples (with their
-    # true labels: a run trained under label noise is measured on the clean training loss).
-    train, _, _ = build_datasets(dataset, datadir, download=False, augment=False)
-    return subset_batches(train, samples, HESSIAN_BATCH, seed=0)
+    # true labels: a run trained under label noise is measured on the clean training loss). A run on a subset
+    # (--train_subset) is measured on examples of its own subset, the validation split left out.
+    data = build_training_data(
+        config["dataset"],
+        config.get("datadir"),
+        augment=False,
+        train_subset=int(config.get("train_subset") or 0),
+        val_split=int(config.get("val_split") or 0),
+        seed=int(config.get("seed", 0)),
+    )
+    return subset_batches(data.train, samples, HESSIAN_BATCH, seed=0)
+
+
+def _data_key(config: dict) -> tuple:
+    own = (config.get("train_subset") or 0, config.get("val_split") or 0)
+    return (config["dataset"], config.get("datadir"), *((*own, config.get("seed")) if any(own) else ()))
 
 
 def hessian_of_run(run_folder: Path, samples: int, data_cache: dict, device: str) -> dict:
@@ -55,9 +68,9 @@ def hessian_of_run(run_folder: Path, samples: int, data_cache: dict, device: str
     if "dataset" not in config:
         raise UsageError(f"{ckpt_path} lacks config.dataset; cannot pick the data for its Hessian")
     model = model_from_checkpoint(ckpt, ckpt_path)
-    data_key = (config["dataset"], config.get("datadir"))
+    data_key = _data_key(config)
     if data_key not in data_cache:
-        data_cache[data_key] = _hessian_batches(config["dataset"], config.get("datadir"), samples)
+        data_cache[data_key] = _hessian_batches(config, samples)
     batches = data_cache[data_key]
     loss_fn = nn.CrossEntropyLoss()
     t0 = time.time()

@@ -59,6 +59,10 @@ CHECKED_KEYS = (
     "skip_dead",
     "renormalize",
     "adaptive",
+    "mlp_width",
+    "augment",
+    "train_subset",
+    "val_split",
 )
 
 

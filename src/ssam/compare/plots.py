@@ -64,8 +64,11 @@ def colors(rows: list[dict]) -> dict[tuple, Any]:
 
 
 def _save(fig, path: Path) -> None:
+    from ..io import write_atomic
+
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    # Through io: a reader (or a kill) never sees half a PNG.
+    write_atomic(path, lambda f: fig.savefig(f, dpi=120, format="png"))
     _plt().close(fig)
 
 

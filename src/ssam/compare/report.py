@@ -5,35 +5,46 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from typing import Any
 
 import numpy as np
 
 from ..io import write_atomic, write_csv
-from .plan import Run, read_json_or_none, value_text
-from .recipe import SPARSE_OPTS, applies, flag_tokens, train_flag_names
+from .plan import Run, read_json_or_none
+from .recipe import SPARSE_OPTS, applies, train_flag_names
 from .settings import Settings
 
 STD_NOTE = "sample standard deviation over seeds (n-1 in the denominator)"
+# (key, column header, decimals when the column has no spread: see numbers.py for the rule with one)
 METRICS = (
-    ("best_acc1", "best acc1 (%)"),
-    ("final_acc1", "final acc1 (%)"),
-    ("final_train_loss", "final train loss"),
-    ("time_per_epoch", "s/epoch"),
-    ("mask_density", "mask density"),
-    ("lambda_max", "λ_max"),
-    ("trace", "trace"),
+    ("best_acc1", "best acc1 (%)", 2),
+    ("final_acc1", "final acc1 (%)", 2),
+    ("early_stopped_acc1", "early-stopped acc1 (%)", 2),
+    ("final_noisy_memorized", "wrong labels fit", 3),
+    ("final_train_loss", "final train loss", 4),
+    ("passes_per_example", "passes/example", 2),
+    ("time_per_epoch", "s/epoch", 2),
+    ("mask_density", "mask density", 3),
+    ("lambda_max", "λ_max", 1),
+    ("trace", "trace", 0),
 )
-DIGITS = {
-    "best_acc1": 2,
-    "final_acc1": 2,
-    "final_train_loss": -4,
-    "time_per_epoch": -3,
-    "mask_density": 3,
-    "lambda_max": -4,
-    "trace": -4,
-}
-NONE = "—"  # a value that is missing or does not apply (the mask density of SGD and SAM)
+HEADERS = {k: h for k, h, _ in METRICS}
+DEFAULT_DECIMALS = {k: d for k, _, d in METRICS}
+# Shown whenever the table is; the others only when some run measured them (a validation split, label noise, ...).
+ALWAYS = ("best_acc1", "final_acc1", "final_train_loss", "time_per_epoch")
+HESSIAN = ("lambda_max", "trace")
+FROM_SUMMARY = (
+    "best_acc1",
+    "final_acc1",
+    "early_stopped_acc1",
+    "final_noisy_memorized",
+    "final_train_loss",
+    "passes_per_example",
+    "time_per_epoch",
+    "wall_time",
+    "epochs",
+)
+# Compared with the base optimizer's run of the same seed.
+PAIRED = ("final_acc1", "best_acc1", "early_stopped_acc1")
 ALWAYS_SHOWN = ("sparsity", "rho")
 NOT_SETTINGS = ("seed", "opt", "output_dir", "output_name")
 
@@ -110,7 +121,7 @@ def load_run(run: Run, columns: Sequence[str] = ALWAYS_SHOWN) -> dict:
     for key in columns:
         rec[key] = run.config.get(key) if applies(key, run.opt) else None
     rec["sparsity"] = run.sparsity
-    for key in ("best_acc1", "final_acc1", "final_train_loss", "time_per_epoch", "wall_time", "epochs"):
+    for key in FROM_SUMMARY:
         v = summary.get(key) if finished else None
         rec[key] = float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else None
     masks = read_json_or_none(run.folder / "masks.json")
@@ -132,7 +143,7 @@ def aggregate(records: list[dict], columns: Sequence[str] = ALWAYS_SHOWN) -> lis
         first, done = recs[0], [r for r in recs if r["finished"]]
         row = {k: first[k] for k in ("optimizer", "variant", "opt", "train_opt", "group", *columns)}
         row.update(runs=len(recs), finished=len(done), seeds=" ".join(str(r["seed"]) for r in done))
-        for key, _ in METRICS:
+        for key in [k for k, _, _ in METRICS] + ["wall_time"]:
             row[f"{key}_mean"], row[f"{key}_std"] = mean_std([r[key] for r in done if r[key] is not None])
         finals = [r["final_acc1"] for r in done if r["final_acc1"] is not None]
         row["final_acc1_min"], row["final_acc1_max"] = (min(finals), max(finals)) if finals else (None, None)
@@ -151,8 +162,9 @@ def _pair_key(rec: dict) -> tuple:
 
 
 def pair_with_base(rows: list[dict], records: list[dict]) -> None:
-    """Add ``vs_base_*`` to each SAM-family row: final acc1 minus that of the base optimizer's run with the same
-    seed (and label noise), mean ± sample std over the seeds where both finished, and in how many it was ahead.
+    """Add ``vs_base_<metric>_mean/_std`` (metrics of PAIRED) to each SAM-family row: the metric minus that of the
+    base optimizer's run with the same seed (and label noise), mean ± sample std over the seeds where both finished,
+    and ``vs_base_pairs`` / ``vs_base_ahead``: in how many seeds final acc1 was ahead.
 
     A seed fixes the initial weights and the noisy labels, so a paired difference is free of much of the
     seed-to-seed spread that the unpaired ± of the main table carries. Rows without a base run get nothing."""
@@ -164,167 +176,22 @@ def pair_with_base(rows: list[dict], records: list[dict]) -> None:
             if key in base_runs and base_runs[key]["variant"] != r["variant"]:
                 ambiguous.add(key)  # two base variants (say, two weight decays): no single reference
             base_runs[key] = r
-    by_group: dict[tuple, list[float]] = {}
+    by_group: dict[tuple, dict[str, list[float]]] = {}
     for r in records:
         if r["opt"] == "sgd" or not r["finished"] or r["final_acc1"] is None:
             continue
         key = _pair_key(r)
         if key in base_runs and key not in ambiguous:
-            by_group.setdefault(r["group"], []).append(r["final_acc1"] - base_runs[key]["final_acc1"])
+            diffs = by_group.setdefault(r["group"], {m: [] for m in PAIRED})
+            for m in PAIRED:
+                if r.get(m) is not None and base_runs[key].get(m) is not None:
+                    diffs[m].append(r[m] - base_runs[key][m])
     for row in rows:
-        diffs = by_group.get(row["group"], [])
-        row["vs_base_pairs"] = len(diffs)
-        row["vs_base_ahead"] = sum(d > 0 for d in diffs)
-        row["vs_base_final_acc1_mean"], row["vs_base_final_acc1_std"] = mean_std(diffs)
-
-
-def _fmt(v: Any, digits: int) -> str:
-    if v is None or (isinstance(v, float) and not np.isfinite(v)):
-        return NONE
-    return f"{v:.{digits}f}" if digits >= 0 else f"{v:.{-digits}g}"
-
-
-def _pm(row: dict, key: str) -> str:
-    mean, std = row[f"{key}_mean"], row[f"{key}_std"]
-    if not np.isfinite(mean):
-        return NONE
-    text = _fmt(mean, DIGITS[key])
-    if not np.isfinite(std):
-        return text
-    # The spread to the same decimal place as the mean, so the two columns of digits line up in meaning.
-    # A whole number (1159) gets a whole spread (± 120), not 1.2e+02.
-    decimals = None if "e" in text else len(text.split(".")[1]) if "." in text else 0
-    return f"{text} ± {std:.{decimals}f}" if decimals is not None else f"{text} ± {std:.2g}"
-
-
-def _setting(v: Any) -> str:
-    return NONE if v is None else value_text(v)
-
-
-def _metric_keys(records: list[dict], hessian: bool) -> list[str]:
-    masks = any(r["mask_density"] is not None for r in records)
-    return [k for k, _ in METRICS if (hessian or k not in ("lambda_max", "trace")) and (masks or k != "mask_density")]
-
-
-def markdown(
-    rows: list[dict], records: list[dict], s: Settings, status: dict, columns: Sequence[str], plots: Sequence[str]
-) -> str:
-    keys = _metric_keys(records, s.hessian)
-    # Settings go after the measurements: the first columns (optimizer, opt, runs, best acc1) keep their places.
-    head = ["optimizer", "train --opt", "runs", *[dict(METRICS)[k] for k in keys], *columns]
-    lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] * 3 + ["---:"] * (len(keys) + len(columns))) + "|"]
-    for row in rows:
-        lines.append(
-            "| "
-            + " | ".join(
-                [
-                    row["optimizer"],
-                    row["train_opt"],
-                    f"{row['finished']}/{row['runs']}",
-                    *[_pm(row, k) for k in keys],
-                    *[_setting(row[c]) for c in columns],
-                ]
-            )
-            + " |"
-        )
-    notes = [
-        f"Mean ± {STD_NOTE}; runs = finished/planned; s/epoch = training time per epoch (without evaluation); "
-        f"{NONE} = not measured or does not apply."
-    ]
-    if "mask_density" in keys:
-        notes.append("mask density = live (perturbed) fraction of the maskable weights in the final SSAM mask.")
-    if s.hessian:
-        notes.append(
-            f"λ_max (Lanczos) and trace (Hutchinson) of the training-loss Hessian of the final model "
-            f"(last.pt), on {s.hessian_samples} fixed un-augmented training examples with their true labels, "
-            f"BatchNorm in eval mode."
-        )
-    unfinished = [r["name"] for r in records if not r["finished"]]
-    if unfinished:
-        notes.append(
-            "Not finished: "
-            + ", ".join(f"{n} ({'diverged' if status.get(n) == 'diverged' else 'missing'})" for n in unfinished)
-            + "."
-        )
-    paired = paired_markdown(rows)
-    per_keys = [k for k in keys if k != "time_per_epoch"] + ["time_per_epoch"]
-    per_run = [
-        "| run | seed | " + " | ".join([*columns, *[dict(METRICS)[k] for k in per_keys]]) + " |",
-        "|---|" + "---:|" * (1 + len(columns) + len(per_keys)),
-    ]
-    for r in records:
-        cells = [
-            r["name"],
-            str(r["seed"]),
-            *[_setting(r[c]) for c in columns],
-            *[_fmt(r[k], DIGITS[k]) for k in per_keys],
-        ]
-        per_run.append("| " + " | ".join(cells) + " |")
-    train = " ".join(flag_tokens(s.train_values) + s.passthrough) or "(train defaults)"
-    variants = [f"`{v.name}` ({v.label}): `{' '.join(flag_tokens(v.flags))}`" for v in s.variants]
-    axes = [f"{a.flag} {', '.join(map(value_text, a.values))}" for a in s.axes]
-    return "\n".join(
-        [
-            "# Optimizer comparison",
-            "",
-            f"Command: `{s.command}`  ",
-            f"Seeds: {', '.join(map(str, s.seeds))}  ",
-            f"Train flags (all runs): `{train}`  ",
-            *([f"Per-optimizer flags: `{json.dumps(s.per_opt)}`  "] if s.per_opt else []),
-            f"Variants: {'; '.join(variants)}  ",
-            *([f"Axes: {'; '.join(axes)}  "] if axes else []),
-            "",
-            "\n".join(lines),
-            "",
-            *notes,
-            "",
-            *paired,
-            "## Runs",
-            "",
-            *per_run,
-            "",
-            ("Plots: " + ", ".join(plots) + ".") if plots else "No plots (no finished runs).",
-            "",
-        ]
-    )
-
-
-def paired_markdown(rows: list[dict]) -> list[str]:
-    """The seed-by-seed comparison with the base optimizer (lines ending in a blank one), or nothing."""
-    paired = [r for r in rows if r["vs_base_pairs"]]
-    if not paired:
-        return []
-    lines = [
-        "## Against the base optimizer, seed by seed",
-        "",
-        "| optimizer | seeds paired | Δ final acc1 (points) | ahead in |",
-        "|---|---:|---:|---:|",
-    ]
-    for r in paired:
-        mean, std = r["vs_base_final_acc1_mean"], r["vs_base_final_acc1_std"]
-        delta = f"{mean:+.2f}" + (f" ± {std:.2f}" if np.isfinite(std) else "")
-        lines.append(
-            f"| {r['optimizer']} | {r['vs_base_pairs']} | {delta} | {r['vs_base_ahead']} of {r['vs_base_pairs']} |"
-        )
-    lines += [
-        "",
-        "Δ = final acc1 minus that of the base optimizer's run (SGD or AdamW without SAM) with the same seed and label "
-        f"noise, hence the same initial weights and the same noisy labels; mean ± {STD_NOTE}.",
-        "",
-    ]
-    return lines
-
-
-def console_table(rows: list[dict], records: list[dict], hessian: bool) -> str:
-    keys = _metric_keys(records, hessian)
-    head = ["optimizer", "runs", *[dict(METRICS)[k] for k in keys]]
-    body = [[r["optimizer"], f"{r['finished']}/{r['runs']}", *[_pm(r, k) for k in keys]] for r in rows]
-    widths = [max(len(str(x)) for x in col) for col in zip(head, *body)]
-
-    def fmt(cells: list[str]) -> str:
-        return "  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
-
-    return "\n".join([fmt(head), fmt(["-" * w for w in widths]), *map(fmt, body)])
+        diffs = by_group.get(row["group"], {m: [] for m in PAIRED})
+        row["vs_base_pairs"] = len(diffs["final_acc1"])
+        row["vs_base_ahead"] = sum(d > 0 for d in diffs["final_acc1"])
+        for m in PAIRED:
+            row[f"vs_base_{m}_mean"], row[f"vs_base_{m}_std"] = mean_std(diffs[m])
 
 
 def group_columns(columns: Sequence[str]) -> list[str]:
@@ -337,11 +204,10 @@ def group_columns(columns: Sequence[str]) -> list[str]:
         "runs",
         "finished",
         "seeds",
-        *[f"{k}_{m}" for k, _ in METRICS for m in ("mean", "std")],
+        *[f"{k}_{m}" for k, _, _ in METRICS for m in ("mean", "std")],
         "vs_base_pairs",
         "vs_base_ahead",
-        "vs_base_final_acc1_mean",
-        "vs_base_final_acc1_std",
+        *[f"vs_base_{k}_{m}" for k in PAIRED for m in ("mean", "std")],
     ]
 
 
@@ -356,7 +222,10 @@ def run_columns(columns: Sequence[str]) -> list[str]:
         "finished",
         "best_acc1",
         "final_acc1",
+        "early_stopped_acc1",
+        "final_noisy_memorized",
         "final_train_loss",
+        "passes_per_example",
         "time_per_epoch",
         "mask_density",
         "wall_time",
@@ -370,6 +239,8 @@ def run_columns(columns: Sequence[str]) -> list[str]:
 def write_reports(
     s: Settings, rows: list[dict], records: list[dict], status: dict, columns: Sequence[str], plots: Sequence[str]
 ) -> None:
+    from .tables import markdown
+
     out = s.output
     write_atomic(out / "results.md", markdown(rows, records, s, status, columns, plots).encode())
     write_csv(out / "results.csv", rows, group_columns(columns))
@@ -378,8 +249,9 @@ def write_reports(
 
 def report(s: Settings, runs: list[Run], status: dict) -> list[dict]:
     """Tables and plots of every run of the grid (unfinished ones are counted, not averaged)."""
-    from . import plots
+    from . import frontier, plots
     from .console import say
+    from .tables import console_table
 
     columns = setting_columns(runs)
     records = [load_run(r, columns) for r in runs]
@@ -397,6 +269,10 @@ def report(s: Settings, runs: list[Run], status: dict) -> list[dict]:
             drawn.append(f"{flag}.png")
     if plots.plot_masks(out / "masks.png", rows, records):
         drawn.append("masks.png")
+    if frontier.plot_memorization(out / "memorization.png", rows, records):
+        drawn.append("memorization.png")
+    if frontier.plot_cost(out / "cost.png", rows):
+        drawn.append("cost.png")
     write_reports(s, rows, records, status, columns, drawn)
     say("\n" + console_table(rows, records, s.hessian))
     say(

@@ -7,6 +7,7 @@ choices come from it. Nothing is ever downloaded unless ``download=True`` (the `
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -17,6 +18,7 @@ from .gpu import GPULoader
 from .imagefolder import build_imagefolder
 from .mnist import FASHION_MNIST, MNIST, IdxSpec, build_idx_datasets
 from .noise import apply_label_noise, noise_count, noisy_labels
+from .subset import select_examples, subset_indices, val_indices
 from .tensors import TensorImages
 from .transforms import (
     CIFAR_MEAN,
@@ -87,17 +89,23 @@ class DatasetSpec:
     build: Callable  # (datadir, download, augment) -> (train, test, DataInfo)
     needs_datadir: bool  # False: ships with ssam (digits) or has a default folder (FashionMNIST)
     in_memory: bool  # held as arrays, so --gpu_data can keep it on the device
+    train_size: int | None  # training examples of the standard files (None: known once read), for --train_subset
+    augments: bool = False  # its name asks for augmentation (the _cutout sets): --augment none contradicts it
 
 
 DATASETS: dict[str, DatasetSpec] = {
-    "CIFAR10_base": DatasetSpec(_cifar(CIFAR10, False), needs_datadir=True, in_memory=True),
-    "CIFAR10_cutout": DatasetSpec(_cifar(CIFAR10, True), needs_datadir=True, in_memory=True),
-    "CIFAR100_base": DatasetSpec(_cifar(CIFAR100, False), needs_datadir=True, in_memory=True),
-    "CIFAR100_cutout": DatasetSpec(_cifar(CIFAR100, True), needs_datadir=True, in_memory=True),
-    "ImageNet_base": DatasetSpec(_imagenet, needs_datadir=True, in_memory=False),
-    "digits": DatasetSpec(_digits, needs_datadir=False, in_memory=True),
-    "FashionMNIST": DatasetSpec(_idx(FASHION_MNIST), needs_datadir=False, in_memory=True),
-    "MNIST": DatasetSpec(_idx(MNIST), needs_datadir=True, in_memory=True),
+    "CIFAR10_base": DatasetSpec(_cifar(CIFAR10, False), needs_datadir=True, in_memory=True, train_size=50_000),
+    "CIFAR10_cutout": DatasetSpec(
+        _cifar(CIFAR10, True), needs_datadir=True, in_memory=True, train_size=50_000, augments=True
+    ),
+    "CIFAR100_base": DatasetSpec(_cifar(CIFAR100, False), needs_datadir=True, in_memory=True, train_size=50_000),
+    "CIFAR100_cutout": DatasetSpec(
+        _cifar(CIFAR100, True), needs_datadir=True, in_memory=True, train_size=50_000, augments=True
+    ),
+    "ImageNet_base": DatasetSpec(_imagenet, needs_datadir=True, in_memory=False, train_size=None),
+    "digits": DatasetSpec(_digits, needs_datadir=False, in_memory=True, train_size=1442),
+    "FashionMNIST": DatasetSpec(_idx(FASHION_MNIST), needs_datadir=False, in_memory=True, train_size=60_000),
+    "MNIST": DatasetSpec(_idx(MNIST), needs_datadir=True, in_memory=True, train_size=60_000),
 }
 
 
@@ -110,11 +118,64 @@ def build_datasets(name: str, datadir: str | None, download: bool = False, augme
     return DATASETS[name].build(datadir, download, augment)
 
 
+@dataclass
+class TrainingData:
+    """The data of a run. ``train``: the examples trained on (augmented unless ``augment=False``); ``train_plain``:
+    the same examples with the test transform and the same (noisy) labels, to measure memorization (None when
+    neither noise nor a validation split asks for it); ``val``: the held-out examples, test transform, noisy labels
+    included (None without ``val_split``); ``test``: the clean test set."""
+
+    train: object
+    train_plain: object | None
+    val: object | None
+    test: object
+    info: DataInfo
+
+
+def build_training_data(
+    name: str,
+    datadir: str | None,
+    download: bool = False,
+    *,
+    augment: bool = True,
+    train_subset: int = 0,
+    label_noise: float = 0.0,
+    val_split: int = 0,
+    seed: int = 0,
+) -> TrainingData:
+    """The data sets of a run, in the order of ``ssam.data.subset``: subset, then label noise inside it, then the
+    validation examples held out of it. ``train_subset=0``: every training example."""
+    train, test, info = build_datasets(name, datadir, download, augment)
+    plain = None
+    if val_split or label_noise:
+        plain = build_datasets(name, datadir, False, augment=False)[0] if augment else train
+    sets = [train] if plain is None or plain is train else [train, plain]
+    if train_subset:
+        idx = subset_indices(len(train), train_subset, seed)
+        for ds in sets:
+            select_examples(ds, idx)
+    if label_noise:  # before any loader or the Fisher reads the labels; the test set stays clean
+        for ds in sets:
+            apply_label_noise(ds, label_noise, seed)
+    val = None
+    if val_split:
+        keep, held = val_indices(len(train), val_split, seed)
+        val = select_examples(copy.copy(plain), held)
+        for ds in sets:
+            select_examples(ds, keep)
+    return TrainingData(train, plain, val, test, info)
+
+
 __all__ = [
     "DATASETS",
     "DatasetSpec",
     "DataInfo",
     "build_datasets",
+    "build_training_data",
+    "TrainingData",
+    "select_examples",
+    "subset_indices",
+    "val_indices",
     "apply_label_noise",
     "noise_count",
     "noisy_labels",

@@ -1,6 +1,7 @@
 """Model zoo: ``build_model(name, num_classes, in_channels, image_size)``.
 
-Every constructor in ``MODELS`` takes ``(num_classes, in_channels=3, image_size=32)``.
+Every constructor in ``MODELS`` takes ``(num_classes, in_channels=3, image_size=32)``; ``mlp`` also takes ``width``
+(``--mlp_width``), which a checkpoint's ``model_args`` records so that the analysis commands rebuild the model.
 """
 
 from __future__ import annotations
@@ -8,6 +9,7 @@ from __future__ import annotations
 from torch import nn
 
 from ..errors import UsageError
+from .mlp import MLP, mlp
 from .resnet import CifarResNet, resnet18, resnet34, resnet50, resnet101, resnet152
 from .small import SmallCNN, cnn_small, resnet8
 from .vgg import VGG, vgg11_bn, vgg13_bn, vgg16_bn, vgg19_bn
@@ -27,7 +29,10 @@ MODELS = {
     "wideresnet34x10": wideresnet34x10,
     "resnet8": resnet8,
     "cnn_small": cnn_small,
+    "mlp": mlp,
 }
+# Models with a width setting (the others have fixed shapes).
+WIDTH_MODELS = ("mlp",)
 
 
 def _positive_int(what: str, value) -> int:
@@ -37,7 +42,12 @@ def _positive_int(what: str, value) -> int:
     return value
 
 
-def build_model(name: str, num_classes: int, in_channels: int = 3, image_size: int = 32) -> nn.Module:
+def build_model(
+    name: str, num_classes: int, in_channels: int = 3, image_size: int = 32, width: int | None = None
+) -> nn.Module:
+    """The model ``name`` (a key of ``MODELS`` or ``timm:NAME``); ``width`` only for the models of WIDTH_MODELS."""
+    if width is not None and name not in WIDTH_MODELS:
+        raise UsageError(f"width {width!r} given for model {name!r}; only {', '.join(WIDTH_MODELS)} take a width")
     if name.startswith("timm:"):  # any timm architecture, built by the timm integration (extra sparse-sam[timm])
         return _timm_model(name[len("timm:") :], num_classes, in_channels, image_size)
     if name not in MODELS:
@@ -45,6 +55,10 @@ def build_model(name: str, num_classes: int, in_channels: int = 3, image_size: i
     _positive_int("num_classes", num_classes)
     _positive_int("in_channels", in_channels)
     _positive_int("image_size", image_size)
+    if width is not None:
+        return MODELS[name](
+            num_classes, in_channels=in_channels, image_size=image_size, width=_positive_int("width", width)
+        )
     return MODELS[name](num_classes, in_channels=in_channels, image_size=image_size)
 
 
@@ -64,7 +78,10 @@ def _timm_model(name: str, num_classes: int, in_channels: int, image_size: int) 
 
 __all__ = [
     "MODELS",
+    "WIDTH_MODELS",
     "build_model",
+    "MLP",
+    "mlp",
     "CifarResNet",
     "VGG",
     "WideResNet",

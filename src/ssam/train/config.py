@@ -47,6 +47,34 @@ def build_parser(prog: str = "ssam train") -> argparse.ArgumentParser:
     )
     g.add_argument("--model", default=None, help="model name (default resnet18, cnn_small on digits)")
     g.add_argument(
+        "--mlp_width",
+        type=int,
+        default=None,
+        metavar="W",
+        help="--model mlp: width of its two hidden layers (default 512)",
+    )
+    g.add_argument(
+        "--augment",
+        default="standard",
+        choices=("standard", "none"),
+        help="training augmentation: the data set's own (crop/flip; cutout for *_cutout) or none (the test transform)",
+    )
+    g.add_argument(
+        "--train_subset",
+        type=int,
+        default=0,
+        metavar="N",
+        help="train on N training examples drawn uniformly, fixed by --seed (drawn before --label_noise; 0: all)",
+    )
+    g.add_argument(
+        "--val_split",
+        type=int,
+        default=0,
+        metavar="N",
+        help="hold out N training examples (noisy labels included) as a validation set evaluated every epoch; "
+        "the early-stopped accuracy is the test accuracy at the epoch of best validation accuracy",
+    )
+    g.add_argument(
         "--num_workers",
         type=int,
         default=None,
@@ -272,6 +300,9 @@ def granularity(cfg: argparse.Namespace) -> str:
         raise UsageError(f"--{e}") from None
 
 
+MLP_MODEL = "mlp"
+MLP_DEFAULT_WIDTH = 512
+
 # Data sets of tensors: worker processes only add start-up time and contention.
 IN_PROCESS_DATASETS = ("digits", "MNIST", "FashionMNIST")
 
@@ -286,6 +317,8 @@ def resolve(cfg: argparse.Namespace) -> None:
             setattr(cfg, key, value)
     if cfg.num_workers is None:
         cfg.num_workers = 0 if cfg.dataset in IN_PROCESS_DATASETS else min(4, os.cpu_count() or 1)
+    if cfg.model == MLP_MODEL and cfg.mlp_width is None:
+        cfg.mlp_width = MLP_DEFAULT_WIDTH
     cfg.opt = cfg.opt.lower()
     parse_opt(cfg.opt)
     cfg.granularity = granularity(cfg)

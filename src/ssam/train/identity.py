@@ -45,6 +45,7 @@ def _only_when(cfg: dict[str, Any]) -> dict[str, bool]:
         "num_samples": ssamf, "fisher_mode": ssamf,
         "drop_rate": ssamd, "drop_strategy": ssamd, "growth_strategy": ssamd,
         "momentum": base == "sgd", "nesterov": base == "sgd", "betas": base == "adamw", "eps": base == "adamw",
+        "mlp_width": cfg.get("model") == "mlp",
         "eta_min": cosine, "milestone": not cosine, "gamma": not cosine, "warmup_init_lr": cfg["warmup_epoch"] > 0,
     }  # fmt: skip
 
@@ -72,6 +73,8 @@ def run_name(cfg: dict[str, Any], defaults: dict[str, Any]) -> str:
     if wrapper in ("ssamf", "ssamd"):
         grain = "" if cfg["granularity"] == "element" else f"-{cfg['granularity']}"
         parts.append(f"sp{cfg['sparsity']:g}{grain}")
+    if cfg.get("train_subset"):
+        parts.append(f"n{cfg['train_subset']}")
     if cfg["label_noise"]:
         parts.append(f"noise{cfg['label_noise']:g}")
     parts.append(f"seed{cfg['seed']}")

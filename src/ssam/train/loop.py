@@ -23,12 +23,13 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
 from ..checkpoint import VERSION
-from ..data import GPULoader, apply_label_noise, build_datasets
+from ..data import GPULoader, build_training_data
 from ..errors import Diverged, Interrupted, UsageError
 from ..models import build_model
 from ..optim import TwoPassScaler
 from .builders import EpochLR, FisherBatch, build_optimizer, eval_loader, set_loader_epoch, train_loader
 from .config import parse_opt, to_plain
+from .cost import pass_cost
 from .distributed import (
     all_reduce_mean,
     all_reduce_sum,
@@ -40,6 +41,8 @@ from .distributed import (
     unwrap,
     weights_agree,
 )
+from .memorization import KEYS as MEMORIZATION_KEYS
+from .memorization import memorization
 from .rng import rng_state, seed_everything, set_rng_state
 from .rundir import RunDir, Trackers, checkpoint_to_resume
 from .step import train_step
@@ -61,7 +64,7 @@ class Trainer:
         if elastic_restart():
             # torchrun --max-restarts relaunched us after a rank died: continue from the last checkpoint.
             cfg.resume = True
-        self.run.prepare(cfg)
+        self.run.prepare(cfg, replace=False)  # refuse early; --overwrite replaces only once the data is read
         self.wrapper, _ = parse_opt(cfg.opt)
         seed_everything(cfg.seed)
         if cfg.deterministic:
@@ -69,16 +72,33 @@ class Trainer:
         elif self.device.type == "cuda":
             torch.backends.cudnn.benchmark = True
 
-        self.train_ds, self.test_ds, info = build_datasets(cfg.dataset, cfg.datadir, cfg.download, augment=True)
-        if cfg.label_noise:  # before any loader or the Fisher reads the labels; the test set stays clean
-            apply_label_noise(self.train_ds, cfg.label_noise, cfg.seed)
+        try:
+            data = build_training_data(
+                cfg.dataset,
+                cfg.datadir,
+                cfg.download,
+                augment=cfg.augment == "standard",
+                train_subset=cfg.train_subset,
+                label_noise=cfg.label_noise,
+                val_split=cfg.val_split,
+                seed=cfg.seed,
+            )
+        except ValueError as e:  # a size known only once the files are read (ImageNet_base)
+            raise UsageError(f"--{e}") from None
+        self.train_ds, self.test_ds, info = data.train, data.test, data.info
+        self.train_plain, self.val_ds = data.train_plain, data.val
         self.model_args = {
             "name": cfg.model,
             "num_classes": info.num_classes,
             "in_channels": info.in_channels,
             "image_size": info.image_size,
         }
-        self.model = build_model(cfg.model, info.num_classes, info.in_channels, info.image_size).to(self.device)
+        if cfg.mlp_width is not None:
+            self.model_args["width"] = cfg.mlp_width
+        self.model = build_model(
+            cfg.model, info.num_classes, info.in_channels, info.image_size, width=cfg.mlp_width
+        ).to(self.device)
+        self.run.prepare(cfg)
         if cfg.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         # Any: the sparse optimizers' extra methods (update_mask, mask_stats ...) are reached by protocol.
@@ -94,6 +114,11 @@ class Trainer:
         self._grads_to_none = self.device.type != "cpu"
 
         self.start_epoch, self.start_step, self.best_acc1, self.elapsed = cfg.start_epoch, 0, 0.0, 0.0
+        # Cost in forward + backward passes, summed over the examples trained on (see cost.py); and the epoch of
+        # best validation accuracy with that epoch's test accuracy (the early-stopped result).
+        self.passes, self.examples = 0.0, 0
+        self.best_val: dict[str, float] = {}
+        self._first_pass_cost = 1.0
         self.partial: dict | None = None
         self.skipped_total = 0
         ckpt, self.flag_changes = checkpoint_to_resume(cfg, self.run, self.device)
@@ -124,10 +149,21 @@ class Trainer:
         else:
             self.loader = train_loader(cfg, self.train_ds, self.rank, self.world)
         val_world = self.world if cfg.distributed_val else 1
-        self.val_loader = eval_loader(cfg, self.test_ds, self.rank if cfg.distributed_val else 0, val_world)
+        self.val_loader = self._eval_loader(self.test_ds, self.rank if cfg.distributed_val else 0, val_world)
+        # The validation split and the memorization pass are small next to training: rank 0 measures them alone.
+        self.holdout_loader = self._eval_loader(self.val_ds, 0, 1) if self.val_ds is not None else None
+        self.noisy_loader = self._eval_loader(self.train_plain, 0, 1) if cfg.label_noise else None
         self.fisher_source: Any = self.loader.dataset if not cfg.gpu_data else self.train_ds
         self.stop_signal: int | None = None
         self.trackers = Trackers(cfg, self.run) if not cfg.eval_only else None
+
+    def _eval_loader(self, ds: Any, rank: int, world: int) -> Any:
+        """In order, without augmentation; under --gpu_data an in-memory set is evaluated in device batches (one
+        Python call per example would cost more than an MLP's whole epoch)."""
+        if self.cfg.gpu_data and world == 1 and hasattr(ds, "augmentation"):
+            bs = max(self.cfg.batch_size, 256)
+            return GPULoader.from_dataset(ds, bs, device=self.device, augment=False, shuffle=False)
+        return eval_loader(self.cfg, ds, rank, world)
 
     # ---------------------------------------------------------------- resume
     def _restore(self, ckpt: dict) -> None:
@@ -150,6 +186,9 @@ class Trainer:
         self.best_acc1 = float(ckpt.get("best_acc1", 0.0))
         self.elapsed = float(ckpt.get("elapsed", 0.0))
         self.skipped_total = int(ckpt.get("skipped_steps", 0))
+        self.passes = float(ckpt.get("passes", 0.0))
+        self.examples = int(ckpt.get("examples", 0))
+        self.best_val = dict(ckpt.get("best_val") or {})
         self.partial = ckpt.get("partial")
         if "rng" in ckpt:
             set_rng_state(ckpt["rng"])
@@ -169,6 +208,9 @@ class Trainer:
             "best_acc1": self.best_acc1,
             "elapsed": self.elapsed,
             "skipped_steps": self.skipped_total,
+            "passes": self.passes,
+            "examples": self.examples,
+            "best_val": self.best_val,
             "rng": rng_state(),
             "partial": partial,
             "finished": finished,
@@ -199,7 +241,13 @@ class Trainer:
             ):
                 check_masks_agree(opt, self.world, epoch)
 
+        # An SSAM-D refresh reads the dense gradient: the epoch's first step runs a full first pass.
+        skip = cfg.skip_dead and self.wrapper is not None and not (step == 0 and refresh == "first_backward")
+
         def after_first_backward() -> None:
+            if skip:  # what the skipping pass computed: the tensors that took a gradient
+                params = list(self.model.parameters())
+                self._first_pass_cost = pass_cost(params, [p.grad is not None for p in params])
             if step == 0 and refresh == "first_backward" and opt.refresh_mask(epoch):
                 if cfg.sam_first_pass == "local":
                     broadcast_masks(opt, self.world)
@@ -214,27 +262,33 @@ class Trainer:
             autocast=self._autocast,
             no_sync=self.ddp.no_sync if self.ddp else None,
             sync_first_pass=not (self.wrapper is not None and cfg.sam_first_pass == "local"),
-            # An SSAM-D refresh reads the dense gradient: the epoch's first step runs a full first pass.
-            skip_dead=cfg.skip_dead and not (step == 0 and refresh == "first_backward"),
+            skip_dead=skip,
             reduce_first_grads=all_reduce_mean if self.world > 1 else None,
             freeze_bn_second_pass=cfg.freeze_bn_second_pass,
             after_first_backward=after_first_backward,
             grads_to_none=self._grads_to_none,
         )
+        per_example = 1.0 if self.wrapper is None else (self._first_pass_cost if skip else 1.0) + 1.0
+        self.passes += per_example * len(y) * self.world
+        self.examples += len(y) * self.world
         top5 = res.outputs.topk(min(5, res.outputs.shape[1]), dim=1).indices
         hit = top5 == y[:, None]
         return res.loss_sum, hit[:, 0].sum(), hit.any(1).sum(), res.nonfinite
 
     # ---------------------------------------------------------------- epochs
     @torch.no_grad()
-    def evaluate(self) -> dict:
+    def evaluate(self, loader: Any = None, prefix: str = "test", predictions: list | None = None) -> dict:
+        """Loss, top-1 and top-5 accuracy on ``loader`` (default the test set) as ``{prefix}_loss`` etc.;
+        ``predictions``, if given, collects the predicted classes batch by batch."""
         model, cfg = self.model, self.cfg
+        test = loader is None
+        loader = self.val_loader if test else loader
         was = model.training
         model.eval()
         tot = torch.zeros(4, device=self.device, dtype=torch.float64)  # loss, top1, top5, n
-        if self.rank == 0 or cfg.distributed_val:
-            for i, (x, y) in enumerate(self.val_loader):
-                if cfg.limit_val_batches and i >= cfg.limit_val_batches:
+        if self.rank == 0 or (cfg.distributed_val and test):
+            for i, (x, y) in enumerate(loader):
+                if test and cfg.limit_val_batches and i >= cfg.limit_val_batches:
                     break
                 x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
                 if cfg.channels_last:
@@ -243,6 +297,8 @@ class Trainer:
                     out = model(x)
                 loss = F.cross_entropy(out.float(), y, reduction="sum")
                 hit = out.topk(min(5, out.shape[1]), 1).indices == y[:, None]
+                if predictions is not None:
+                    predictions.append(out.argmax(1).cpu())
                 tot += torch.stack(
                     [
                         loss.double(),
@@ -252,17 +308,35 @@ class Trainer:
                     ]
                 )
         if self.world > 1:
-            if cfg.distributed_val:
+            if cfg.distributed_val and test:
                 dist.all_reduce(tot)
             else:
                 dist.broadcast(tot, 0)
         model.train(was)
         n = max(tot[3].item(), 1)
         return {
-            "test_loss": tot[0].item() / n,
-            "test_acc1": 100 * tot[1].item() / n,
-            "test_acc5": 100 * tot[2].item() / n,
+            f"{prefix}_loss": tot[0].item() / n,
+            f"{prefix}_acc1": 100 * tot[1].item() / n,
+            f"{prefix}_acc5": 100 * tot[2].item() / n,
         }
+
+    def measure_holdout(self, epoch: int, test_acc1: float) -> dict:
+        """Validation accuracy and the memorization of the noisy labels, each when asked for; outside the timed
+        part of the epoch. Also moves the early-stopped result (first epoch of best validation accuracy)."""
+        out: dict = {}
+        if self.holdout_loader is not None:
+            val = self.evaluate(self.holdout_loader, "val")
+            out.update(val_loss=val["val_loss"], val_acc1=val["val_acc1"])
+            if val["val_acc1"] > self.best_val.get("val_acc1", -1.0):
+                self.best_val = {"val_acc1": val["val_acc1"], "epoch": epoch, "test_acc1": test_acc1}
+            out["early_stopped_acc1"] = self.best_val["test_acc1"]
+        if self.noisy_loader is not None:
+            preds: list = []
+            self.evaluate(self.noisy_loader, "train_plain", predictions=preds)
+            ds = self.train_plain
+            if preds:  # rank 0 (the others took part in the broadcast only)
+                out.update(memorization(torch.cat(preds), ds.targets, ds.clean_targets, ds.noisy_indices))  # type: ignore[union-attr]
+        return out
 
     def _progress(self, total: int, epoch: int):
         from tqdm import tqdm
@@ -396,6 +470,7 @@ class Trainer:
         for epoch in range(self.start_epoch, cfg.epochs):
             tr = self.train_epoch(epoch)
             te = self.evaluate()
+            held = self.measure_holdout(epoch, te["test_acc1"])
             new_best = te["test_acc1"] > self.best_acc1
             self.best_acc1 = max(self.best_acc1, te["test_acc1"])
             density = self.opt.mask_density() if self.refresh else 1.0  # type: ignore[attr-defined]
@@ -409,6 +484,8 @@ class Trainer:
                 "epoch_time": tr["epoch_time"],
                 "images_per_s": tr["images_per_s"],
                 "skipped_steps": tr["skipped_steps"],
+                **held,
+                "passes_per_example": self.passes / max(1, self.examples),
             }
             run.append("metrics.jsonl", json.dumps(rec))
             run.log(
@@ -416,6 +493,12 @@ class Trainer:
                 f"acc5 {tr['train_acc5']:.2f} | test loss {te['test_loss']:.4f} acc1 {te['test_acc1']:.2f} "
                 f"acc5 {te['test_acc5']:.2f} | best {self.best_acc1:.2f} | lr {rec['lr']:.4g} | "
                 + (f"mask {density:.3f} | " if self.refresh else "")
+                + (f"val acc1 {held['val_acc1']:.2f} | " if "val_acc1" in held else "")
+                + (
+                    f"noisy fit {held['noisy_memorized']:.3f} true {held['noisy_true']:.3f} | "
+                    if "noisy_memorized" in held
+                    else ""
+                )
                 + f"{tr['epoch_time']:.1f}s {tr['images_per_s']:.0f} img/s"
                 + (f" | {tr['skipped_steps']} fp16 steps skipped" if tr["skipped_steps"] else "")
             )
@@ -438,7 +521,15 @@ class Trainer:
             "wall_time": self.elapsed,
             "time_per_epoch": self.elapsed / max(1, cfg.epochs - cfg.start_epoch),
             "skipped_steps": self.skipped_total,
+            "passes_per_example": self.passes / max(1, self.examples),
         }
+        if self.best_val:
+            summary.update(
+                early_stopped_acc1=self.best_val["test_acc1"],
+                best_val_acc1=self.best_val["val_acc1"],
+                best_val_epoch=int(self.best_val["epoch"]),
+            )
+        summary.update({f"final_{k}": last[k] for k in MEMORIZATION_KEYS if k in last})
         if self.world > 1:
             summary["ranks_agree"] = weights_agree(self.model, self.opt if self.refresh else None, self.world)
         # A resume with no epoch left keeps the summary of the run that trained them.

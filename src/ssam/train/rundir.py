@@ -40,8 +40,9 @@ class RunDir:
         except (OSError, ValueError):
             return False
 
-    def prepare(self, cfg: Namespace) -> None:
-        """Refuse to train over a run unless told to continue (--resume) or replace (--overwrite) it."""
+    def prepare(self, cfg: Namespace, replace: bool = True) -> None:
+        """Refuse to train over a run unless told to continue (--resume) or replace (--overwrite) it; with
+        ``replace``, remove the run that --overwrite replaces (call that once every input has been checked)."""
         if cfg.eval_only:
             return
         resuming = cfg.resume or cfg.resume_path
@@ -51,7 +52,7 @@ class RunDir:
                 f"output folder {self.path} already holds {kind}; pass --resume to continue it or "
                 "--overwrite to replace it"
             )
-        if cfg.overwrite and self.main and self.path.exists() and not resuming:
+        if replace and cfg.overwrite and self.main and self.path.exists() and not resuming:
             shutil.rmtree(self.path)
 
     def write_text(self, name: str, text: str) -> None:
