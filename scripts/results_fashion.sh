@@ -35,7 +35,7 @@ FOLDERS="fashion_cpu fashion_cpu_rho fashion_cpu_noise_rho fashion_gpu fashion_g
 fashion_mem fashion_mem_clean fashion_mem_rho fashion_mem_full"
 MEM=recipes/fashion_mnist_memorization.yaml
 MEM_RHOS=0.05,0.1,0.2,0.3
-MEM_FULL=(--train_subset 0 --val_split 5000 --epochs 50)
+MEM_FULL=(--train_subset 60000 --val_split 5000 --epochs 50)
 CPU=recipes/fashion_mnist_cpu.yaml
 GPU=recipes/fashion_mnist_gpu.yaml
 RHOS=0.02,0.05,0.1,0.2

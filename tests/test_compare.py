@@ -45,17 +45,27 @@ def test_mean_std_is_sample_std():
     assert math.isnan(m) and math.isnan(s)
 
 
-def test_spread_has_the_decimals_of_the_mean():
-    from ssam.compare.report import _pm
+def test_column_rule_two_significant_digits_of_the_smallest_spread():
+    from ssam.compare.numbers import column_decimals, mean_pm
 
-    def pm(mean, std, key="trace"):
-        return _pm({f"{key}_mean": mean, f"{key}_std": std}, key)
-
-    assert pm(1159.3, 123.4) == "1159 ± 123"  # four significant digits leave no decimal: nor does the spread
-    assert pm(690.44, 151.63) == "690.4 ± 151.6"
-    assert pm(1.5e6, 3e4) == "1.5e+06 ± 3e+04"
-    assert pm(86.434, 0.2412, "final_acc1") == "86.43 ± 0.24"
-    assert pm(86.434, float("nan"), "final_acc1") == "86.43"
+    # The example: mean 0.22999, std 0.00684 printed "0.23 ± 0.01"; two significant digits of the spread.
+    d = column_decimals([0.00684], default=2)
+    assert d == 4 and mean_pm(0.22999, 0.00684, d) == "0.2300 ± 0.0068"
+    # One column, one rule: the smallest non-zero spread decides, every cell uses it.
+    d = column_decimals([0.2412, 1.7, float("nan"), 0.0, None], default=2)
+    assert d == 2
+    assert [mean_pm(m, s, d) for m, s in ((86.434, 0.2412), (1.716, 1.7), (80.0, float("nan")))] == [
+        "86.43 ± 0.24",
+        "1.72 ± 1.70",
+        "80.00",  # one seed: no spread
+    ]
+    # Whole numbers stay whole; never more than 4 decimals; no spread at all: the metric's default.
+    d = column_decimals([122.4, 151.6], default=1)
+    assert d == 0 and mean_pm(1159.3, 122.4, d) == "1159 ± 122"
+    assert column_decimals([1e-9], default=2) == 4
+    assert column_decimals([float("nan")], default=3) == 3
+    assert mean_pm(1.25, 0.5, 1, sign=True) == "+1.2 ± 0.5"
+    assert mean_pm(float("nan"), 0.1, 2) == "—"
 
 
 def test_grid_names_opts_and_sparsities(tmp_path):
@@ -340,7 +350,10 @@ def test_report_on_synthetic_runs(tmp_path, capsys):
     md = (out / "results.md").read_text()
     sgd = truth[("sgd", None)]
     best = [r["best_acc1"] for r in sgd]
-    assert f"| SGD | sgd | 3/3 | {statistics.mean(best):.2f} ± {statistics.stdev(best):.2f} |" in md
+    # The column's decimals: two significant digits of its smallest spread over the rows with 2+ seeds.
+    spreads = [statistics.stdev([r["best_acc1"] for r in recs]) for recs in truth.values() if len(recs) > 1]
+    d = min(4, max(0, 1 - math.floor(math.log10(min(spreads)))))
+    assert f"| SGD | sgd | 3/3 | {statistics.mean(best):.{d}f} ± {statistics.stdev(best):.{d}f} |" in md
     assert "| SAM | sam-sgd | 2/3 |" in md
     assert "sam_seed6789 (missing)" in md
     with open(out / "runs.csv") as f:

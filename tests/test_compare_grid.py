@@ -251,7 +251,11 @@ def test_paired_difference_with_the_base_optimizer(tmp_path):
     diffs = [final[f"sam_rho0.1_noise0_seed{s}"] - final[f"sgd_noise0_seed{s}"] for s in (1, 2, 3)]
     ahead = sum(d > 0 for d in diffs)
     mean, std = statistics.mean(diffs), statistics.stdev(diffs)
-    assert f"| SAM rho=0.1 noise=0 | 3 | {mean:+.2f} ± {std:.2f} | {ahead} of 3 |" in section
+    # Decimals: two significant digits of the column's smallest spread (here best = final, so both columns agree).
+    spreads = [float(r["vs_base_final_acc1_std"]) for r in rows.values() if r["vs_base_final_acc1_std"]]
+    d = min(4, max(0, 1 - math.floor(math.log10(min(spreads)))))
+    cell = f"{mean:+.{d}f} ± {std:.{d}f}"
+    assert f"| SAM rho=0.1 noise=0 | 3 | {cell} | {cell} | {ahead} of 3 |" in section
     assert "| SGD" not in section
 
 

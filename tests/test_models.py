@@ -18,6 +18,7 @@ def on_meta(name, **kw):
 
 
 EXPECTED_NAMES = {
+    "mlp",
     "resnet18",
     "resnet34",
     "resnet50",

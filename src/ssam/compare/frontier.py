@@ -22,13 +22,13 @@ def _series(recs: list[dict], key: str) -> tuple[list[int], list[list[float]]]:
     return [e + 1 for e in epochs], [by_epoch[e] for e in epochs]
 
 
-def plot_memorization(path: Path, rows: list[dict], records: list[dict]) -> bool:
+def plot_memorization(path: Path, rows: list[dict], records: list[dict]) -> list[str]:
     """Left: share of the corrupted training examples predicted as their wrong label; right: test accuracy. Mean
-    over seeds with the min–max band. Nothing is drawn (False) when no run measured memorization."""
+    over seeds with the min–max band. Returns the rows drawn (their labels); none: no file."""
     plt = _plt()
     cols = colors(rows)
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-    drawn = False
+    drawn: list[str] = []
     for row in rows:
         recs = [r for r in records if r["finished"] and r["group"] == row["group"] and r["metrics"]]
         xs, fit = _series(recs, "noisy_memorized")
@@ -41,10 +41,10 @@ def plot_memorization(path: Path, rows: list[dict], records: list[dict]) -> bool
         xt, acc = _series(recs, "test_acc1")
         axes[1].plot(xt, [np.mean(v) for v in acc], color=c, lw=1.6, label=label)
         axes[1].fill_between(xt, [min(v) for v in acc], [max(v) for v in acc], color=c, alpha=0.18, lw=0)
-        drawn = True
+        drawn.append(row["optimizer"])
     if not drawn:
         _plt().close(fig)
-        return False
+        return drawn
     axes[0].set(xlabel="epoch", ylabel="fraction of wrong labels fit", title="Memorization of the noisy labels")
     axes[1].set(xlabel="epoch", ylabel="test acc@1 (%)", title="Test accuracy (mean, min–max over seeds)")
     axes[0].set_ylim(0, 1)
@@ -52,16 +52,16 @@ def plot_memorization(path: Path, rows: list[dict], records: list[dict]) -> bool
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
     _save(fig, path)
-    return True
+    return drawn
 
 
-def plot_cost(path: Path, rows: list[dict]) -> bool:
+def plot_cost(path: Path, rows: list[dict]) -> list[str]:
     """Final (filled) and early-stopped (open) test accuracy of every row against passes per example (left) and
-    wall time per run (right); mean ± std over seeds. False when no row has a pass count."""
+    wall time per run (right); mean ± std over seeds. Returns the rows drawn (their labels); none: no file."""
     plt = _plt()
     have = [r for r in rows if _finite(r.get("passes_per_example_mean")) and _finite(r.get("final_acc1_mean"))]
     if not have:
-        return False
+        return []
     cols = colors(rows)
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.4))
     for ax, xkey, xlabel in (
@@ -99,4 +99,4 @@ def plot_cost(path: Path, rows: list[dict]) -> bool:
     axes[1].set_title("Against wall time (noisy on a shared machine)")
     axes[0].legend(fontsize=7, loc="lower right")
     _save(fig, path)
-    return True
+    return [r["optimizer"] for r in have]

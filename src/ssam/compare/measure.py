@@ -30,7 +30,7 @@ def _hessian_batches(config: dict, samples: int) -> list:
         config["dataset"],
         config.get("datadir"),
         augment=False,
-        train_subset=int(config.get("train_subset") or 0),
+        train_subset=config.get("train_subset") or None,
         val_split=int(config.get("val_split") or 0),
         seed=int(config.get("seed", 0)),
     )

@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from ..errors import UsageError, did_you_mean
 from .cifar import CIFAR10, CIFAR100, CIFARDataset, load_cifar
@@ -125,10 +126,10 @@ class TrainingData:
     neither noise nor a validation split asks for it); ``val``: the held-out examples, test transform, noisy labels
     included (None without ``val_split``); ``test``: the clean test set."""
 
-    train: object
-    train_plain: object | None
-    val: object | None
-    test: object
+    train: Any
+    train_plain: Any
+    val: Any
+    test: Any
     info: DataInfo
 
 
@@ -138,13 +139,13 @@ def build_training_data(
     download: bool = False,
     *,
     augment: bool = True,
-    train_subset: int = 0,
+    train_subset: int | None = None,
     label_noise: float = 0.0,
     val_split: int = 0,
     seed: int = 0,
 ) -> TrainingData:
     """The data sets of a run, in the order of ``ssam.data.subset``: subset, then label noise inside it, then the
-    validation examples held out of it. ``train_subset=0``: every training example."""
+    validation examples held out of it. ``train_subset=None``: every training example."""
     train, test, info = build_datasets(name, datadir, download, augment)
     plain = None
     if val_split or label_noise:

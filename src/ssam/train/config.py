@@ -62,9 +62,9 @@ def build_parser(prog: str = "ssam train") -> argparse.ArgumentParser:
     g.add_argument(
         "--train_subset",
         type=int,
-        default=0,
+        default=None,
         metavar="N",
-        help="train on N training examples drawn uniformly, fixed by --seed (drawn before --label_noise; 0: all)",
+        help="train on N training examples drawn uniformly, fixed by --seed (drawn before --label_noise; default: all)",
     )
     g.add_argument(
         "--val_split",
@@ -391,6 +391,38 @@ def validate(cfg: argparse.Namespace) -> None:
         finite(cfg.label_noise) and 0 <= cfg.label_noise < 1,
         f"--label_noise {cfg.label_noise!r} is out of range; allowed: [0, 1) (fraction of training labels replaced)",
     )
+    spec = DATASETS[cfg.dataset]
+    need(
+        not (cfg.augment == "none" and spec.augments),
+        f"--augment none contradicts --dataset {cfg.dataset}, whose name asks for augmentation; "
+        f"use {cfg.dataset.replace('_cutout', '_base')} or --augment standard",
+    )
+    total = spec.train_size
+    need(
+        cfg.train_subset is None or (cfg.train_subset >= 1 and (total is None or cfg.train_subset <= total)),
+        f"--train_subset {cfg.train_subset} is out of range; allowed: "
+        + (f"1 to {total} (the training examples of {cfg.dataset})" if total else "an integer >= 1"),
+    )
+    pool = cfg.train_subset or total
+    need(
+        cfg.val_split >= 0 and (pool is None or cfg.val_split < pool),
+        f"--val_split {cfg.val_split} is out of range; allowed: 0 <= N < "
+        + (
+            f"{pool} (the training examples{' of --train_subset' if cfg.train_subset else ''})"
+            if pool
+            else "the number of training examples"
+        ),
+    )
+    need(
+        cfg.mlp_width is None or cfg.mlp_width >= 1,
+        f"--mlp_width {cfg.mlp_width} is out of range; allowed: an integer >= 1",
+    )
+    if cfg.mlp_width is not None and cfg.model != MLP_MODEL:
+        print(
+            f"ssam: warning: --mlp_width {cfg.mlp_width} has no effect with --model {cfg.model} (only mlp uses it)",
+            file=sys.stderr,
+        )
+        cfg.mlp_width = None
     need(0 <= cfg.drop_rate <= 1, f"--drop_rate {cfg.drop_rate!r} is out of range; allowed: [0, 1]")
     need(cfg.num_samples >= 1, f"--num_samples {cfg.num_samples} is out of range; allowed: an integer >= 1")
     need(cfg.update_freq >= 1, f"--update_freq {cfg.update_freq} is out of range; allowed: an integer >= 1 (epochs)")

@@ -335,7 +335,7 @@ class Trainer:
             self.evaluate(self.noisy_loader, "train_plain", predictions=preds)
             ds = self.train_plain
             if preds:  # rank 0 (the others took part in the broadcast only)
-                out.update(memorization(torch.cat(preds), ds.targets, ds.clean_targets, ds.noisy_indices))  # type: ignore[union-attr]
+                out.update(memorization(torch.cat(preds), ds.targets, ds.clean_targets, ds.noisy_indices))
         return out
 
     def _progress(self, total: int, epoch: int):
