@@ -263,3 +263,59 @@ def test_sharpness_command(runs, tmp_path, capsys):
     assert (out / "sharpness.md").read_text().startswith("| run |")
     with pytest.raises(UsageError, match="--radius"):
         run_sharpness(parse(add_sharpness_args, ["--checkpoint", "x.pt", "--radius", "0"]))
+
+
+def _bad_checkpoint(kind, root, tmp_path):
+    """A path that is missing, or a truncated copy of a real checkpoint."""
+    if kind == "missing":
+        return tmp_path / "gone" / "best.pt"
+    bad = tmp_path / "cut" / "best.pt"
+    bad.parent.mkdir()
+    bad.write_bytes((root / "runA" / "best.pt").read_bytes()[:1500])
+    return bad
+
+
+ANALYSIS_FLAGS = {
+    "hessian": ["--top_k", "1", "--max_iter", "3"],
+    "hessian --profile": ["--profile", "--max_iter", "3"],
+    "landscape": ["--xrange", "-1:1:3"],
+    "sharpness": ["--n_directions", "1", "--max_iter", "3", "--trace_max_iter", "2"],
+}
+
+
+@pytest.mark.parametrize("kind", ["missing", "corrupt"])
+@pytest.mark.parametrize("command", sorted(ANALYSIS_FLAGS))
+@pytest.mark.parametrize("where", ["output", "default"])
+def test_bad_checkpoint_writes_nothing(command, kind, where, runs, tmp_path, capsys):
+    """One line on stderr, exit 2, and no output folder: neither --output nor the default one next to the file."""
+    from ssam.cli import main
+
+    root, _ = runs
+    bad = _bad_checkpoint(kind, root, tmp_path)
+    out = tmp_path / "out"
+    argv = [command.split()[0], "--checkpoint", str(bad), "--num_samples", "16", "--device", "cpu", "--quiet"]
+    argv += ANALYSIS_FLAGS[command] + (["--output", str(out)] if where == "output" else [])
+    before = sorted(tmp_path.rglob("*"))
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1, err
+    assert ("not found" if kind == "missing" else "truncated or corrupt") in err
+    assert str(bad) in err
+    assert not out.exists() and not (bad.parent / "analysis").exists()
+    assert sorted(tmp_path.rglob("*")) == before  # not even an empty folder
+
+
+@pytest.mark.parametrize("command", ["landscape", "sharpness"])
+def test_bad_checkpoint_among_several_stops_before_any_work(command, runs, tmp_path, capsys):
+    """The second of two checkpoints is truncated: the command stops at once, before the first one's results."""
+    from ssam.cli import main
+
+    root, _ = runs
+    bad = _bad_checkpoint("corrupt", root, tmp_path)
+    out = tmp_path / "out"
+    argv = [command, "--checkpoint", str(root / "runA" / "best.pt"), str(bad), "--num_samples", "16"]
+    argv += ["--device", "cpu", "--quiet", "--output", str(out)] + ANALYSIS_FLAGS[command]
+    assert main(argv) == 2
+    captured = capsys.readouterr()
+    assert len(captured.err.strip().splitlines()) == 1 and "truncated or corrupt" in captured.err
+    assert not out.exists()

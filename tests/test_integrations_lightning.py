@@ -203,6 +203,76 @@ def test_without_sam_optimizer_the_callback_says_so():
         fit(Plain(), epochs=1)
 
 
+class NoForward(Net):
+    """training_step calls the submodule; the LightningModule itself has no forward()."""
+
+    forward = L.LightningModule.forward  # undo Net's
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        loss = F.cross_entropy(self.net(x), y)
+        self.log("train_loss", loss)
+        return loss
+
+
+def start(callback, module, opt_name):
+    """The callback's on_fit_start against a stand-in trainer holding the module's optimizer."""
+    opt = ssam.create_optimizer(module, opt_name, **OPT_KW, **SPARSE_KW[opt_name])
+    trainer = type("T", (), {"optimizers": [opt], "accumulate_grad_batches": 1})()
+    callback.on_fit_start(trainer, module)
+    return opt
+
+
+def test_ssamf_without_forward_names_fisher_model():
+    with pytest.raises(ValueError, match=r"NoForward defines no forward\(\); pass SAMCallback\(fisher_model=") as e:
+        start(SAMCallback(), NoForward("ssamf-sgd"), "ssamf-sgd")
+    assert "\n" not in str(e.value)
+    # With fisher_model, or with an optimizer that measures no Fisher, nothing is missing.
+    assert start(SAMCallback(fisher_model=lambda m: m.net), NoForward(), "ssamf-sgd").closure_passes == "both"
+    for opt_name in ("sam-sgd", "ssamd-sgd"):
+        assert start(SAMCallback(), NoForward(), opt_name).closure_passes == "both"
+
+
+def test_fisher_model_must_be_a_function_returning_a_module():
+    module = NoForward()
+    with pytest.raises(ValueError, match="fisher_model=.*got Sequential; allowed: a function"):
+        SAMCallback(fisher_model=module.net)
+    with pytest.raises(ValueError, match="fisher_model=.*got str"):
+        SAMCallback(fisher_model="net")
+    with pytest.raises(ValueError, match="returned NoneType; allowed: an nn.Module"):
+        start(SAMCallback(fisher_model=lambda m: None), module, "ssamf-sgd")
+
+
+@pytest.mark.slow
+def test_fisher_model_measures_the_submodule_like_forward():
+    """SSAM-F on a module without forward(), measured through fisher_model: the same weights and masks as the plain
+    loop (and as the module with forward, test_automatic_optimization_matches_plain_loop)."""
+    module = NoForward("ssamf-sgd", **SPARSE_KW["ssamf-sgd"])
+    trainer = L.Trainer(
+        max_epochs=2,
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        callbacks=[SAMCallback(seed=5, fisher_model=lambda m: m.net)],
+    )
+    trainer.fit(module, DataLoader(make_data(), batch_size=8, shuffle=False))
+    ref, ref_opt = plain_loop("ssamf-sgd", **SPARSE_KW["ssamf-sgd"])
+    assert_same_weights(module.net, ref)
+    opt = trainer.optimizers[0]
+    assert opt.num_updates == ref_opt.num_updates == 2
+    assert torch.equal(opt.flat_mask(), ref_opt.flat_mask())
+
+
+@pytest.mark.slow
+def test_ssamf_without_forward_stops_fit_in_one_line():
+    """Through Trainer.fit: the callback's line, not torch's 'missing the required forward function'."""
+    with pytest.raises(ValueError, match="fisher_model"):
+        fit(NoForward("ssamf-sgd", **SPARSE_KW["ssamf-sgd"]), epochs=1)
+
+
 @pytest.mark.slow
 def test_example_lightning_runs():
     out = run_example("lightning_ssam.py", "--epochs", "3")

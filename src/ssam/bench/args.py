@@ -8,7 +8,7 @@ import os
 import torch
 
 from ..errors import ArgumentParser, UsageError
-from ..models import MODELS
+from ..models import MODEL_FORMS, check_model_name
 from ..optim.fisher import FISHER_METHODS
 
 # (channels, image size, classes) for random inputs of each data set's shape.
@@ -28,7 +28,7 @@ SECTIONS = ("main", "skip")
 
 def build_parser(description: str) -> argparse.ArgumentParser:
     p = ArgumentParser(prog="ssam bench", description=description)
-    p.add_argument("--model", default=None, help=f"one of {', '.join(MODELS)} (default resnet18)")
+    p.add_argument("--model", default=None, help=f"{MODEL_FORMS} (default resnet18)")
     p.add_argument(
         "--dataset",
         default="CIFAR10",
@@ -96,8 +96,7 @@ def parse_args(argv: list[str], description: str = "") -> argparse.Namespace:
     for key, value in base.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
-    if args.model not in MODELS:
-        raise UsageError(f"unknown --model {args.model!r}; choose from: {', '.join(MODELS)}")
+    check_model_name(args.model)
     key = args.dataset.lower().removesuffix("_base").removesuffix("_cutout")
     if key not in SHAPES:
         raise UsageError(f"unknown --dataset {args.dataset!r}; choose from: CIFAR10, CIFAR100, ImageNet, digits")

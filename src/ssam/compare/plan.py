@@ -33,38 +33,6 @@ from .recipe import (
 )
 from .settings import Settings
 
-# Config entries that decide a run's result: a finished run whose config.yaml disagrees on one of these (or on a
-# flag its variant or an axis sets) was trained for another comparison and must not be counted as this one's.
-CHECKED_KEYS = (
-    "dataset",
-    "model",
-    "opt",
-    "seed",
-    "sparsity",
-    "lr",
-    "weight_decay",
-    "momentum",
-    "rho",
-    "epochs",
-    "batch_size",
-    "num_samples",
-    "update_freq",
-    "drop_rate",
-    "drop_strategy",
-    "growth_strategy",
-    "limit_train_batches",
-    "label_noise",
-    "granularity",
-    "cost_aware",
-    "skip_dead",
-    "renormalize",
-    "adaptive",
-    "mlp_width",
-    "augment",
-    "train_subset",
-    "val_split",
-)
-
 
 @dataclass
 class Run:
@@ -79,7 +47,6 @@ class Run:
     variant: str = ""
     label: str = ""  # the table row it belongs to: variant label and named axis values
     axes: dict = field(default_factory=dict)  # the named axis values of this run
-    checked: tuple = CHECKED_KEYS
 
     @property
     def group(self) -> tuple:
@@ -185,7 +152,6 @@ def plan_runs(s: Settings) -> list[Run]:
                 )
                 config = vars(parse_args(flags))
                 sparsity = float(config["sparsity"]) if v.family in SPARSE_OPTS and "sparsity" in config else None
-                checked = tuple(dict.fromkeys([*CHECKED_KEYS, *own, *values]))
                 run = Run(
                     name,
                     v.family,
@@ -198,7 +164,6 @@ def plan_runs(s: Settings) -> list[Run]:
                     v.name,
                     row_label(v.label, named),
                     named,
-                    checked,
                 )
                 key = _identity(run)
                 if key in seen:
@@ -245,19 +210,21 @@ def _same(a: Any, b: Any) -> bool:
 
 
 def stale_keys(run: Run) -> list[str]:
-    """``key: had -> wanted`` for each result-deciding config entry of the run folder that disagrees
-    (entries that mean nothing to the run's optimizer, such as rho for SGD, are not compared)."""
+    """``key: had -> wanted`` for each setting of the run folder's config that shapes a run and disagrees with this
+    comparison's: the rule of ``ssam train --resume`` (``train.identity``), plus the epoch count, which a resume may
+    extend but a comparison fixes."""
+    from ..train.identity import differing_settings
+
     try:
         config = yaml.safe_load((run.folder / "config.yaml").read_text())
     except (OSError, yaml.YAMLError):
         return []
     if not isinstance(config, dict):
         return []
-    return [
-        f"{k}: {config[k]!r} -> {run.config[k]!r}"
-        for k in run.checked
-        if k in config and k in run.config and applies(k, run.opt) and not _same(config[k], run.config[k])
-    ]
+    bad = [f"{k}: {old!r} -> {new!r}" for k, old, new in differing_settings(config, run.config, same=_same)]
+    if "epochs" in config and not _same(config["epochs"], run.config.get("epochs")):
+        bad.append(f"epochs: {config['epochs']!r} -> {run.config.get('epochs')!r}")
+    return bad
 
 
 def action_for(run: Run, status: dict, overwrite: bool) -> str:

@@ -17,36 +17,24 @@ from typing import Any
 import yaml
 
 from ..errors import UsageError, did_you_mean
+from ..optim import registry
 
 PAPER_SEEDS = (1234, 4321, 6789, 9876)
 # A single number up to this is read as a count of seeds; from here on it reads like a seed, so it is refused.
 MAX_SEED_COUNT_BARE = 9
-OPTS = ("sgd", "sam", "ssamf", "ssamd")
-SAM_OPTS = ("sam", "ssamf", "ssamd")
-SPARSE_OPTS = ("ssamf", "ssamd")
-BASES = ("sgd", "adamw")
-LABELS = {"sgd": "SGD", "sam": "SAM", "ssamf": "SSAM-F", "ssamd": "SSAM-D"}
+# The families, from the optimizer registry: "sgd" is the base optimizer alone (whatever --base is).
+OPTS = (registry.PLAIN.name, *registry.WRAPPERS)
+SAM_OPTS = tuple(registry.WRAPPERS)
+SPARSE_OPTS = tuple(n for n, f in registry.WRAPPERS.items() if f.sparse)
+BASES = tuple(registry.BASES)
+LABELS = {registry.PLAIN.name: registry.PLAIN.label, **{n: f.label for n, f in registry.WRAPPERS.items()}}
 
-# The families a train flag means something to. A swept flag runs only for these (SGD once per seed under a rho
-# sweep), a finished run is checked only on these, and the tables print "—" for the others. Flags not listed
-# apply to every family.
+# The families a train flag means something to (the registry's rule). A swept flag runs only for these (SGD once
+# per seed under a rho sweep), and the tables print "—" for the others. Flags not listed apply to every family.
 FLAG_FAMILIES: dict[str, tuple[str, ...]] = {
-    "rho": SAM_OPTS,
-    "adaptive": SAM_OPTS,
-    "sam_first_pass": SAM_OPTS,
-    "freeze_bn_second_pass": SAM_OPTS,
-    "sparsity": SPARSE_OPTS,
-    "granularity": SPARSE_OPTS,
-    "cost_aware": SPARSE_OPTS,
-    "skip_dead": SPARSE_OPTS,
-    "renormalize": SPARSE_OPTS,
-    "update_freq": SPARSE_OPTS,
-    "num_samples": ("ssamf",),
-    "fisher_mode": ("ssamf",),
-    "fisher_method": ("ssamf",),
-    "drop_rate": ("ssamd",),
-    "drop_strategy": ("ssamd",),
-    "growth_strategy": ("ssamd",),
+    flag: tuple(f for f in OPTS if registry.applies(flag, f))
+    for flag in sorted(registry.owned_settings())
+    if flag not in (s for b in registry.BASES.values() for s in b.settings)
 }
 # How an axis value reads in a run folder name (``ssamf_s0.5_seed1``) and in a table label (``SSAM-F s=0.5``).
 AXIS_SHORT = {"sparsity": "s", "rho": "rho", "label_noise": "noise"}

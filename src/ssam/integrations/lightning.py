@@ -13,6 +13,9 @@ What ``SAMCallback`` does:
 - refreshes masks: SSAM-F before the first step of every epoch on its update grid (Fisher from ``fisher_data``, or
   the training dataloader's dataset), SSAM-D after the first backward of the epoch's first step; logs
   ``mask_density`` through the module's ``log`` at the end of every epoch.
+- SSAM-F's Fisher calls a model on single examples: the LightningModule's own ``forward``, or the module that
+  ``fisher_model`` picks when ``training_step`` calls a submodule instead (``SAMCallback(fisher_model=lambda m:
+  m.net)``). A module with neither is refused at the start of ``fit`` in one line naming ``fisher_model``.
 - ``accumulate_grad_batches=k``: the perturbation is computed from the gradient at w accumulated over all k
   micro-batches, and pass two runs all k at w + e, as ``ssam train --grad_accum`` does. Lightning already ran the
   first k-1 outside ``step``; the callback keeps their batches and replays them at w + e (under DDP without the
@@ -35,9 +38,10 @@ SSAM-D's generator; the Fisher examples depend only on (seed, epoch), so a resum
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 from typing import Any
 
-from torch import Tensor
+from torch import Tensor, nn
 
 from ..optim.amp import TwoPassScaler
 from ..optim.sam import SAM
@@ -57,16 +61,32 @@ class SAMCallback(L.Callback):
         fisher_data: where SSAM-F measures the Fisher: a map-style dataset of (input, target) examples, or an
             iterable of (inputs, targets) batches. Default: the training dataloader's dataset.
         fisher_loss_fn: ``loss_fn(module(x), y)`` for the Fisher; default cross-entropy.
+        fisher_model: SSAM-F: a function from the LightningModule to the ``nn.Module`` whose output on a batch of
+            inputs is what ``fisher_loss_fn`` scores, e.g. ``lambda m: m.net`` when ``training_step`` calls
+            ``self.net(x)``. Its parameters must be the ones the optimizer perturbs (the same tensors). Default: the
+            LightningModule itself, which then needs a ``forward``.
         seed: the Fisher examples of an epoch are drawn by a generator seeded from (seed, epoch).
         log_density: log ``mask_density`` (fraction of weights perturbed) at the end of every epoch.
     """
 
     def __init__(
-        self, fisher_data: Any = None, fisher_loss_fn: Any = None, seed: int = 0, log_density: bool = True
+        self,
+        fisher_data: Any = None,
+        fisher_loss_fn: Any = None,
+        seed: int = 0,
+        log_density: bool = True,
+        fisher_model: Callable[[Any], nn.Module] | None = None,
     ) -> None:
         super().__init__()
+        # A module is callable too, but it would be called on the LightningModule: ask for the function.
+        if fisher_model is not None and (isinstance(fisher_model, nn.Module) or not callable(fisher_model)):
+            raise ValueError(
+                f"SAMCallback(fisher_model=...): got {type(fisher_model).__name__}; allowed: a function from the "
+                "LightningModule to the module to measure, e.g. lambda m: m.net"
+            )
         self.fisher_data = fisher_data
         self.fisher_loss_fn = fisher_loss_fn
+        self.fisher_model = fisher_model
         self.seed = int(seed)
         self.log_density = log_density
         self._opts: list[SAM] = []
@@ -84,6 +104,8 @@ class SAMCallback(L.Callback):
                 "SAMCallback: configure_optimizers returned no SAM, SSAMF or SSAMD optimizer; "
                 "allowed: at least one (ssam.create_optimizer(model, 'sam-sgd', ...))"
             )
+        if self._needs_fisher():
+            self._fisher_target(pl_module)  # a module SSAM-F cannot call is refused now, not inside the Fisher
         k = trainer.accumulate_grad_batches
         for opt in self._opts:
             opt.closure_passes = "both" if k == 1 else "second"
@@ -101,18 +123,44 @@ class SAMCallback(L.Callback):
             self._patched = None
 
     # ------------------------------------------------------------------ mask refresh
+    def _needs_fisher(self) -> bool:
+        return any(getattr(o, "mask_refresh", None) == "before_epoch" for o in self._opts)
+
+    def _fisher_target(self, pl_module: L.LightningModule) -> nn.Module:
+        """The module SSAM-F calls on single examples: ``fisher_model(pl_module)``, else the LightningModule."""
+        if self.fisher_model is None:
+            forward = getattr(type(pl_module), "forward", None)
+            if forward in (None, nn.Module.forward, L.LightningModule.forward):
+                name = type(pl_module).__name__
+                raise ValueError(
+                    f"SAMCallback: SSAM-F measures the Fisher by calling the model on examples, and {name} defines "
+                    f"no forward(); pass SAMCallback(fisher_model=lambda m: m.net) naming the module that "
+                    f"training_step calls, or define {name}.forward"
+                )
+            return pl_module
+        target = self.fisher_model(pl_module)
+        if not isinstance(target, nn.Module):
+            raise ValueError(
+                f"SAMCallback(fisher_model=...): returned {type(target).__name__}; allowed: an nn.Module "
+                "(the one training_step calls, e.g. lambda m: m.net)"
+            )
+        return target
+
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._steps_this_epoch = 0
         data = self.fisher_data
-        if data is None and any(getattr(o, "mask_refresh", None) == "before_epoch" for o in self._opts):
-            data = getattr(trainer.train_dataloader, "dataset", None)
+        target: nn.Module = pl_module
+        if self._needs_fisher():
+            target = self._fisher_target(pl_module)
+            if data is None:
+                data = getattr(trainer.train_dataloader, "dataset", None)
             if data is None:
                 raise ValueError(
                     "SAMCallback: SSAM-F needs Fisher data and the training dataloader has no "
                     "dataset; pass SAMCallback(fisher_data=...)"
                 )
         for opt in self._opts:
-            refresh_before_epoch(opt, trainer.current_epoch, pl_module, data, self.seed, self.fisher_loss_fn)
+            refresh_before_epoch(opt, trainer.current_epoch, target, data, self.seed, self.fisher_loss_fn)
 
     def on_train_batch_start(
         self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int

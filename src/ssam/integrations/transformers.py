@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..optim.factory import WRAPPERS, create_optimizer, parse_opt
+from ..optim.factory import create_optimizer, parse_opt
 from ..optim.sam import SAM
 from . import require
 from .common import mask_density, refresh_after_first_backward, refresh_before_epoch
@@ -102,9 +102,7 @@ class SAMTrainer(Trainer):
             return self.optimizer
         cfg = dict(self.sam_config)
         opt = cfg.pop("opt", "sam")
-        if opt.lower() in WRAPPERS:
-            opt = f"{opt}-adamw"
-        wrapper, base = parse_opt(opt)
+        wrapper, base = parse_opt(opt, default_base="adamw")  # a bare "ssamf": the HF Trainer's own AdamW
         if wrapper is None:
             raise ValueError(
                 f"sam['opt']: got {opt!r}, a plain optimizer; allowed: 'sam', 'ssamf', 'ssamd' or "

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from ..errors import UsageError
+from ..errors import UsageError, did_you_mean
 from .mlp import MLP, mlp
 from .resnet import CifarResNet, resnet18, resnet34, resnet50, resnet101, resnet152
 from .small import SmallCNN, cnn_small, resnet8
@@ -35,6 +35,20 @@ MODELS = {
 WIDTH_MODELS = ("mlp",)
 
 
+TIMM_PREFIX = "timm:"
+MODEL_FORMS = f"{', '.join(MODELS)}, or {TIMM_PREFIX}NAME (any timm architecture; pip install 'sparse-sam[timm]')"
+
+
+def check_model_name(name: str, flag: str = "--model") -> None:
+    """The one check of a model name (``ssam train``, ``compare``, ``bench``): a key of MODELS or ``timm:NAME``.
+    Whether timm knows NAME is checked when the model is built (before anything is written)."""
+    if name in MODELS or (name.startswith(TIMM_PREFIX) and len(name) > len(TIMM_PREFIX)):
+        return
+    # A hint only from names of the same kind: "timm:resnet10t" must not point at our resnet101.
+    hint = "" if name.startswith(TIMM_PREFIX) else did_you_mean(name, MODELS)
+    raise UsageError(f"unknown {flag} {name!r}; choose from: {MODEL_FORMS}{hint}")
+
+
 def _positive_int(what: str, value) -> int:
     # bool is an int subclass; True as a class count is always a mistake.
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
@@ -48,10 +62,9 @@ def build_model(
     """The model ``name`` (a key of ``MODELS`` or ``timm:NAME``); ``width`` only for the models of WIDTH_MODELS."""
     if width is not None and name not in WIDTH_MODELS:
         raise UsageError(f"width {width!r} given for model {name!r}; only {', '.join(WIDTH_MODELS)} take a width")
-    if name.startswith("timm:"):  # any timm architecture, built by the timm integration (extra sparse-sam[timm])
-        return _timm_model(name[len("timm:") :], num_classes, in_channels, image_size)
-    if name not in MODELS:
-        raise UsageError(f"unknown --model {name!r}; choose from: {', '.join(MODELS)}")
+    if name.startswith(TIMM_PREFIX):  # any timm architecture, built by the timm integration (extra sparse-sam[timm])
+        return _timm_model(name[len(TIMM_PREFIX) :], num_classes, in_channels, image_size)
+    check_model_name(name)
     _positive_int("num_classes", num_classes)
     _positive_int("in_channels", in_channels)
     _positive_int("image_size", image_size)
@@ -78,7 +91,9 @@ def _timm_model(name: str, num_classes: int, in_channels: int, image_size: int) 
 
 __all__ = [
     "MODELS",
+    "MODEL_FORMS",
     "WIDTH_MODELS",
+    "check_model_name",
     "build_model",
     "MLP",
     "mlp",

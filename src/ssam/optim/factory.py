@@ -12,22 +12,37 @@ from typing import Any
 import torch
 from torch import nn
 
+from . import registry
 from .sam import SAM
-from .ssamd import SSAMD
-from .ssamf import SSAMF
 
-__all__ = ["BASE_OPTIMIZERS", "WRAPPERS", "OPT_NAMES", "parse_opt", "create_optimizer", "param_groups"]
+__all__ = [
+    "BASE_OPTIMIZERS",
+    "WRAPPERS",
+    "OPT_NAMES",
+    "parse_opt",
+    "canonical_opt",
+    "create_optimizer",
+    "param_groups",
+]
 
-BASE_OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {"sgd": torch.optim.SGD, "adamw": torch.optim.AdamW}
-WRAPPERS: dict[str, type[SAM]] = {"sam": SAM, "ssamf": SSAMF, "ssamd": SSAMD}
-OPT_NAMES: tuple[str, ...] = (*BASE_OPTIMIZERS, *(f"{w}-{b}" for w in WRAPPERS for b in BASE_OPTIMIZERS))
+# Views of the registry, for the code that wants classes by name.
+BASE_OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {n: b.cls for n, b in registry.BASES.items()}
+WRAPPERS: dict[str, type[SAM]] = {n: f.cls for n, f in registry.WRAPPERS.items() if f.cls is not None}
+OPT_NAMES: tuple[str, ...] = (
+    *BASE_OPTIMIZERS,
+    *WRAPPERS,
+    *(f"{w}-{b}" for w in WRAPPERS for b in BASE_OPTIMIZERS),
+)
 
 
-def parse_opt(opt: str) -> tuple[str | None, str]:
-    """``'ssamf-sgd'`` -> ``('ssamf', 'sgd')``; ``'adamw'`` -> ``(None, 'adamw')``; anything else a ``ValueError``."""
+def parse_opt(opt: str, default_base: str = registry.DEFAULT_BASE) -> tuple[str | None, str]:
+    """``'ssamf-sgd'`` -> ``('ssamf', 'sgd')``; ``'adamw'`` -> ``(None, 'adamw')``; a bare wrapper ``'ssamf'`` ->
+    ``('ssamf', default_base)``; anything else a ``ValueError``."""
     parts = opt.lower().split("-") if isinstance(opt, str) else []
     if len(parts) == 1 and parts[0] in BASE_OPTIMIZERS:
         return None, parts[0]
+    if len(parts) == 1 and parts[0] in WRAPPERS:
+        return parts[0], default_base
     if len(parts) == 2 and parts[0] in WRAPPERS and parts[1] in BASE_OPTIMIZERS:
         return parts[0], parts[1]
     from difflib import get_close_matches
@@ -35,6 +50,12 @@ def parse_opt(opt: str) -> tuple[str | None, str]:
     close = get_close_matches(str(opt).lower(), OPT_NAMES, n=1, cutoff=0.6)
     hint = f" (did you mean {close[0]!r}?)" if close else ""
     raise ValueError(f"opt {opt!r} is not an optimizer{hint}; choose from: {', '.join(OPT_NAMES)}")
+
+
+def canonical_opt(opt: str, default_base: str = registry.DEFAULT_BASE) -> str:
+    """The one spelling of an optimizer name: ``'SSAMF'`` -> ``'ssamf-sgd'``, ``'sgd'`` -> ``'sgd'``."""
+    wrapper, base = parse_opt(opt, default_base)
+    return base if wrapper is None else f"{wrapper}-{base}"
 
 
 def _no_decay(name: str, p: torch.Tensor, skip: set[str]) -> bool:

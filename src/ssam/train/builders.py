@@ -10,6 +10,7 @@ import torch
 from torch.utils.data import BatchSampler, DataLoader, Dataset, Sampler
 
 from ..errors import UsageError
+from ..optim import registry
 from ..optim.factory import create_optimizer
 from .config import parse_opt
 
@@ -120,34 +121,20 @@ class FisherBatch:
 
 
 # ------------------------------------------------------------------------------------------ optimizer
+# Settings of a family that the trainer applies around the optimizer, not keywords of its class.
+TRAINER_SETTINGS = ("sam_first_pass", "freeze_bn_second_pass", "skip_dead")
+
+
 def optimizer_settings(cfg: Namespace) -> dict:
-    """The keyword arguments ``create_optimizer`` gets from the flags (only those the named optimizer takes)."""
+    """The keyword arguments ``create_optimizer`` gets from the flags: the settings the registry gives the named
+    family and base optimizer (AdamW takes no momentum: the official code crashes passing it)."""
     wrapper, base = parse_opt(cfg.opt)
-    if base == "sgd":
-        kw: dict = dict(momentum=cfg.momentum, nesterov=cfg.nesterov)
-    else:  # AdamW takes no momentum/nesterov (the official code crashes passing them)
-        kw = dict(betas=tuple(cfg.betas), eps=cfg.eps)
-    if wrapper is not None:
-        kw.update(rho=cfg.rho, adaptive=cfg.adaptive)
-    if wrapper in ("ssamf", "ssamd"):
-        kw.update(
-            sparsity=cfg.sparsity,
-            update_freq=cfg.update_freq,
-            renormalize=cfg.renormalize,
-            granularity=cfg.granularity,
-            cost_aware=cfg.cost_aware,
-        )
-    if wrapper == "ssamf":
-        kw.update(num_samples=cfg.num_samples, fisher_mode=cfg.fisher_mode, fisher_method=cfg.fisher_method)
-    if wrapper == "ssamd":
-        kw.update(
-            drop_rate=cfg.drop_rate,
-            drop_strategy=cfg.drop_strategy,
-            growth_strategy=cfg.growth_strategy,
-            T_start=0,
-            T_end=cfg.epochs,
-            seed=cfg.seed,
-        )
+    names = [*registry.BASES[base].settings, *registry.family(wrapper).settings]
+    kw: dict = {k: getattr(cfg, k) for k in names if k not in TRAINER_SETTINGS}
+    if "betas" in kw:
+        kw["betas"] = tuple(kw["betas"])
+    if wrapper == "ssamd":  # its death-rate schedule spans the run; its random mask follows the seed
+        kw.update(T_start=0, T_end=cfg.epochs, seed=cfg.seed)
     return kw
 
 

@@ -8,11 +8,22 @@ from __future__ import annotations
 
 import hashlib
 import json
+import operator
+from collections.abc import Callable
 from typing import Any
 
+from ..optim import registry
 from ..optim.factory import parse_opt
 
-__all__ = ["NOT_SHAPING", "RESUME_MAY_CHANGE", "run_settings", "run_name", "changed_flags"]
+__all__ = [
+    "NOT_SHAPING",
+    "RESUME_MAY_CHANGE",
+    "run_settings",
+    "run_name",
+    "legacy_run_names",
+    "changed_flags",
+    "differing_settings",
+]
 
 # Flags that change neither what is trained nor how it is computed: where the run lives, what is logged and how
 # fast it goes. They are left out of the run name's hash and may change when a run is resumed.
@@ -21,7 +32,7 @@ NOT_SHAPING = frozenset({
     "output_dir", "output_name", "resume", "resume_path", "allow_changed_flags", "overwrite", "save_every_steps",
     "log_freq", "quiet", "wandb", "wandb_project", "wandb_name", "tensorboard", "eval_only", "limit_val_batches",
     "distributed_val", "num_workers", "datadir", "download", "device", "dist_url", "compile", "channels_last",
-    "deterministic", "fisher_method", "config", "debug",
+    "deterministic", "fisher_method", "config", "debug", "threads",
 })  # fmt: skip
 # May change on --resume besides those: the epoch count, so that a finished run can be extended. It is also left
 # out of the run name, so `--epochs 300 --resume` finds the 200-epoch run's folder.
@@ -29,22 +40,13 @@ RESUME_MAY_CHANGE = frozenset({"epochs"})
 
 
 def _only_when(cfg: dict[str, Any]) -> dict[str, bool]:
-    """Settings that shape only some runs (rho only a SAM run's); elsewhere they are not part of its identity."""
+    """Settings that shape only some runs (rho only a SAM run's); elsewhere they are not part of its identity. The
+    optimizer's settings are the registry's (``ssam.optim.registry``); the schedule's and the model's are here."""
     wrapper, base = parse_opt(cfg["opt"])
-    sam, sparse, ssamf, ssamd = (
-        wrapper is not None,
-        wrapper in ("ssamf", "ssamd"),
-        wrapper == "ssamf",
-        wrapper == "ssamd",
-    )
     cosine = cfg["lr_scheduler"] == "CosineLRscheduler"
+    relevant = {k: registry.applies(k, wrapper, base) for k in cfg if k in registry.owned_settings()}
     return {
-        "rho": sam, "adaptive": sam, "sam_first_pass": sam, "freeze_bn_second_pass": sam,
-        "sparsity": sparse, "update_freq": sparse, "renormalize": sparse, "granularity": sparse,
-        "cost_aware": sparse, "skip_dead": sparse,
-        "num_samples": ssamf, "fisher_mode": ssamf,
-        "drop_rate": ssamd, "drop_strategy": ssamd, "growth_strategy": ssamd,
-        "momentum": base == "sgd", "nesterov": base == "sgd", "betas": base == "adamw", "eps": base == "adamw",
+        **relevant,
         "mlp_width": cfg.get("model") == "mlp",
         "eta_min": cosine, "milestone": not cosine, "gamma": not cosine, "warmup_init_lr": cfg["warmup_epoch"] > 0,
     }  # fmt: skip
@@ -59,7 +61,7 @@ def run_settings(cfg: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def run_name(cfg: dict[str, Any], defaults: dict[str, Any]) -> str:
+def run_name(cfg: dict[str, Any], defaults: dict[str, Any], _colon: bool = False) -> str:
     """``digits_cnn_small_ssamf-sgd_lr0.05_rho0.05_sp0.2_seed1234_1a2b3c4d``: a readable prefix and a hash of every
     setting that shapes the run, so that runs with different settings never share a folder.
 
@@ -67,11 +69,14 @@ def run_name(cfg: dict[str, Any], defaults: dict[str, Any]) -> str:
     default, keeps the names of older runs.
     """
     wrapper, _ = parse_opt(cfg["opt"])
-    parts = [cfg["dataset"], cfg["model"], cfg["opt"], f"lr{cfg['lr']:g}"]
+    # "timm:resnet10t" -> "timm-resnet10t": a file name on every file system
+    parts = [cfg["dataset"], cfg["model"].replace(":", "-"), cfg["opt"], f"lr{cfg['lr']:g}"]
     if wrapper:
         parts.append(f"rho{cfg['rho']:g}")
-    if wrapper in ("ssamf", "ssamd"):
+    if registry.family(wrapper).sparse:
         grain = "" if cfg["granularity"] == "element" else f"-{cfg['granularity']}"
+        if not _colon:  # "2:4" -> "2of4": a colon is not a file name on every file system, nor easy in a shell
+            grain = grain.replace(":", "of")
         parts.append(f"sp{cfg['sparsity']:g}{grain}")
     if cfg.get("train_subset"):
         parts.append(f"n{cfg['train_subset']}")
@@ -83,17 +88,31 @@ def run_name(cfg: dict[str, Any], defaults: dict[str, Any]) -> str:
     return "_".join(parts) + "_" + digest
 
 
-def changed_flags(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:
-    """``--flag OLD -> NEW`` for every setting that shapes the run and differs between a checkpoint's config and
-    this one (settings the checkpoint does not record, from older versions, are not compared)."""
+def legacy_run_names(cfg: dict[str, Any], defaults: dict[str, Any]) -> list[str]:
+    """Names older versions gave the same run (N:M granularity with a colon), for ``--resume`` to find."""
+    old = run_name(cfg, defaults, _colon=True)
+    return [old] if old != run_name(cfg, defaults) else []
+
+
+def differing_settings(
+    saved: dict[str, Any], now: dict[str, Any], same: Callable[[Any, Any], bool] = operator.eq
+) -> list[tuple[str, Any, Any]]:
+    """``(flag, old, new)`` for every setting that shapes the run and differs between a saved config and this one
+    (settings the saved config does not record, from older versions, are not compared). ``same``: the equality
+    (``ssam compare`` reads configs back from YAML)."""
     then_settings = run_settings({**now, **saved})
     now_settings = run_settings(now)
     keys = sorted(k for k in now_settings.keys() | then_settings.keys() if k in saved and k in now)
     return [
-        f"--{k} {_show(then_settings.get(k))} -> {_show(now_settings.get(k))}"
+        (k, then_settings.get(k), now_settings.get(k))
         for k in keys
-        if now_settings.get(k) != then_settings.get(k)
+        if not same(now_settings.get(k), then_settings.get(k))
     ]
+
+
+def changed_flags(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:
+    """``--flag OLD -> NEW`` for every setting that shapes the run and differs (what ``--resume`` refuses)."""
+    return [f"--{k} {_show(old)} -> {_show(new)}" for k, old, new in differing_settings(saved, now)]
 
 
 def _show(value: Any) -> str:

@@ -49,6 +49,13 @@ from .step import train_step
 
 __all__ = ["Trainer", "train"]
 
+PROGRESS_EVERY_S = 30.0
+
+
+def _threads() -> str:
+    n = torch.get_num_threads()
+    return f"{n} thread" + ("s" if n > 1 else "")
+
 
 # ------------------------------------------------------------------------------------------ the run
 class Trainer:
@@ -58,6 +65,8 @@ class Trainer:
         self.cfg = cfg
         self.rank, self.world, local_rank = init_distributed(cfg)
         self.device = pick_device(cfg, local_rank)
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
         if cfg.gpu_data and self.world > 1:
             raise UsageError("--gpu_data is single-process; drop it under torchrun")
         self.run = RunDir(cfg, self.rank)
@@ -368,6 +377,7 @@ class Trainer:
         skipped0 = self.scaler.skipped_steps
         t0 = time.time()
         bar = self._progress(steps - start, epoch)
+        last_line = t0
         pending = None
         step = start
         for step in range(start, steps):
@@ -389,7 +399,11 @@ class Trainer:
                 ]
             )
             bar.update(1)
-            if (step + 1) % cfg.log_freq == 0 and self.run.main:
+            # Off a terminal, a line every --log_freq steps, and at least every PROGRESS_EVERY_S seconds: a slow
+            # model on a CPU must not look hung.
+            due = (step + 1) % cfg.log_freq == 0 or time.time() - last_line >= PROGRESS_EVERY_S
+            if due and self.run.main:
+                last_line = time.time()
                 if bar.disable and not cfg.quiet:
                     print(
                         f"  epoch {epoch + 1} step {step + 1}/{steps} loss {acc[0].item() / acc[3].item():.4f}",
@@ -458,7 +472,8 @@ class Trainer:
             resumed = f", resumed at epoch {self.start_epoch + 1} step {self.start_step}"
         run.log(
             f"ssam train | {cfg.dataset} {cfg.model} ({n_params:,} params) {cfg.opt} | {self.device}"
-            f"{f' x{self.world}' if self.world > 1 else ''} | {run.path}{resumed}"
+            f"{f' x{self.world}' if self.world > 1 else ''}"
+            f"{f' | {_threads()}' if self.device.type == 'cpu' else ''} | {run.path}{resumed}"
         )
         if cfg.label_noise:
             run.log(f"label noise {cfg.label_noise:g}: {self.train_ds.label_noise['count']} training labels replaced")

@@ -113,6 +113,8 @@ def checkpoint_file(path: str, flag: str = "--checkpoint") -> str:
 
 
 def output_dir(args: argparse.Namespace, paths: list[str]) -> Path:
+    """Where results go; checked here but not created: the first file written creates it (``ssam.io``), so a
+    command that stops with an error before it has a result leaves nothing behind."""
     if args.output:
         out = Path(args.output)
     elif len(paths) == 1:
@@ -121,7 +123,6 @@ def output_dir(args: argparse.Namespace, paths: list[str]) -> Path:
         out = Path("analysis")
     if out.exists() and not out.is_dir():
         raise UsageError(f"--output {str(out)!r} exists and is not a folder")
-    out.mkdir(parents=True, exist_ok=True)
     return out
 
 
@@ -170,6 +171,12 @@ class Loader:
             info = self.datasets(dataset, datadir)[2]
             fallback = {"num_classes": info.num_classes, "in_channels": info.in_channels, "image_size": info.image_size}
         return model_from_checkpoint(ckpt, path, name=self.args.model, fallback=fallback), ckpt, (dataset, datadir)
+
+    def check(self, paths: list[str]) -> None:
+        """Read every checkpoint once and build its model, so that a missing or corrupt one among several stops
+        the command before any work is done (and before anything is written)."""
+        for path in paths:
+            self.load(path)
 
     def batches(self, dataset: str, datadir: str | None) -> list[tuple[torch.Tensor, torch.Tensor]]:
         key = (dataset, datadir, "batches")

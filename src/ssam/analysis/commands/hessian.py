@@ -222,6 +222,8 @@ def _profile(args: argparse.Namespace, device: Any, graph_memory: int | None, ou
         raise UsageError(
             "--profile times lambda_max (and --trace) on all parameters; leave out --params, --density and --per_layer"
         )
+    # Read here first: a bad checkpoint is one line and exit 2, not a failed worker process.
+    Loader(args).check([args.checkpoint])
     tools = ("ssam", "pyhessian") if available("pyhessian") else ("ssam",)
     if len(tools) == 1:
         print("ssam: note: PyHessian is not installed (pip install pyhessian); timing ssam alone", file=sys.stderr)

@@ -134,6 +134,9 @@ def run_landscape(args: argparse.Namespace) -> int:
         args.to = checkpoint_file(args.to, "--to")
     names = run_names(paths)
     out = output_dir(args, paths)
+    loader = Loader(args)
+    if len(paths) > 1:
+        loader.check(paths)
     # Exactly what determines the grid's values: a resumed grid must not mix two different landscapes.
     settings = {
         "checkpoint": [str(Path(p).resolve()) for p in paths],
@@ -165,7 +168,7 @@ def run_landscape(args: argparse.Namespace) -> int:
 
     bar = progress_bar(args, "landscape", total=int(np.isnan(loss).sum()), unit="pt")
     try:
-        _evaluate_all(args, paths, names, xs, ys, loss, acc, save, bar, device)
+        _evaluate_all(args, loader, paths, names, xs, ys, loss, acc, save, bar, device)
     finally:
         bar.close()
     save()
@@ -190,9 +193,8 @@ def run_landscape(args: argparse.Namespace) -> int:
     return 0
 
 
-def _evaluate_all(args, paths, names, xs, ys, loss, acc, save, bar, device) -> None:
+def _evaluate_all(args, loader, paths, names, xs, ys, loss, acc, save, bar, device) -> None:
     """Fill the NaN points of ``loss``/``acc``, checkpoint by checkpoint, saving about once a second."""
-    loader = Loader(args)
     other = None
     if args.to:
         from ...checkpoint import load_checkpoint

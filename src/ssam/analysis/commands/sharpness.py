@@ -96,6 +96,8 @@ def run_sharpness(args: argparse.Namespace) -> int:
     names = run_names(paths)
     out = output_dir(args, paths)
     loader = Loader(args)
+    if len(paths) > 1:
+        loader.check(paths)
     rows = []
     bar = progress_bar(args, "sharpness")
     try:
