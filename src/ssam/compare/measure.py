@@ -8,6 +8,7 @@ from pathlib import Path
 
 from ..errors import UsageError
 from ..io import write_json
+from ..runfolder import RunFolder
 from .console import say
 from .plan import Run, is_finished, read_json_or_none
 
@@ -50,7 +51,7 @@ def hessian_of_run(run_folder: Path, samples: int, data_cache: dict, device: str
     from ..analysis import hessian_eigenvalues, hessian_trace
     from ..checkpoint import load_checkpoint, model_from_checkpoint
 
-    ckpt_path = run_folder / "last.pt"
+    ckpt_path = run_folder / RunFolder.LAST
     st = ckpt_path.stat()
     key = {
         "checkpoint_size": st.st_size,
@@ -59,7 +60,7 @@ def hessian_of_run(run_folder: Path, samples: int, data_cache: dict, device: str
         "lanczos_max_iter": LANCZOS_MAX_ITER,
         "trace_max_iter": TRACE_MAX_ITER,
     }
-    cache_path = run_folder / "hessian.json"
+    cache_path = run_folder / RunFolder.HESSIAN
     cached = read_json_or_none(cache_path)
     if isinstance(cached, dict) and all(cached.get(k) == v for k, v in key.items()):
         return cached
@@ -111,6 +112,6 @@ def measure_runs(runs: list[Run], samples: int) -> None:
     device = "cuda" if torch.cuda.is_available() and runs[0].config.get("device") != "cpu" else "cpu"
     data_cache: dict = {}
     for r in runs:
-        if is_finished(r.folder) and (r.folder / "last.pt").is_file():
+        if is_finished(r.folder) and RunFolder(r.folder).last.is_file():
             h = hessian_of_run(r.folder, samples, data_cache, device)
             say(f"hessian {r.name}: λ_max {h['lambda_max']:.4g}  trace {h['trace']:.4g} ± {h['trace_stderr']:.2g}")

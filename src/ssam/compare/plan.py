@@ -18,6 +18,7 @@ import yaml
 
 from ..errors import UsageError
 from ..io import read_json
+from ..runfolder import RunFolder
 from .console import say
 from .recipe import (
     AXIS_SHORT,
@@ -191,8 +192,7 @@ def read_json_or_none(path: Path) -> Any:
 
 
 def is_finished(folder: Path) -> bool:
-    summary = read_json_or_none(folder / "summary.json")
-    return isinstance(summary, dict) and summary.get("finished") is True
+    return RunFolder(folder).finished()
 
 
 def _same(a: Any, b: Any) -> bool:
@@ -215,11 +215,8 @@ def stale_keys(run: Run) -> list[str]:
     extend but a comparison fixes."""
     from ..train.identity import differing_settings
 
-    try:
-        config = yaml.safe_load((run.folder / "config.yaml").read_text())
-    except (OSError, yaml.YAMLError):
-        return []
-    if not isinstance(config, dict):
+    config = RunFolder(run.folder).config()
+    if config is None:
         return []
     bad = [f"{k}: {old!r} -> {new!r}" for k, old, new in differing_settings(config, run.config, same=_same)]
     if "epochs" in config and not _same(config["epochs"], run.config.get("epochs")):
@@ -242,9 +239,9 @@ def action_for(run: Run, status: dict, overwrite: bool) -> str:
         return "done"
     if status.get(run.name) == "diverged":
         return "diverged"
-    if (run.folder / "last.pt").is_file():
+    if RunFolder(run.folder).last.is_file():
         return "resume"
-    if any((run.folder / f).exists() for f in ("summary.json", "metrics.jsonl")):
+    if RunFolder(run.folder).holds_run():
         return "restart"
     return "new"
 

@@ -3,13 +3,13 @@ runs.csv (one row per run), and the console table."""
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 
 import numpy as np
 
 from ..io import write_atomic, write_csv
-from .plan import Run, read_json_or_none
+from ..runfolder import RunFolder
+from .plan import Run
 from .recipe import SPARSE_OPTS, applies, train_flag_names
 from .settings import Settings
 
@@ -57,23 +57,6 @@ def mean_std(values: Sequence[float]) -> tuple[float, float]:
     return float(v.mean()), float(v.std(ddof=1)) if v.size > 1 else float("nan")
 
 
-def _read_metrics(path) -> list[dict]:
-    """Per-epoch records; a torn last line (a killed run) is dropped, a re-logged epoch keeps its last record."""
-    by_epoch: dict[int, dict] = {}
-    try:
-        lines = path.read_text().splitlines()
-    except OSError:
-        return []
-    for line in lines:
-        try:
-            rec = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(rec, dict) and isinstance(rec.get("epoch"), (int, float)):
-            by_epoch[int(rec["epoch"])] = rec
-    return [by_epoch[e] for e in sorted(by_epoch)]
-
-
 def _density(masks: list | None, metrics: list[dict]) -> float | None:
     """Live fraction over all masked entries (weighted by size), or the trainer's last logged density."""
     rows = [
@@ -105,8 +88,9 @@ def setting_columns(runs: list[Run]) -> list[str]:
 
 def load_run(run: Run, columns: Sequence[str] = ALWAYS_SHOWN) -> dict:
     """Everything the report needs from one run folder (``finished`` False when it has no finished summary)."""
-    summary = read_json_or_none(run.folder / "summary.json")
-    finished = isinstance(summary, dict) and summary.get("finished") is True
+    folder = RunFolder(run.folder)
+    summary = folder.summary() or {}
+    finished = summary.get("finished") is True
     rec = {
         "name": run.name,
         "variant": run.variant,
@@ -116,7 +100,7 @@ def load_run(run: Run, columns: Sequence[str] = ALWAYS_SHOWN) -> dict:
         "optimizer": run.label,
         "group": run.group,
         "finished": finished,
-        "metrics": _read_metrics(run.folder / "metrics.jsonl"),
+        "metrics": folder.metrics(),
     }
     for key in columns:
         rec[key] = run.config.get(key) if applies(key, run.opt) else None
@@ -124,10 +108,10 @@ def load_run(run: Run, columns: Sequence[str] = ALWAYS_SHOWN) -> dict:
     for key in FROM_SUMMARY:
         v = summary.get(key) if finished else None
         rec[key] = float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else None
-    masks = read_json_or_none(run.folder / "masks.json")
+    masks = folder.read(RunFolder.MASKS)
     rec["masks"] = masks if isinstance(masks, list) and run.opt in SPARSE_OPTS else None
     rec["mask_density"] = _density(rec["masks"], rec["metrics"]) if finished and run.opt in SPARSE_OPTS else None
-    hess = read_json_or_none(run.folder / "hessian.json") if finished else None
+    hess = folder.read(RunFolder.HESSIAN) if finished else None
     for key in ("lambda_max", "trace", "trace_stderr"):
         rec[key] = float(hess[key]) if isinstance(hess, dict) and isinstance(hess.get(key), (int, float)) else None
     return rec

@@ -20,8 +20,9 @@ import numpy as np
 
 from ..errors import UsageError
 from ..io import write_json
+from ..runfolder import RunFolder
 from .console import say
-from .plan import Run, read_json_or_none
+from .plan import Run
 
 
 def cpu_count() -> int:
@@ -55,7 +56,7 @@ def _tail(path: Path, lines: int = 6) -> str:
 
 
 def result_text(folder: Path) -> str:
-    s = read_json_or_none(folder / "summary.json") or {}
+    s = RunFolder(folder).summary() or {}
 
     def num(key: str, fmt: str) -> str:
         v = s.get(key)

@@ -114,7 +114,7 @@ class SAMTrainer(Trainer):
         )
         sam = create_optimizer(
             model if model is not None else self.model,
-            opt,
+            f"{wrapper}-{base}",
             lr=a.learning_rate,
             weight_decay=a.weight_decay,
             no_decay_bias_norm=True,

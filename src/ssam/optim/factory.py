@@ -30,8 +30,8 @@ BASE_OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {n: b.cls for n, b in 
 WRAPPERS: dict[str, type[SAM]] = {n: f.cls for n, f in registry.WRAPPERS.items() if f.cls is not None}
 OPT_NAMES: tuple[str, ...] = (
     *BASE_OPTIMIZERS,
-    *WRAPPERS,
     *(f"{w}-{b}" for w in WRAPPERS for b in BASE_OPTIMIZERS),
+    *WRAPPERS,  # bare: over the entry point's default base
 )
 
 

@@ -13,11 +13,11 @@ import signal
 import sys
 import time
 from argparse import Namespace
+from functools import partial
 from typing import Any, cast
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 import yaml
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
@@ -41,6 +41,7 @@ from .distributed import (
     unwrap,
     weights_agree,
 )
+from .evaluate import evaluate
 from .memorization import KEYS as MEMORIZATION_KEYS
 from .memorization import memorization
 from .rng import rng_state, seed_everything, set_rng_state
@@ -285,49 +286,25 @@ class Trainer:
         return res.loss_sum, hit[:, 0].sum(), hit.any(1).sum(), res.nonfinite
 
     # ---------------------------------------------------------------- epochs
-    @torch.no_grad()
     def evaluate(self, loader: Any = None, prefix: str = "test", predictions: list | None = None) -> dict:
-        """Loss, top-1 and top-5 accuracy on ``loader`` (default the test set) as ``{prefix}_loss`` etc.;
-        ``predictions``, if given, collects the predicted classes batch by batch."""
-        model, cfg = self.model, self.cfg
-        test = loader is None
-        loader = self.val_loader if test else loader
-        was = model.training
-        model.eval()
-        tot = torch.zeros(4, device=self.device, dtype=torch.float64)  # loss, top1, top5, n
-        if self.rank == 0 or (cfg.distributed_val and test):
-            for i, (x, y) in enumerate(loader):
-                if test and cfg.limit_val_batches and i >= cfg.limit_val_batches:
-                    break
-                x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
-                if cfg.channels_last:
-                    x = x.contiguous(memory_format=torch.channels_last)
-                with self._autocast():
-                    out = model(x)
-                loss = F.cross_entropy(out.float(), y, reduction="sum")
-                hit = out.topk(min(5, out.shape[1]), 1).indices == y[:, None]
-                if predictions is not None:
-                    predictions.append(out.argmax(1).cpu())
-                tot += torch.stack(
-                    [
-                        loss.double(),
-                        hit[:, 0].sum().double(),
-                        hit.any(1).sum().double(),
-                        torch.tensor(float(len(y)), device=self.device, dtype=torch.float64),
-                    ]
-                )
+        """Loss and accuracies on ``loader`` (default the test set); see ``evaluate.evaluate``."""
+        cfg, test = self.cfg, loader is None
+        shard = cfg.distributed_val and test  # the test set may be evaluated in shards; the rest on rank 0
+        reduce = None
         if self.world > 1:
-            if cfg.distributed_val and test:
-                dist.all_reduce(tot)
-            else:
-                dist.broadcast(tot, 0)
-        model.train(was)
-        n = max(tot[3].item(), 1)
-        return {
-            f"{prefix}_loss": tot[0].item() / n,
-            f"{prefix}_acc1": 100 * tot[1].item() / n,
-            f"{prefix}_acc5": 100 * tot[2].item() / n,
-        }
+            reduce = dist.all_reduce if shard else partial(dist.broadcast, src=0)
+        return evaluate(
+            self.model,
+            self.val_loader if test else loader,
+            device=self.device,
+            autocast=self._autocast,
+            channels_last=cfg.channels_last,
+            limit=cfg.limit_val_batches if test else 0,
+            run=self.rank == 0 or shard,
+            reduce=reduce,
+            prefix=prefix,
+            predictions=predictions,
+        )
 
     def measure_holdout(self, epoch: int, test_acc1: float) -> dict:
         """Validation accuracy and the memorization of the noisy labels, each when asked for; outside the timed
@@ -417,7 +394,7 @@ class Trainer:
                 pending = None
                 self.elapsed += time.time() - t0
                 t0 = time.time()
-                self.run.save("last.pt", self.checkpoint(epoch, step + 1, {"acc": acc.cpu()}))
+                self.run.save(RunDir.LAST, self.checkpoint(epoch, step + 1, {"acc": acc.cpu()}))
                 if self.stop_signal is not None:
                     bar.close()
                     raise Interrupted(
@@ -464,7 +441,7 @@ class Trainer:
             return res
         if run.main:
             run.path.mkdir(parents=True, exist_ok=True)
-            run.write_text("config.yaml", yaml.safe_dump(to_plain(cfg), sort_keys=True))
+            run.write_text(RunDir.CONFIG, yaml.safe_dump(to_plain(cfg), sort_keys=True))
             run.truncate_metrics(self.start_epoch)
         n_params = sum(p.numel() for p in self.model.parameters())
         resumed = ""
@@ -502,7 +479,7 @@ class Trainer:
                 **held,
                 "passes_per_example": self.passes / max(1, self.examples),
             }
-            run.append("metrics.jsonl", json.dumps(rec))
+            run.append(RunDir.METRICS, json.dumps(rec))
             run.log(
                 f"epoch {epoch + 1:>3}/{cfg.epochs} | train loss {tr['train_loss']:.4f} acc1 {tr['train_acc1']:.2f} "
                 f"acc5 {tr['train_acc5']:.2f} | test loss {te['test_loss']:.4f} acc1 {te['test_acc1']:.2f} "
@@ -521,12 +498,12 @@ class Trainer:
                 self.trackers.log(rec)
             finished = epoch + 1 == cfg.epochs
             ck = self.checkpoint(epoch + 1, 0, finished=finished)
-            run.save("last.pt", ck)
+            run.save(RunDir.LAST, ck)
             if new_best:
-                run.save("best.pt", ck)
+                run.save(RunDir.BEST, ck)
             last = rec
         if self.refresh:
-            run.write_text("masks.json", json.dumps(self.opt.mask_stats(), indent=1))
+            run.write_json(RunDir.MASKS, self.opt.mask_stats())
         summary = {
             "finished": True,
             "best_acc1": self.best_acc1,
@@ -548,8 +525,8 @@ class Trainer:
         if self.world > 1:
             summary["ranks_agree"] = weights_agree(self.model, self.opt if self.refresh else None, self.world)
         # A resume with no epoch left keeps the summary of the run that trained them.
-        if last or not (run.path / "summary.json").exists():
-            run.write_text("summary.json", json.dumps(summary, indent=1))
+        if last or not (run.path / RunDir.SUMMARY).exists():
+            run.write_json(RunDir.SUMMARY, summary)
         if self.trackers:
             self.trackers.close()
         return summary

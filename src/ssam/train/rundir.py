@@ -17,7 +17,8 @@ import torch
 
 from ..checkpoint import load_checkpoint
 from ..errors import UsageError
-from ..io import save_torch, write_atomic
+from ..io import save_torch, write_atomic, write_json
+from ..runfolder import RunFolder
 from .config import to_plain
 from .distributed import elastic_restart
 from .identity import changed_flags
@@ -25,20 +26,13 @@ from .identity import changed_flags
 __all__ = ["RunDir", "Trackers", "checkpoint_to_resume"]
 
 
-class RunDir:
+class RunDir(RunFolder):
+    """The run folder of a training run, with the writing: only rank 0 writes."""
+
     def __init__(self, cfg: Namespace, rank: int) -> None:
-        self.path = Path(cfg.output_dir) / cfg.output_name
+        super().__init__(Path(cfg.output_dir) / cfg.output_name)
         self.rank = rank
         self.main = rank == 0
-
-    def holds_run(self) -> bool:
-        return any((self.path / f).exists() for f in ("last.pt", "summary.json", "metrics.jsonl"))
-
-    def finished(self) -> bool:
-        try:
-            return bool(json.loads((self.path / "summary.json").read_text()).get("finished"))
-        except (OSError, ValueError):
-            return False
 
     def prepare(self, cfg: Namespace, replace: bool = True) -> None:
         """Refuse to train over a run unless told to continue (--resume) or replace (--overwrite) it; with
@@ -69,18 +63,22 @@ class RunDir:
         """A line for the terminal and log.txt (--quiet hides the progress bar, never these lines)."""
         if self.main:
             print(line, flush=True)
-            self.append("log.txt", line)
+            self.append(self.LOG, line)
 
     def save(self, name: str, obj: dict) -> None:
         if self.main:
             save_torch(obj, self.path / name)
 
+    def write_json(self, name: str, obj: Any) -> None:
+        if self.main:
+            write_json(self.path / name, obj)
+
     def truncate_metrics(self, epoch: int) -> None:
         """On resume, forget records of epochs that will be run again."""
-        f = self.path / "metrics.jsonl"
+        f = self.path / self.METRICS
         if self.main and f.exists():
             keep = [ln for ln in f.read_text().splitlines() if ln.strip() and json.loads(ln)["epoch"] < epoch]
-            self.write_text("metrics.jsonl", "".join(ln + "\n" for ln in keep))
+            self.write_text(self.METRICS, "".join(ln + "\n" for ln in keep))
 
 
 class Trackers:
@@ -135,11 +133,11 @@ def checkpoint_to_resume(cfg: Namespace, run: RunDir, device: torch.device) -> t
     model, optimizer and data set must always match, or the checkpoint cannot be loaded.
     """
     if cfg.eval_only:
-        path = Path(cfg.resume_path) if cfg.resume_path else run.path / "best.pt"
+        path = Path(cfg.resume_path) if cfg.resume_path else run.best
     elif cfg.resume_path:
         path = Path(cfg.resume_path)
     elif cfg.resume:
-        path = run.path / "last.pt"
+        path = run.last
         if not path.exists():
             # `ssam compare` resumes every run folder it manages, and an elastic restart may come before the
             # first checkpoint: an empty folder simply starts.

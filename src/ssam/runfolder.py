@@ -1,0 +1,104 @@
+"""A run folder: the one place that names its files and knows what they say.
+
+``ssam train`` writes one (``train.rundir`` adds the writing), ``ssam compare`` plans and reports over them, the
+analysis commands read their checkpoints, and ``scripts/results_fashion.sh`` archives them. A run is *finished*
+when its ``summary.json`` says so; it *holds a run* once any of its checkpoint, summary or metrics exists.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+__all__ = ["RunFolder"]
+
+
+class RunFolder:
+    """The files of one run: ``RunFolder(path).summary()``, ``.finished()``, ``.metrics()`` ..."""
+
+    CONFIG = "config.yaml"  # the flags, loadable with ssam train --config
+    LOG = "log.txt"
+    METRICS = "metrics.jsonl"  # one JSON record per epoch
+    LAST = "last.pt"  # the checkpoint to resume from (also mid-epoch)
+    BEST = "best.pt"  # the checkpoint of the best test accuracy
+    SUMMARY = "summary.json"  # written when the run ends: finished, accuracies, times, costs
+    MASKS = "masks.json"  # SSAM runs: the final mask per parameter tensor
+    HESSIAN = "hessian.json"  # ssam compare's cached sharpness of the final model
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = Path(path)
+
+    def __truediv__(self, name: str) -> Path:
+        return self.path / name
+
+    def __repr__(self) -> str:
+        return f"RunFolder({str(self.path)!r})"
+
+    @property
+    def last(self) -> Path:
+        return self.path / self.LAST
+
+    @property
+    def best(self) -> Path:
+        return self.path / self.BEST
+
+    def holds_run(self) -> bool:
+        return any((self.path / f).exists() for f in (self.LAST, self.SUMMARY, self.METRICS))
+
+    def summary(self) -> dict | None:
+        """The summary, or None when there is none or it cannot be read."""
+        return _json_dict(self.path / self.SUMMARY)
+
+    def finished(self) -> bool:
+        s = self.summary()
+        return s is not None and s.get("finished") is True
+
+    def config(self) -> dict | None:
+        """The saved flags, or None when there are none or they cannot be read."""
+        try:
+            cfg = yaml.safe_load((self.path / self.CONFIG).read_text())
+        except (OSError, yaml.YAMLError):
+            return None
+        return cfg if isinstance(cfg, dict) else None
+
+    def metrics(self) -> list[dict]:
+        """Per-epoch records in epoch order; a torn last line (a killed run) is dropped, a re-logged epoch keeps its
+        last record."""
+        by_epoch: dict[int, dict] = {}
+        try:
+            lines = (self.path / self.METRICS).read_text().splitlines()
+        except OSError:
+            return []
+        for line in lines:
+            try:
+                rec = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(rec, dict) and isinstance(rec.get("epoch"), (int, float)):
+                by_epoch[int(rec["epoch"])] = rec
+        return [by_epoch[e] for e in sorted(by_epoch)]
+
+    def checkpoint(self) -> Path:
+        """The checkpoint an analysis reads from this folder: best.pt, else last.pt (which need not exist)."""
+        return self.best if self.best.is_file() else self.last
+
+    def read(self, name: str) -> Any:
+        """A JSON file of the folder (masks, hessian), or None."""
+        try:
+            with open(self.path / name, encoding="utf-8") as f:
+                return json.load(f)
+        except (OSError, ValueError):
+            return None
+
+
+def _json_dict(path: Path) -> dict | None:
+    try:
+        with open(path, encoding="utf-8") as f:
+            obj = json.load(f)
+    except (OSError, ValueError):
+        return None
+    return obj if isinstance(obj, dict) else None
