@@ -7,11 +7,13 @@ resumes an interrupted comparison: finished runs are skipped, runs with a ``last
 
 Outputs in OUTPUT: ``results.md`` / ``results.csv`` (one row per variant and axis setting, mean ± sample std over
 seeds, and each SAM-family row's final accuracy minus the base optimizer's, seed by seed), ``runs.csv`` (one row
-per run), ``curves.png``, ``sparsity.png`` and ``rho.png`` (sweeps), ``masks.png`` (SSAM runs), ``compare.yaml``
+per run), ``curves.png``, ``sparsity.png`` and ``rho.png`` (sweeps), ``masks.png`` (SSAM runs), ``memorization.png``
+and ``cost.png`` (runs under label noise; every run's accuracy against its passes per example), ``compare.yaml``
 (the resolved grid, for the record), ``logs/<run>.log`` (each child's output).
 
 The modules, in the order ``main`` uses them: ``settings`` and ``recipe`` (what to compare), ``plan`` (the grid and
-what each run folder needs), ``runner`` (training), ``measure`` (Hessian), ``report`` and ``plots``.
+what each run folder needs), ``runner`` (training), ``measure`` (Hessian), ``report`` (statistics and files), ``tables`` and ``numbers`` (the
+text), ``plots`` and ``frontier`` (the figures: memorization.png and cost.png for the memorization regime).
 """
 
 from __future__ import annotations
@@ -22,7 +24,17 @@ from collections.abc import Sequence
 
 from .console import say
 from .measure import hessian_of_run, measure_runs
-from .plan import Run, action_for, group_label, is_finished, plan_runs, read_status, record_grid, run_name
+from .plan import (
+    Run,
+    action_for,
+    grid_folder_name,
+    group_label,
+    is_finished,
+    plan_runs,
+    read_status,
+    record_grid,
+    run_name,
+)
 from .recipe import PAPER_SEEDS, load_recipe, seed_count, seed_list
 from .report import aggregate, load_run, mean_std, report
 from .runner import Lock, resume_flags, train_grid
@@ -42,6 +54,7 @@ __all__ = [
     "seed_count",
     "group_label",
     "run_name",
+    "grid_folder_name",
     "hessian_of_run",
     "Lock",
     "Run",

@@ -67,8 +67,10 @@ def _name_part(flag: str, value: Any) -> str:
     return f"{flag}{text}" if isinstance(value, (int, float)) and not isinstance(value, bool) else f"{flag}-{text}"
 
 
-def run_name(variant: str, axes: dict | float | None, seed: int) -> str:
-    """``ssamf_s0.5_seed1``, ``sam_rho0.05_noise0.4_seed1``; ``axes`` may be a sparsity (the old signature)."""
+def grid_folder_name(variant: str, axes: dict | float | None, seed: int) -> str:
+    """A comparison's name for a run folder, ``ssamf_s0.5_seed1``, ``sam_rho0.05_noise0.4_seed1`` (not the hashed
+    name ``ssam train`` gives a run by itself, ``train.identity.run_name``); ``axes`` may be a sparsity (the old
+    signature)."""
     if not isinstance(axes, dict):
         axes = {} if axes is None else {"sparsity": axes}
     return "_".join([variant, *(_name_part(f, v) for f, v in axes.items()), f"seed{seed}"])
@@ -132,7 +134,7 @@ def plan_runs(s: Settings) -> list[Run]:
         for v in s.variants:
             for values in _combos(v, s.axes):
                 named = {f: x for f, x in values.items() if s.axis(f).named}
-                name = run_name(v.name, named, seed)
+                name = grid_folder_name(v.name, named, seed)
                 fixed = {
                     "opt": v.flags["opt"],
                     **values,
@@ -273,3 +275,13 @@ def record_grid(s: Settings, runs: list[Run]) -> None:
             sort_keys=False,
         ).encode(),
     )
+
+
+def run_name(variant: str, axes: dict | float | None, seed: int) -> str:
+    """Deprecated name of ``grid_folder_name`` (it clashed with ``train.identity.run_name``)."""
+    import warnings
+
+    warnings.warn(
+        "ssam.compare.run_name is deprecated; use ssam.compare.grid_folder_name", DeprecationWarning, stacklevel=2
+    )
+    return grid_folder_name(variant, axes, seed)
