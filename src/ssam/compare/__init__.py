@@ -12,8 +12,8 @@ and ``cost.png`` (runs under label noise; every run's accuracy against its passe
 (the resolved grid, for the record), ``logs/<run>.log`` (each child's output).
 
 The modules, in the order ``main`` uses them: ``settings`` and ``recipe`` (what to compare), ``plan`` (the grid and
-what each run folder needs), ``runner`` (training), ``measure`` (Hessian), ``report`` (statistics and files), ``tables`` and ``numbers`` (the
-text), ``plots`` and ``frontier`` (the figures: memorization.png and cost.png for the memorization regime).
+what each run folder needs), ``runner`` (training), ``measure`` (Hessian), ``report`` (statistics and files),
+``tables`` and ``numbers`` (the text), ``plots`` and ``frontier`` (the figures).
 """
 
 from __future__ import annotations
