@@ -10,7 +10,16 @@ import argparse
 import difflib
 from collections.abc import Iterable
 
-__all__ = ["UsageError", "Diverged", "Interrupted", "EXIT_CODES", "ArgumentParser", "HelpFormatter", "did_you_mean"]
+__all__ = [
+    "UsageError",
+    "Diverged",
+    "Interrupted",
+    "EXIT_CODES",
+    "ArgumentParser",
+    "HelpFormatter",
+    "did_you_mean",
+    "flag_error",
+]
 
 
 class UsageError(ValueError):
@@ -67,3 +76,15 @@ class ArgumentParser(argparse.ArgumentParser):
             hints = "".join(did_you_mean(b.split("=")[0], flags) for b in bad if b.startswith("-"))
             message += hints
         raise UsageError(message)
+
+
+def flag_error(error: ValueError, flags: Iterable[str] = ()) -> str:
+    """An optimizer's or data set's ``ValueError`` ("granularity: got 'x'; allowed: ...") as a line that names the
+    command-line flag ("--granularity: got 'x'; allowed: ..."): the one place that translates them. A message
+    that does not start with one of ``flags`` (all, when none are given) is returned as it is."""
+    text = str(error)
+    head = text.split(":", 1)[0]
+    known = set(flags)
+    if head.isidentifier() and (not known or head in known):
+        return f"--{text}"
+    return text

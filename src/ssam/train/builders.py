@@ -9,7 +9,7 @@ from collections.abc import Iterator
 import torch
 from torch.utils.data import BatchSampler, DataLoader, Dataset, Sampler
 
-from ..errors import UsageError
+from ..errors import UsageError, flag_error
 from ..optim import registry
 from ..optim.factory import create_optimizer
 from .config import parse_opt
@@ -142,7 +142,7 @@ def build_optimizer(cfg: Namespace, model: torch.nn.Module) -> torch.optim.Optim
     try:
         return create_optimizer(model, cfg.opt, lr=cfg.lr, weight_decay=cfg.weight_decay, **optimizer_settings(cfg))
     except ValueError as e:  # the flags were checked; what is left is a combination the optimizer refuses
-        raise UsageError(f"--opt {cfg.opt}: {e}") from None
+        raise UsageError(f"--opt {cfg.opt}: {flag_error(e)}") from None
 
 
 # ------------------------------------------------------------------------------------------ schedule

@@ -12,10 +12,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from ..errors import UsageError
+from ..errors import UsageError, flag_error
+from ..optim import groups
 from ..optim.factory import canonical_opt
 from ..optim.factory import parse_opt as _parse_opt
-from ..optim.groups import parse_granularity
 from .flags import CLI_SPARSITY, SCHEDULERS, build_parser, flags_markdown
 from .identity import legacy_run_names, run_name
 from .validate import validate
@@ -69,11 +69,8 @@ def parse_opt(opt: str) -> tuple[str | None, str]:
 
 
 def granularity(cfg: argparse.Namespace) -> str:
-    """``--granularity`` in its canonical spelling; a malformed value is one line naming the flag."""
-    try:
-        return str(parse_granularity(cfg.granularity))
-    except ValueError as e:
-        raise UsageError(f"--{e}") from None
+    """``--granularity`` in its canonical spelling (the parser's type has already checked it)."""
+    return str(groups.parse_granularity(cfg.granularity))
 
 
 MLP_MODEL = "mlp"
@@ -97,17 +94,14 @@ def resolve(cfg: argparse.Namespace) -> None:
         cfg.mlp_width = MLP_DEFAULT_WIDTH
     parse_opt(cfg.opt)
     cfg.opt = canonical_opt(cfg.opt)  # "SSAMF" and "ssamf" are "ssamf-sgd": one spelling, one run identity
-    cfg.granularity = granularity(cfg)
-    implied = parse_granularity(cfg.granularity).implied_sparsity
     cfg.sparsity_given = cfg.sparsity is not None
-    if cfg.sparsity is None:
-        cfg.sparsity = CLI_SPARSITY if implied is None else implied
-    elif implied is not None and abs(cfg.sparsity - implied) > 1e-12:
-        n, m = cfg.granularity.split(":")
-        raise UsageError(
-            f"--sparsity {cfg.sparsity!r} contradicts --granularity {cfg.granularity} ({n} of every {m} "
-            f"weights perturbed: sparsity {implied:g}); leave --sparsity out"
-        )
+    # The granularity rules (cost-aware only for channel/tensor, N:M implies the sparsity) are the optimizer's,
+    # checked once, in ssam.optim.groups; here they become a line that names the flag.
+    try:
+        gran, cfg.sparsity = groups.resolve(cfg.granularity, cfg.sparsity, cfg.cost_aware, CLI_SPARSITY)
+    except ValueError as e:
+        raise UsageError(flag_error(e)) from None
+    cfg.granularity = str(gran)
     cfg.name_from_settings = cfg.output_name is None
     if cfg.output_name is None:
         defaults = to_plain(build_parser().parse_args([]))

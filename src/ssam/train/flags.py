@@ -11,9 +11,20 @@ from ..data import DATASETS
 from ..errors import ArgumentParser
 from ..models import MODEL_FORMS
 from ..optim.fisher import FISHER_METHODS
+from ..optim.groups import parse_granularity
 from ..optim.ssam import STRATEGIES
 
 SCHEDULERS = ("CosineLRscheduler", "MultiStepLRscheduler")
+
+
+def granularity_type(text: str) -> str:
+    """``--granularity``, parsed once where it is read: the canonical spelling ("2:4", "tensor")."""
+    try:
+        return str(parse_granularity(text))
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e).split(": ", 1)[1]) from None
+
+
 # The paper code's SSAM defaults; the library's own (sparsity 0.5, update_freq 1, num_samples 128) suit a loop
 # that a user writes, the CLI reproduces the paper's runs.
 CLI_SPARSITY = 0.2
@@ -122,6 +133,7 @@ def build_parser(prog: str = "ssam train") -> argparse.ArgumentParser:
     g.add_argument(
         "--granularity",
         default="element",
+        type=granularity_type,
         help="SSAM: what lives and dies together in the mask: element, channel, tensor or N:M (e.g. 2:4)",
     )
     g.add_argument(

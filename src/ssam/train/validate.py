@@ -138,10 +138,6 @@ def validate(cfg: argparse.Namespace) -> None:
         os.sep not in cfg.output_name and cfg.output_name not in ("", ".", ".."),
         f"--output_name {cfg.output_name!r} must be a plain folder name (no '{os.sep}')",
     )
-    need(
-        not cfg.cost_aware or cfg.granularity in ("channel", "tensor"),
-        f"--cost_aware needs --granularity channel or tensor (got {cfg.granularity})",
-    )
     sparse = registry.family(wrapper).sparse
     for flag, on in (
         ("sparsity", cfg.sparsity_given),

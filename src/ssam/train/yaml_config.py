@@ -61,6 +61,13 @@ def _check_scalar(bad: str, act: argparse.Action, value: Any) -> Any:
         value = float(value)
     if act.type is None and not isinstance(value, str):
         raise UsageError(bad + "a string")
+    if callable(act.type) and act.type not in (int, float):  # a parsing type (--granularity): its own rule
+        if not isinstance(value, str):  # YAML reads an unquoted 2:4 as the number 124 (base 60)
+            raise UsageError(bad + "a string (quote an N:M form: '2:4')")
+        try:
+            value = act.type(value)
+        except argparse.ArgumentTypeError as e:
+            raise UsageError(bad.split(" has ")[0] + f": {e}") from None
     if act.choices and value not in act.choices:
         raise UsageError(bad + "one of " + ", ".join(map(str, act.choices)))
     return value
