@@ -38,7 +38,7 @@ def build_parser(prog: str = "ssam train") -> argparse.ArgumentParser:
         default=None,
         help=f"one of {', '.join(DATASETS)}; default CIFAR10_cutout with --datadir, else digits",
     )
-    g.add_argument("--datadir", default=None, help="folder holding the data set (see README for layouts)")
+    g.add_argument("--datadir", default=None, help="folder holding the data set (layouts: docs/training.md)")
     g.add_argument(
         "--download",
         action="store_true",
