@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 from argparse import Namespace
-from collections.abc import Iterator
 
 import torch
 from torch.utils.data import BatchSampler, DataLoader, Dataset, Sampler
@@ -95,29 +94,6 @@ def eval_loader(cfg: Namespace, dataset: Dataset, rank: int, world: int) -> Data
         num_workers=cfg.num_workers,
         pin_memory=torch.cuda.is_available(),
     )
-
-
-class FisherBatch:
-    """SSAM-F's data for an epoch: this rank's share of ``num_samples`` training examples, as one batch.
-
-    The examples depend only on (seed, epoch), so resumes and ranks agree; each rank measures its share and
-    ``refresh_mask``'s reduce hook sums the Fisher. Built only when iterated, i.e. when the mask is refreshed.
-    """
-
-    def __init__(self, source: Dataset, seed: int, epoch: int, num_samples: int, rank: int = 0, world: int = 1) -> None:
-        self.source, self.seed, self.epoch, self.num_samples = source, seed, epoch, num_samples
-        self.rank, self.world = rank, world
-
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        src = self.source
-        if hasattr(src, "epoch"):  # SeededAugment: the examples as augmented in this epoch
-            src.epoch = self.epoch
-        g = torch.Generator().manual_seed(self.seed * 7919 + self.epoch)
-        chosen = torch.randperm(len(src), generator=g)[: self.num_samples].tolist()  # type: ignore[arg-type]
-        items = [src[i] for i in chosen[self.rank :: self.world]]
-        xs = torch.stack([torch.as_tensor(x) for x, _ in items]) if items else torch.zeros(0)
-        ys = torch.as_tensor([int(y) for _, y in items], dtype=torch.long)
-        yield xs, ys
 
 
 # ------------------------------------------------------------------------------------------ optimizer

@@ -15,6 +15,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from ..errors import UsageError
+from ..optim.refresh import all_reduce_sum
 
 __all__ = [
     "init_distributed",
@@ -80,13 +81,6 @@ def unwrap(model: nn.Module) -> nn.Module:
     """The plain module inside a compiled and/or DDP wrapper."""
     model = getattr(model, "_orig_mod", model)
     return getattr(model, "module", model)
-
-
-def all_reduce_sum(tensors: list[Tensor]) -> list[Tensor]:
-    """Sum per-parameter tensors over ranks with one collective; returns new tensors."""
-    flat = torch.cat([t.reshape(-1) for t in tensors])
-    dist.all_reduce(flat)
-    return [f.view_as(t) for f, t in zip(torch.split(flat, [t.numel() for t in tensors]), tensors)]
 
 
 def all_reduce_mean(tensors: list[Tensor]) -> None:

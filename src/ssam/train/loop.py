@@ -27,12 +27,12 @@ from ..data import GPULoader, build_training_data
 from ..errors import Diverged, Interrupted, UsageError
 from ..models import build_model
 from ..optim import TwoPassScaler
-from .builders import EpochLR, FisherBatch, build_optimizer, eval_loader, set_loader_epoch, train_loader
+from ..optim.refresh import refresh_after_first_backward, refresh_before_epoch
+from .builders import EpochLR, build_optimizer, eval_loader, set_loader_epoch, train_loader
 from .config import parse_opt, to_plain
 from .cost import pass_cost
 from .distributed import (
     all_reduce_mean,
-    all_reduce_sum,
     broadcast_masks,
     check_masks_agree,
     elastic_restart,
@@ -241,15 +241,10 @@ class Trainer:
         refresh = self.refresh
         # Mid-epoch resumes start at step > 0 with the checkpoint's mask; a run started at --start_epoch off the
         # update grid gets its first mask here too (refresh_mask makes one when there is none).
-        if refresh == "before_epoch" and step == 0:
-            reduce = all_reduce_sum if self.world > 1 else None
-            if opt.refresh_mask(
-                epoch,
-                model=unwrap(self.model),
-                data=FisherBatch(self.fisher_source, cfg.seed, epoch, opt.num_samples, self.rank, self.world),
-                reduce=reduce,
-            ):
-                check_masks_agree(opt, self.world, epoch)
+        if step == 0 and refresh_before_epoch(
+            opt, epoch, unwrap(self.model), self.fisher_source, cfg.seed, rank_world=(self.rank, self.world)
+        ):
+            check_masks_agree(opt, self.world, epoch)
 
         # An SSAM-D refresh reads the dense gradient: the epoch's first step runs a full first pass.
         skip = cfg.skip_dead and self.wrapper is not None and not (step == 0 and refresh == "first_backward")
@@ -258,7 +253,7 @@ class Trainer:
             if skip:  # what the skipping pass computed: the tensors that took a gradient
                 params = list(self.model.parameters())
                 self._first_pass_cost = pass_cost(params, [p.grad is not None for p in params])
-            if step == 0 and refresh == "first_backward" and opt.refresh_mask(epoch):
+            if step == 0 and refresh_after_first_backward(opt, epoch):
                 if cfg.sam_first_pass == "local":
                     broadcast_masks(opt, self.world)
                 check_masks_agree(opt, self.world, epoch)
