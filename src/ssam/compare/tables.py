@@ -10,10 +10,10 @@ import json
 from collections.abc import Sequence
 from typing import Any
 
+from .columns import ALWAYS, DEFAULT_DECIMALS, HEADERS, HESSIAN, METRICS, PAIRED, STD_NOTE
 from .numbers import NONE, column_decimals, finite, mean_pm, value
 from .plan import value_text
 from .recipe import flag_tokens
-from .report import ALWAYS, DEFAULT_DECIMALS, HEADERS, HESSIAN, METRICS, PAIRED, STD_NOTE
 from .settings import Settings
 
 __all__ = ["markdown", "paired_markdown", "console_table", "metric_keys"]

@@ -6,17 +6,6 @@ importing ``ssam.integrations`` itself needs none of them.
 
 from __future__ import annotations
 
-import importlib
+from ..extras import require
 
 __all__ = ["require"]
-
-
-def require(module: str, extra: str):
-    """Import ``module`` or raise ImportError with the one-line install hint for ``extra``."""
-    try:
-        return importlib.import_module(module)
-    except ImportError as e:
-        raise ImportError(
-            f"{module} is not installed; install it with: pip install 'sparse-sam[{extra}]' "
-            f"(from a clone: pip install -e '.[{extra}]')"
-        ) from e

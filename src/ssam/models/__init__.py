@@ -77,7 +77,7 @@ def build_model(
 
 def _timm_model(name: str, num_classes: int, in_channels: int, image_size: int) -> nn.Module:
     try:
-        from ..integrations.timm import build_timm_model
+        from .timm import build_timm_model
 
         return build_timm_model(
             name,
