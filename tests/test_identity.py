@@ -24,7 +24,10 @@ PINNED = [
     ),
     (["--opt", "sgd", "--rho", "0.2", "--amp", "bf16"], "digits_cnn_small_sgd_lr0.05_seed1234_483d79b1"),
     # The hash of an N:M run is unchanged; only the colon of its readable part became "of".
-    (["--opt", "ssamf-sgd", "--granularity", "2:4"], "digits_cnn_small_ssamf-sgd_lr0.05_rho0.05_sp0.5-2of4_seed1234_aa5677a3"),
+    (
+        ["--opt", "ssamf-sgd", "--granularity", "2:4"],
+        "digits_cnn_small_ssamf-sgd_lr0.05_rho0.05_sp0.5-2of4_seed1234_aa5677a3",
+    ),
 ]
 
 

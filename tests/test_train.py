@@ -2,6 +2,8 @@
 
 import json
 import os
+import re
+import select
 import signal
 import subprocess
 import sys
@@ -61,7 +63,7 @@ def test_digits_default_run_writes_the_run_folder(tmp_path, capsys):
     assert ck["epoch"] == 2 and ck["finished"]
     masks = [v["mask"] for v in ck["optimizer"]["state"].values()]
     assert all(m.dtype == torch.bool for m in masks)
-    assert "momentum_buffer" in ck["optimizer"]["base_optimizer"]["state"][0]
+    assert "momentum_buffer" in ck["optimizer"]["state"][0]
 
 
 @pytest.mark.slow
@@ -265,6 +267,153 @@ def test_divergence_stops_with_exit_3_and_keeps_last_good_checkpoint(tmp_path, c
 
 
 # ------------------------------------------------------------------------------------------ kill and resume
+# Resume is tested in process: a run dies between two checkpoints, then a fresh Trainer (new model, optimizer and
+# loaders) loads last.pt and trains the steps left; it must end where an uninterrupted run ends, bit for bit. One
+# test further down does the same with a real SIGKILL and fresh interpreters (slow).
+STEPS = 4  # per epoch (--limit_train_batches); two epochs, checkpoints every 2 steps and at each epoch's end
+RESUME_ARGS = [
+    *("--epochs", "2", "--limit_train_batches", str(STEPS), "--save_every_steps", "2"),
+    *("--batch_size", "16", "--limit_val_batches", "1", "--num_workers", "0", "--quiet"),
+]
+SAM_ARGS = ["--rho", "0.1"]
+SPARSE_ARGS = ["--sparsity", "0.5", "--num_samples", "16", "--update_freq", "1"]
+# Where a run dies: (checkpoints written before it dies, the (epoch, step) that the last of them holds). Each run
+# dies as it is about to write the next one, i.e. two steps after the last (and, mid-epoch, after the epoch's
+# evaluation and metrics line too, which the resumed run must forget and redo).
+KILL_POINTS = {"mid-epoch": (1, (0, 2)), "epoch-end": (2, (1, 0))}
+# Every optimizer with its default (element) mask, then each structured granularity, killed mid-epoch (so that the
+# resumed run uses the checkpoint's mask, then refreshes it at the next epoch from restored state: SSAM-D's
+# drop-and-grow generator, the step count); two of them killed at an epoch's end as well.
+RESUME_CASES = [
+    ("sgd", (), "mid-epoch"),
+    ("sam-sgd", (), "mid-epoch"),
+    ("ssamf-sgd", (), "mid-epoch"),
+    ("ssamd-sgd", (), "mid-epoch"),
+    ("ssamf-sgd", ("--granularity", "channel"), "mid-epoch"),
+    ("ssamf-sgd", ("--granularity", "tensor", "--skip_dead", "--cost_aware"), "mid-epoch"),
+    ("ssamd-sgd", ("--granularity", "tensor", "--skip_dead"), "mid-epoch"),
+    ("ssamd-sgd", ("--granularity", "2:4"), "mid-epoch"),
+    ("ssamf-sgd", ("--granularity", "tensor", "--skip_dead", "--cost_aware"), "epoch-end"),
+    ("ssamd-sgd", ("--granularity", "2:4"), "epoch-end"),
+]
+TIMING = {"elapsed", "epoch_time", "images_per_s", "wall_time", "time_per_epoch"}
+
+
+def _resume_args(opt, flags):
+    extra = (SAM_ARGS if opt != "sgd" else []) + (SPARSE_ARGS if opt.startswith("ssam") else [])
+    return ["--opt", opt, *RESUME_ARGS, *extra, *flags]
+
+
+class _Killed(BaseException):
+    """SIGKILL in process: not an Exception, so the CLI's error handling lets it through and nothing is cleaned up."""
+
+
+@pytest.fixture
+def trainer_probe(monkeypatch):
+    """Counts the steps the Trainer takes; ``probe(die_after=n)`` makes it die as it is about to make the (n+1)th
+    checkpoint: last.pt is then the nth, and the steps since it are lost."""
+    # The digits loader imports scikit-learn, whose first import draws from Python's global `random` (rich.style);
+    # in the test process the first run would draw it after seeding and no later run would. Import it beforehand,
+    # as the checkpoints compare every RNG state.
+    import sklearn.datasets  # noqa: F401
+
+    from ssam.train.loop import Trainer
+
+    probe = {"steps": 0, "checkpoints": 0, "die_after": None}
+    step, checkpoint = Trainer.train_step, Trainer.checkpoint
+
+    def counted_step(self, *args, **kwargs):
+        probe["steps"] += 1
+        return step(self, *args, **kwargs)
+
+    def mortal_checkpoint(self, *args, **kwargs):
+        if probe["checkpoints"] == probe["die_after"]:
+            raise _Killed
+        probe["checkpoints"] += 1
+        return checkpoint(self, *args, **kwargs)
+
+    monkeypatch.setattr(Trainer, "train_step", counted_step)
+    monkeypatch.setattr(Trainer, "checkpoint", mortal_checkpoint)
+
+    def reset(die_after=None):
+        probe.update(steps=0, checkpoints=0, die_after=die_after)
+        return probe
+
+    return reset
+
+
+def assert_same(a, b, where="", skip=frozenset()):
+    """Nested dicts / lists / tensors / numbers equal bit for bit (NaN equal to NaN), but for the keys in skip."""
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and (a.dtype, a.shape) == (b.dtype, b.shape), where
+        assert torch.equal(a, b) or (a.is_floating_point() and torch.equal(a.nan_to_num(), b.nan_to_num())), where
+    elif isinstance(a, dict):
+        assert isinstance(b, dict) and a.keys() == b.keys(), (where, sorted(set(a) ^ set(b), key=str))
+        for k in a:
+            if k not in skip:
+                assert_same(a[k], b[k], f"{where}/{k}", skip)
+    elif isinstance(a, (list, tuple)):
+        assert isinstance(b, (list, tuple)) and len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_same(x, y, f"{where}[{i}]", skip)
+    else:
+        assert a == b or (a != a and b != b), (where, a, b)
+
+
+def assert_same_run(want: Path, got: Path, global_torch_rng=True):
+    """The final checkpoint (weights, optimizer state with masks, schedule, counters, RNG states) and every metrics
+    record are the uninterrupted run's; only timings and the saved command line (--resume) differ."""
+    a, b = load_checkpoint(want / "last.pt"), load_checkpoint(got / "last.pt")
+    if not global_torch_rng:
+        del a["rng"]["torch"], b["rng"]["torch"]
+    assert_same(a, b, skip=TIMING | {"config"})
+    records = [[json.loads(ln) for ln in (d / "metrics.jsonl").read_text().splitlines()] for d in (want, got)]
+    assert [r["epoch"] for r in records[1]] == [0, 1]
+    assert_same(records[0], records[1], skip=TIMING)
+
+
+def _kill_and_resume(out, args, trainer_probe, kill):
+    """Train in ``out`` until the kill point, check where last.pt stands, resume, check the steps taken."""
+    die_after, (epoch, step) = KILL_POINTS[kill]
+    probe = trainer_probe(die_after)
+    with pytest.raises(_Killed):
+        train(out, *args)
+    done = epoch * STEPS + step
+    assert probe["steps"] == done + 2  # two steps taken after the last checkpoint: lost
+    ck = load_checkpoint(out / "r" / "last.pt")
+    assert (ck["epoch"], ck["step"], ck["finished"]) == (epoch, step, False)
+    probe = trainer_probe()
+    assert train(out, *args, "--resume") == 0
+    assert probe["steps"] == 2 * STEPS - done  # continued from last.pt, not from the start
+
+
+@pytest.mark.parametrize("opt,flags,kill", RESUME_CASES, ids=[" ".join((o, *f, k)) for o, f, k in RESUME_CASES])
+def test_resume_after_a_kill_between_checkpoints_is_bit_identical(
+    tmp_path, one_thread, trainer_probe, opt, flags, kill
+):
+    args = _resume_args(opt, flags)
+    probe = trainer_probe()
+    assert train(tmp_path / "ref", *args) == 0
+    assert probe["steps"] == 2 * STEPS  # the probe sees every step
+    _kill_and_resume(tmp_path / "killed", args, trainer_probe, kill)
+    # (The global torch RNG after a mid-epoch resume: see the xfail test below.)
+    assert_same_run(tmp_path / "ref" / "r", tmp_path / "killed" / "r", global_torch_rng=kill != "mid-epoch")
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="each DataLoader iteration draws its base seed from the global torch RNG; a mid-epoch resume draws the "
+    "train loader's again after restoring the RNG, so the global stream ends one draw ahead. No weight depends on "
+    "it today (augmentation, order and Fisher samples are seeded per example/epoch), dropout or any later global "
+    "draw would. Fix: give the loaders their own torch.Generator.",
+)
+def test_mid_epoch_resume_restores_the_global_torch_rng_stream(tmp_path, one_thread, trainer_probe):
+    args = _resume_args("sgd", ())
+    assert train(tmp_path / "ref", *args) == 0
+    _kill_and_resume(tmp_path / "killed", args, trainer_probe, "mid-epoch")
+    assert_same_run(tmp_path / "ref" / "r", tmp_path / "killed" / "r")
+
+
 def _cmd(out, opt, extra=()):
     return [
         sys.executable,
@@ -297,52 +446,94 @@ def _cmd(out, opt, extra=()):
     ]
 
 
-def _final_weights(out):
-    return load_checkpoint(Path(out) / "r" / "last.pt")["model"]
+STEP_LINE = re.compile(r"^\s*epoch (\d+) step (\d+)/(\d+) ", re.M)
 
 
-# Every optimizer with its default (element) mask, then each structured granularity: the masks, SSAM-D's
-# drop-and-grow state and the skipping first pass must all come back from last.pt exactly.
-KILL_CASES = [
-    ("sgd", ()),
-    ("sam-sgd", ()),
-    ("ssamf-sgd", ()),
-    ("ssamd-sgd", ()),
-    ("ssamf-sgd", ("--granularity", "channel")),
-    ("ssamf-sgd", ("--granularity", "tensor", "--skip_dead", "--cost_aware")),
-    ("ssamd-sgd", ("--granularity", "tensor", "--skip_dead")),
-    ("ssamd-sgd", ("--granularity", "2:4")),
-]
+def _sigkill_at_line(cmd, line, log, timeout=180):
+    """Start ``cmd``, read its output until a line starts with ``line``, and SIGKILL it the moment that line is read.
+
+    The kill is certain to land mid-run when the line is printed well before the end: here (--log_freq 1, no --quiet)
+    it is a step line with more than ten steps, two evaluations and their checkpoints still to go, while the kill is
+    sent within the time this process takes to wake up and read the line. A run that ends any other way fails the
+    test; its stderr is in ``log``."""
+    pattern = re.compile(rb"^" + re.escape(line.encode()), re.M)
+    with open(log, "wb") as err:
+        proc = subprocess.Popen(cmd, env=ENV, stdout=subprocess.PIPE, stderr=err)
+    seen, deadline = b"", time.monotonic() + timeout
+    try:
+        while not pattern.search(seen):
+            ready, _, _ = select.select([proc.stdout], [], [], max(0.0, deadline - time.monotonic()))
+            chunk = os.read(proc.stdout.fileno(), 65536) if ready else b""
+            if not chunk:  # the run closed its output or the deadline passed
+                break
+            seen += chunk
+    finally:
+        proc.kill()  # SIGKILL: at once when the line was read, and on every other way out
+        proc.wait(timeout=60)
+        proc.stdout.close()
+    out = seen.decode(errors="replace")
+    why = f"{out}\n{Path(log).read_text(errors='replace')[-2000:]}"
+    assert pattern.search(seen), f"the run never printed {line!r}:\n{why}"
+    assert proc.returncode == -signal.SIGKILL, f"the run ended (exit {proc.returncode}) before the kill landed:\n{why}"
+    return out
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("opt,flags", KILL_CASES, ids=[" ".join((o, *f)) for o, f in KILL_CASES])
-def test_sigkill_at_arbitrary_points_then_resume_is_bit_identical(tmp_path, opt, flags):
-    ref = tmp_path / "ref"
-    subprocess.run(_cmd(ref, opt, flags), check=True, env=ENV, capture_output=True)
-    want = _final_weights(ref)
-    # Kill after the 1st and after the 4th checkpoint write (mid-epoch and in a later epoch).
-    for kill_after in (1, 4):
-        out = tmp_path / f"k{kill_after}"
-        proc = subprocess.Popen(_cmd(out, opt, flags), env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        last, seen, mtime = out / "r" / "last.pt", 0, None
-        deadline = time.time() + 120
-        while proc.poll() is None and time.time() < deadline:
-            if last.exists() and last.stat().st_mtime_ns != mtime:
-                mtime, seen = last.stat().st_mtime_ns, seen + 1
-                if seen >= kill_after:
-                    proc.send_signal(signal.SIGKILL)
-                    break
-            time.sleep(0.005)
-        proc.wait()
-        if proc.returncode == 0:  # finished before the kill landed: nothing to resume
-            continue
-        assert proc.returncode == -signal.SIGKILL
-        r = subprocess.run(_cmd(out, opt, (*flags, "--resume")), env=ENV, capture_output=True, text=True)
-        assert r.returncode == 0, r.stderr
-        got = _final_weights(out)
-        for k in want:
-            assert torch.equal(want[k], got[k]), (opt, flags, kill_after, k)
+def test_sigkill_mid_run_then_resume_is_bit_identical(tmp_path):
+    """A real SIGKILL at a known step, in a fresh interpreter, then --resume in another: the atomic checkpoint file
+    and the restored state (masks, SSAM-D's generator, RNG, loss sums) give the uninterrupted run's end exactly."""
+    steps = 8
+    args = [
+        "--opt",
+        "ssamd-sgd",
+        "--sparsity",
+        "0.5",
+        "--rho",
+        "0.1",
+        "--epochs",
+        "2",
+        "--limit_train_batches",
+        str(steps),
+        "--batch_size",
+        "16",
+        "--save_every_steps",
+        "1",
+        "--log_freq",
+        "1",
+        "--deterministic",
+        "--num_workers",
+        "0",
+    ]
+
+    def cli(out, *extra):
+        return [
+            sys.executable,
+            "-m",
+            "ssam.cli",
+            "train",
+            "--output_dir",
+            str(out),
+            "--output_name",
+            "r",
+            *args,
+            *extra,
+        ]
+
+    ref = subprocess.run(cli(tmp_path / "ref"), env=ENV, capture_output=True, text=True, timeout=300)
+    assert ref.returncode == 0, ref.stderr[-2000:]
+    assert len(STEP_LINE.findall(ref.stdout)) == 2 * steps  # the step lines the kill waits for are printed
+
+    killed = tmp_path / "killed"
+    out = _sigkill_at_line(cli(killed), f"  epoch 1 step 3/{steps} ", tmp_path / "killed.err")
+    ck = load_checkpoint(killed / "r" / "last.pt")  # the save after step 3 may or may not have been reached
+    done = ck["epoch"] * steps + ck["step"]
+    assert not ck["finished"] and 2 <= done < 2 * steps, (ck["epoch"], ck["step"], out)
+
+    resumed = subprocess.run(cli(killed, "--resume"), env=ENV, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    ran = [(int(e), int(s)) for e, s, _ in STEP_LINE.findall(resumed.stdout)]
+    assert len(ran) == 2 * steps - done and ran[0] == (ck["epoch"] + 1, ck["step"] + 1), ran  # resumed, not restarted
+    assert_same_run(tmp_path / "ref" / "r", killed / "r", global_torch_rng=False)  # (see the xfail test)
 
 
 @pytest.mark.slow

@@ -4,6 +4,7 @@ from .optim import (
     SAM,
     SSAMD,
     SSAMF,
+    SparseSAM,
     TwoPassScaler,
     create_optimizer,
     disable_running_stats,
@@ -14,6 +15,7 @@ from .optim import (
 __version__ = "0.1.0"
 __all__ = [
     "SAM",
+    "SparseSAM",
     "SSAMF",
     "SSAMD",
     "TwoPassScaler",

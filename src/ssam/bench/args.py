@@ -12,7 +12,14 @@ from ..models import MODEL_FORMS, check_model_name
 from ..optim.fisher import FISHER_METHODS
 
 # (channels, image size, classes) for random inputs of each data set's shape.
-SHAPES = {"cifar10": (3, 32, 10), "cifar100": (3, 32, 100), "imagenet": (3, 224, 1000), "digits": (1, 8, 10)}
+SHAPES = {
+    "cifar10": (3, 32, 10),
+    "cifar100": (3, 32, 100),
+    "imagenet": (3, 224, 1000),
+    "digits": (1, 8, 10),
+    "fashionmnist": (1, 28, 10),
+    "mnist": (1, 28, 10),
+}
 # The timed optimizers, as shown in the tables, and their names in the optimizer factory.
 OPT_OF = {"SGD": "sgd", "SAM": "sam-sgd", "SSAM-F": "ssamf-sgd", "SSAM-D": "ssamd-sgd"}
 OPTIMIZERS = tuple(OPT_OF)
@@ -32,7 +39,8 @@ def build_parser(description: str) -> argparse.ArgumentParser:
     p.add_argument(
         "--dataset",
         default="CIFAR10",
-        help="input shape: CIFAR10, CIFAR100 (3x32x32), ImageNet (3x224x224), digits (1x8x8)",
+        help="input shape: CIFAR10, CIFAR100 (3x32x32), ImageNet (3x224x224), digits (1x8x8), FashionMNIST, "
+        "MNIST (1x28x28)",
     )
     p.add_argument("--batch_size", type=int, default=None, help="default 64 (16 with --quick)")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
@@ -99,7 +107,9 @@ def parse_args(argv: list[str], description: str = "") -> argparse.Namespace:
     check_model_name(args.model)
     key = args.dataset.lower().removesuffix("_base").removesuffix("_cutout")
     if key not in SHAPES:
-        raise UsageError(f"unknown --dataset {args.dataset!r}; choose from: CIFAR10, CIFAR100, ImageNet, digits")
+        raise UsageError(
+            f"unknown --dataset {args.dataset!r}; choose from: CIFAR10, CIFAR100, ImageNet, digits, FashionMNIST, MNIST"
+        )
     args.shape_key = key
     for name in ("batch_size", "steps", "num_samples"):
         if getattr(args, name) < 1:

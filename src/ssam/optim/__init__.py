@@ -1,9 +1,11 @@
 """Optimizers: SAM/ASAM and the sparse SSAM-F/SSAM-D. Imports nothing from the training code.
 
-Layout: ``sam`` (the wrapper and the two-pass protocol), ``ssam`` (SSAM-F, SSAM-D), ``perturb`` (the perturbation
-math, single-tensor and foreach), ``mask`` (the flat mask buffer), ``select`` (the one top-k rule), ``fisher`` (the
-empirical Fisher), ``bn`` (BatchNorm statistics around pass two), ``amp`` (fp16 loss scaling for two passes),
-``factory`` (optimizers by ``--opt`` name).
+Layout: ``sam`` (the wrapper and the two-pass protocol), ``sparse`` (``SparseSAM``, the masked base class),
+``ssamf`` and ``ssamd`` (SSAM-F, SSAM-D), ``settings`` (settings in ``defaults`` and the param groups), ``state``
+(``opt.state`` and the ``state_dict`` formats), ``perturb`` (the perturbation math, single-tensor and foreach),
+``mask`` (the flat mask buffer), ``select`` (the one top-k rule), ``fisher`` (the empirical Fisher), ``bn``
+(BatchNorm statistics around pass two), ``amp`` (fp16 loss scaling for two passes), ``factory`` (optimizers by
+``--opt`` name). ``ssam.optim.ssam`` is the old name of ``sparse``, kept for one release.
 """
 
 from .amp import TwoPassScaler
@@ -12,12 +14,13 @@ from .factory import create_optimizer
 from .fisher import FISHER_METHODS, empirical_fisher
 from .sam import CLOSURE_PASSES, SAM
 from .select import top_k_mask
-from .ssam import STRATEGIES
+from .sparse import STRATEGIES, SparseSAM
 from .ssamd import SSAMD
 from .ssamf import SSAMF
 
 __all__ = [
     "SAM",
+    "SparseSAM",
     "SSAMF",
     "SSAMD",
     "TwoPassScaler",

@@ -5,68 +5,44 @@ One step, as in Foret et al. (2021) and the SSAM paper (Mi et al., 2022):
     g   = grad L(w)                                  (pass one: forward + backward at w)
     e   = rho * g / (||g|| + perturb_eps)            SAM
     e   = rho * w^2 g / (|| |w| g || + perturb_eps)  ASAM (adaptive=True)
-    e  *= mask                                       SSAM only (see ssam.optim.ssam)
+    e  *= mask                                       SSAM only (see ssam.optim.sparse)
     w  <- w + e ; g' = grad L(w + e) ; w <- w        (pass two at w + e; w restored by copy)
     base_optimizer.step() with g'
 
 The math lives in ``ssam.optim.perturb`` (single-tensor and foreach paths); this class gathers the tensors. The
 wrapper and the base optimizer share one ``param_groups`` list, so a learning-rate scheduler attached to either
-changes both, and ``zero_grad`` on either clears every gradient. Parameters sharded by FSDP2's ``fully_shard`` are
-perturbed shard by shard, with the norm summed over the ranks in one all-reduce (``ssam.optim.sharded``).
+changes both, and ``zero_grad`` on either clears every gradient. Settings live in ``defaults`` and the param groups
+(``ssam.optim.settings``); ``opt.state`` and ``state_dict()`` have torch's shape (``ssam.optim.state``). Parameters
+sharded by FSDP2's ``fully_shard`` are perturbed shard by shard, with the norm summed over the ranks in one
+all-reduce (``ssam.optim.sharded``).
 """
 
 from __future__ import annotations
 
 import contextlib
-import inspect
-from collections.abc import Callable, Iterable, Iterator
+from collections import defaultdict
+from collections.abc import Callable, Iterator
 from typing import Any, cast
 
 import torch
 from torch import Tensor
 
+from .arguments import build_base, plain_group, strip_names
 from .mask import MaskSegment
 from .perturb import grad_norm, perturb_, restore_, use_foreach
+from .settings import Setting, check_bool, check_choice, check_foreach, check_perturb_eps, check_rho, stamp_group
 from .sharded import ShardLayout, local, shard_layout
+from .state import STATE_KEY, JointState, pack, param_keys, read_state_dict
 
 __all__ = ["SAM", "CLOSURE_PASSES"]
 
 CLOSURE_PASSES = ("second", "both")
-_RENAMED = {"eps": "perturb_eps", "foreach": "perturb_foreach"}  # SAM's own names before 0.2
-
-
-def _strip_names(items: Iterable, names: dict[int, str]) -> list[Tensor]:
-    """Parameters or (name, parameter) pairs -> parameters; the names are recorded in ``names`` by id."""
-    out = []
-    for item in items:
-        if isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], str):
-            names[id(item[1])] = item[0]
-            item = item[1]
-        if not isinstance(item, Tensor):
-            raise ValueError(f"params: expected tensors or (name, tensor) pairs, got {type(item).__name__}")
-        out.append(item)
-    return out
-
-
-def _plain_group(group: dict, names: dict[int, str]) -> dict:
-    group = dict(group)
-    ps = group["params"]
-    group["params"] = _strip_names([ps] if isinstance(ps, Tensor) else ps, names)
-    return group
-
-
-def _keywords(fn: Callable, skip: tuple[str, ...] = ()) -> tuple[list[str], bool]:
-    """The keyword names ``fn`` accepts, and whether it takes ``**kwargs`` too (or cannot be read: anything goes)."""
-    try:
-        sig = inspect.signature(fn)
-    except (TypeError, ValueError):
-        return [], True
-    names = [
-        n
-        for n, p in sig.parameters.items()
-        if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and n not in ("self", "params", *skip)
-    ]
-    return names, any(p.kind is p.VAR_KEYWORD for p in sig.parameters.values())
+_GROUP_CHECKS = {"rho": check_rho, "adaptive": check_bool("adaptive"), "perturb_eps": check_perturb_eps}
+# Where to turn when a framework drives the optimizer as a one-pass one (one line, in several messages).
+_FRAMEWORKS = (
+    "Lightning: add ssam.integrations.lightning.SAMCallback() to the Trainer's callbacks; Hugging Face: use "
+    "ssam.integrations.transformers.SAMTrainer"
+)
 
 
 class SAM(torch.optim.Optimizer):
@@ -87,10 +63,23 @@ class SAM(torch.optim.Optimizer):
             or ``"both"``. Also an attribute.
         **base_kwargs: everything else goes to the base optimizer class; a keyword it does not take is a
             ``ValueError`` here.
+
+    Every setting is in ``defaults`` and in every param group (``ssam.optim.settings``): ``rho``, ``adaptive`` and
+    ``perturb_eps`` per group (a group dict may set its own ``rho``); the others are the whole optimizer's and read
+    as attributes (``opt.perturb_eps``, ``opt.closure_passes``).
     """
 
     #: When a trainer should call ``refresh_mask``: None (never), ``"before_epoch"`` or ``"first_backward"``.
     mask_refresh: str | None = None
+    #: Settings a param group may set for itself; every other setting is the whole optimizer's.
+    per_group_settings: tuple[str, ...] = ("rho", "adaptive", "perturb_eps")
+
+    perturb_eps = Setting(check_perturb_eps, "Added to the gradient norm (the default for new param groups).")
+    perturb_foreach = Setting(check_foreach, "None (foreach off the CPU), True or False: the perturbation's kernels.")
+    closure_passes = Setting(
+        check_choice("closure_passes", CLOSURE_PASSES),
+        "``'second'``: step(closure) runs pass two only; ``'both'``: both passes (see ``step``).",
+    )
 
     def __init__(
         self,
@@ -103,55 +92,34 @@ class SAM(torch.optim.Optimizer):
         closure_passes: str = "second",
         **base_kwargs: Any,
     ) -> None:
-        if not (isinstance(rho, (int, float)) and rho >= 0 and rho == rho and rho != float("inf")):
-            raise ValueError(f"rho: got {rho!r}; allowed: a finite number >= 0")
-        if not (isinstance(perturb_eps, (int, float)) and perturb_eps >= 0):
-            raise ValueError(f"perturb_eps: got {perturb_eps!r}; allowed: a number >= 0")
-        if perturb_foreach not in (None, True, False):
-            raise ValueError(f"perturb_foreach: got {perturb_foreach!r}; allowed: None, True, False")
+        settings = {
+            "rho": check_rho(rho),
+            "adaptive": check_bool("adaptive")(adaptive),
+            "perturb_eps": check_perturb_eps(perturb_eps),
+            "perturb_foreach": check_foreach(perturb_foreach),
+            "closure_passes": check_choice("closure_passes", CLOSURE_PASSES)(closure_passes),
+        }
         self._param_names: dict[int, str] = {}
         params = list(params)
         if len(params) == 0:
             raise ValueError("params: got an empty parameter list; pass the model's parameters")
         if isinstance(params[0], dict):
-            groups: list = [_plain_group(g, self._param_names) for g in params]
+            groups: list = [plain_group(g, self._param_names) for g in params]
         else:
-            groups = _strip_names(params, self._param_names)
-        super().__init__(groups, dict(rho=float(rho), adaptive=bool(adaptive)))
-        self.perturb_eps = float(perturb_eps)
-        self.perturb_foreach = perturb_foreach
-        self.closure_passes = closure_passes
-
-        if isinstance(base_optimizer, torch.optim.Optimizer):
-            if base_kwargs:
-                raise ValueError(
-                    f"base_optimizer: got an optimizer instance and keyword arguments {sorted(base_kwargs)}; "
-                    "pass the arguments when building the instance, or pass the optimizer class"
-                )
-            ours = {id(p) for g in self.param_groups for p in g["params"]}
-            theirs = {id(p) for g in base_optimizer.param_groups for p in g["params"]}
-            if ours != theirs:
-                raise ValueError(
-                    f"base_optimizer: the instance holds {len(theirs)} parameters, {len(theirs & ours)} of them "
-                    f"shared with the {len(ours)} given to {type(self).__name__}; allowed: an optimizer over exactly "
-                    "the same parameters (or pass the optimizer class)"
-                )
-            self.base_optimizer = base_optimizer
-            for g in base_optimizer.param_groups:
-                g.setdefault("rho", float(rho))
-                g.setdefault("adaptive", bool(adaptive))
-        elif isinstance(base_optimizer, type) and issubclass(base_optimizer, torch.optim.Optimizer):
-            self._check_base_kwargs(base_optimizer, base_kwargs)
-            self.base_optimizer = base_optimizer(self.param_groups, **base_kwargs)
-        else:
-            raise ValueError(
-                f"base_optimizer: got {base_optimizer!r}; allowed: a torch.optim.Optimizer subclass or instance"
-            )
+            groups = strip_names(params, self._param_names)
+        super().__init__(groups, dict(settings))
+        self._settings: list[str] = list(settings)
+        # ssam's own per-parameter state: the masks (sparse) and w_saved, apart from the base optimizer's.
+        self._own: defaultdict[Tensor, dict[str, Any]] = defaultdict(dict)
+        self.base_optimizer = build_base(type(self), SAM, base_optimizer, self.param_groups, base_kwargs, settings)
         # One list of groups for both: schedulers and add_param_group act on the pair.
         self.param_groups = self.base_optimizer.param_groups
         self.defaults.update(self.base_optimizer.defaults)
+        for i, g in enumerate(self.param_groups):
+            self._stamp_group(g, i)
         # Parameters perturbed by the last first_step, with their saved weights, for restore to copy back.
         self._perturbed: tuple[list[Tensor], list[Tensor]] | None = None
+        self._stepped = False  # a base step was taken or a state_dict loaded: opt.state lists ssam's state too
         self._set_layout()
 
     def _set_layout(self) -> None:
@@ -159,45 +127,60 @@ class SAM(torch.optim.Optimizer):
         all-reduce for the norm. DTensors laid out otherwise keep dense SAM on DTensor operations."""
         self._layout: ShardLayout | None = shard_layout(self._all_params())[0]
 
-    def _check_base_kwargs(self, base: type[torch.optim.Optimizer], kwargs: dict[str, Any]) -> None:
-        """A keyword the base class does not take: one line naming it, instead of a TypeError in its __init__."""
-        accepted, takes_any = _keywords(base.__init__)
-        unknown = [k for k in kwargs if k not in accepted]
-        if takes_any or not unknown:
-            return
-        key = unknown[0]
-        own = [
-            k
-            for cls in type(self).__mro__
-            if issubclass(cls, SAM)
-            for k in _keywords(cls.__init__, ("base_optimizer",))[0]
-        ]
-        hint = f" ({type(self).__name__}'s own is {_RENAMED[key]})" if key in _RENAMED else ""
-        raise ValueError(
-            f"{key}: got {kwargs[key]!r}, a keyword neither {base.__name__} nor {type(self).__name__} takes{hint}; "
-            f"allowed: {base.__name__}'s {', '.join(accepted)}; {type(self).__name__}'s {', '.join(dict.fromkeys(own))}"
-        )
+    # ------------------------------------------------------------------ settings (ssam.optim.settings)
+    def _add_settings(self, **settings: Any) -> None:
+        """A subclass's settings (checked by it), into ``defaults`` and every group."""
+        for k, v in settings.items():
+            self.defaults[k] = v
+            self._settings.append(k)
+        for i, g in enumerate(self.param_groups):
+            self._stamp_group(g, i)
 
-    @property
-    def closure_passes(self) -> str:
-        """``"second"``: step(closure) runs pass two only; ``"both"``: both passes (see ``step``)."""
-        return self._closure_passes
+    def _stamp_group(self, group: dict, index: int, loaded: bool = False) -> None:
+        stamp_group(group, index, self, self._settings, _GROUP_CHECKS, loaded)
 
-    @closure_passes.setter
-    def closure_passes(self, value: str) -> None:
-        if value not in CLOSURE_PASSES:
-            raise ValueError(f"closure_passes: got {value!r}; allowed: {', '.join(map(repr, CLOSURE_PASSES))}")
-        self._closure_passes = value
+    def _set_setting(self, name: str, value: Any) -> None:
+        self.defaults[name] = value
+        for g in self.param_groups:
+            g[name] = value
+
+    # ------------------------------------------------------------------ state (ssam.optim.state)
+    @property  # type: ignore[override]
+    def state(self) -> JointState:
+        """Per parameter: the base optimizer's state and ssam's (``mask``, ``w_saved``), see ``ssam.optim.state``."""
+        return JointState(self)
+
+    @state.setter
+    def state(self, value: Any) -> None:
+        if value:  # torch's Optimizer.__init__ assigns an empty dict; the state lives in the base and in _own
+            raise AttributeError("state: read it and write its entries; it is a view, not assignable")
+
+    def _set_own(self, p: Tensor, key: str, value: Any) -> None:
+        """A write to ``opt.state[p][key]`` for one of ssam's keys; None removes it (scratch only)."""
+        if key == STATE_KEY and p is self._anchor() and value is not None:
+            self._load_extra_state(dict(value))
+        elif key == "w_saved":
+            if value is None:
+                self._own.get(p, {}).pop(key, None)
+            else:
+                self._own[p][key] = value
+        else:
+            raise ValueError(f"state[p][{key!r}]: {type(self).__name__} keeps no {key!r} there that can be set")
+
+    def _anchor(self) -> Tensor:
+        """The parameter whose state entry holds the optimizer's counters: the first that requires a gradient
+        (torch.distributed.checkpoint loads no state for the others)."""
+        params = self._all_params()
+        return next((p for p in params if p.requires_grad), params[0])
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a group to the wrapper and the base optimizer at once (named parameters accepted)."""
-        group = _plain_group(param_group, self._param_names)
+        group = plain_group(param_group, self._param_names)
         if "base_optimizer" not in self.__dict__:  # called by Optimizer.__init__, before the base exists
             super().add_param_group(group)
             return
+        self._stamp_group(group, len(self.param_groups))  # checked before the base takes it
         self.base_optimizer.add_param_group(group)  # appends to the shared list, with the base's defaults
-        self.param_groups[-1].setdefault("rho", self.defaults["rho"])
-        self.param_groups[-1].setdefault("adaptive", self.defaults["adaptive"])
         self._set_layout()
 
     # ------------------------------------------------------------------ hooks for the sparse subclasses
@@ -219,6 +202,9 @@ class SAM(torch.optim.Optimizer):
 
     def _check_ready(self) -> None:
         """Raise if the optimizer cannot perturb yet (SSAM-F before its first mask)."""
+
+    def _check_plain_step(self, grads: list[Tensor]) -> None:
+        """Raise if a plain base step now would hide that the optimizer was never run as SAM (see ``step``)."""
 
     def _grad_norm(self, params: list[Tensor], grads: list[Tensor], adaptive: bool, foreach: bool) -> Tensor:
         norm = grad_norm(self._locals(params), self._locals(grads), adaptive=adaptive, foreach=foreach)
@@ -273,7 +259,7 @@ class SAM(torch.optim.Optimizer):
                 self._locals(gs),
                 saved,
                 [self._mask_for(p) for p in ps],
-                scale=group["rho"] / (norm + self.perturb_eps),
+                scale=group["rho"] / (norm + group["perturb_eps"]),
                 adaptive=group["adaptive"],
                 foreach=foreach,
                 segment=segment,
@@ -286,7 +272,7 @@ class SAM(torch.optim.Optimizer):
 
     def _buffer(self, p: Tensor) -> Tensor:
         """The persistent copy of w kept during a step (reused every step, so it is allocated once)."""
-        st = self.state[p]
+        st = self._own[p]
         p = self._locals([p])[0]
         w = st.get("w_saved")
         if w is None or w.shape != p.shape or w.dtype != p.dtype or w.device != p.device:
@@ -304,56 +290,95 @@ class SAM(torch.optim.Optimizer):
             restore_(ps, saved, foreach=use_foreach(self.perturb_foreach, ps))
         self._perturbed = None
 
-    @torch.no_grad()
     def second_step(self, zero_grad: bool = False) -> None:
-        """Return to w and let the base optimizer step with the gradient taken at w + e."""
+        """Return to w and let the base optimizer step with the gradient taken at w + e (through ``step()``, so that
+        step hooks and a learning-rate scheduler attached to the wrapper see a step)."""
         if self._perturbed is None:
             raise RuntimeError("second_step called without first_step; call first_step after the first backward")
-        self.restore()
-        self.base_optimizer.step()
-        # A scheduler attached to the wrapper watches for wrapper.step(); the two-call path is a step too.
-        self._opt_called = True  # type: ignore[attr-defined]
+        self.step()
         if zero_grad:
             self.zero_grad()
 
     def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
-        """One SAM step; ``closure`` runs forward + backward and returns the loss. What it is called for is set by
-        ``closure_passes``, never guessed from whether gradients happen to be there:
+        """One SAM step, or the end of one. What it does follows from the call, never from a guess:
+
+        With a closure (forward + backward, returning the loss), by ``closure_passes``:
 
         - ``"second"`` (default; davda54/sam's and pytorch-optimizer's convention): the caller ran pass one at w
           before ``step``. Perturbs, calls the closure once at w + e, restores w, steps the base optimizer; returns
-          the closure's loss (at w + e). The closure need not zero gradients (they are zeroed before it).
+          the closure's loss (at w + e). The closure need not zero gradients (they are zeroed before it). With no
+          gradient from pass one it raises, naming ``closure_passes='both'`` (Lightning: ``SAMCallback``).
         - ``"both"`` (torch.optim's LBFGS and Lightning's automatic optimization): zeroes the gradients, calls the
           closure at w (pass one), perturbs, zeroes the gradients, calls it at w + e, restores, steps; returns the
           loss of pass one. The closure may zero the gradients itself or not.
 
-        With no gradient after pass one, ``first_step`` raises: a step never silently skips the perturbation.
+        The loss is returned detached, so ``float(opt.step(closure))`` is quiet.
 
-        Without a closure, ``step()`` finishes a step that ``first_step()`` began (it is ``second_step()``): for
-        trainers that run both passes themselves and then call ``optimizer.step()`` (the Hugging Face Trainer). With
-        no perturbation pending it raises, as a step without a second pass cannot be SAM.
+        Without a closure (the Hugging Face Trainer, ``GradScaler.step`` and ``torch.distributed.checkpoint`` call
+        it so), in this order:
+
+        1. A perturbation is pending (``first_step`` ran): finish the step as ``second_step()`` does: restore w,
+           base step with the gradient now in ``.grad``.
+        2. No parameter has a gradient: ``RuntimeError``. There is nothing to step with, and the caller meant a
+           step: a step never silently drops its perturbation.
+        3. A sparse optimizer with no mask yet (SSAM-F before ``update_mask``) and a non-zero gradient:
+           ``RuntimeError`` naming what refreshes masks (``SAMTrainer``, ``SAMCallback``, ``update_mask``): the
+           optimizer was never run as SSAM, and a plain step would hide that.
+        4. Otherwise a plain step of the base optimizer with the gradients present, no perturbation. With every
+           gradient zero (how ``torch.distributed.checkpoint`` initialises a fresh optimizer's state, at lr 0) a SAM
+           step would perturb by zero, so nothing is dropped. A schedule that takes SAM on some steps only takes
+           its plain steps this way.
+
+        Returns None without a closure.
         """
         if closure is None:
             if self._perturbed is not None:
-                self.second_step()
+                self._finish()
                 return None
-            raise RuntimeError(
-                f"{type(self).__name__}.step needs a closure that runs forward + backward; or call "
-                "first_step(), then forward + backward, then second_step() (or step())"
-            )
+            self._plain_step()
+            return None
         closure = torch.enable_grad()(closure)
         first_loss = None
-        if self._closure_passes == "both":
+        if self.closure_passes == "both":
             self.zero_grad()
             first_loss = closure()
+        elif not any(p.grad is not None for p in self._all_params()):
+            raise RuntimeError(
+                f"{type(self).__name__}.step(closure): no parameter has a gradient at w, and with "
+                "closure_passes='second' the closure runs pass two only; run forward + backward before "
+                "step(closure), or set closure_passes='both' to run both passes in step (Lightning's automatic "
+                "optimization: add ssam.integrations.lightning.SAMCallback(), which sets it)"
+            )
         self.first_step(zero_grad=True)
         try:
             loss = closure()
         except BaseException:
             self.restore()
             raise
-        self.second_step()
-        return first_loss if self._closure_passes == "both" else loss
+        self._finish()
+        out = first_loss if self.closure_passes == "both" else loss
+        return out.detach() if isinstance(out, Tensor) else out
+
+    @torch.no_grad()
+    def _finish(self) -> None:
+        """Pass two is done: back to w, base step with its gradient."""
+        self.restore()
+        self.base_optimizer.step()
+        self._stepped = True
+
+    @torch.no_grad()
+    def _plain_step(self) -> None:
+        """``step()`` with nothing pending: rules 2-4 of ``step``."""
+        grads = [p.grad for p in self._all_params() if p.grad is not None]
+        if not grads:
+            raise RuntimeError(
+                f"{type(self).__name__}.step(): no perturbation is pending and no parameter has a gradient, so "
+                "there is nothing to step with; a SAM step is forward + backward, first_step(), forward + "
+                "backward, then second_step() or step(), or step(closure) in one call. " + _FRAMEWORKS
+            )
+        self._check_plain_step(grads)
+        self.base_optimizer.step()
+        self._stepped = True
 
     @contextlib.contextmanager
     def first_pass(self) -> Iterator[SAM]:
@@ -390,57 +415,52 @@ class SAM(torch.optim.Optimizer):
         (``loss_fn(model(x), y)``, default cross-entropy) are what SSAM-F measures its Fisher with."""
         return False
 
-    # ------------------------------------------------------------------ state
-    def _extra_state(self) -> dict:
+    # ------------------------------------------------------------------ state_dict (ssam.optim.state)
+    def _saved_own(self, p: Tensor) -> dict[str, Any]:
+        """ssam's saved per-parameter state of p (the masks: see SparseSAM)."""
         return {}
 
-    def _load_extra_state(self, extra: dict) -> None:
-        pass
+    def _extra_state(self) -> dict[str, Any]:
+        """The optimizer's own counters, saved under ``"ssam"`` in one parameter's entry."""
+        return {}
 
-    def state_dict(self) -> dict:
-        # The copy of w is scratch space between the passes, not state: leaving it out keeps checkpoints small.
-        saved = {p: self.state[p].pop("w_saved") for p in list(self.state) if "w_saved" in self.state[p]}
-        try:
-            sd = super().state_dict()
-        finally:
-            for p, e in saved.items():
-                self.state[p]["w_saved"] = e
-        # super() also reports the shared groups; the base optimizer's copy of them is the one loaded back.
-        sd.pop("param_groups", None)
-        sd["base_optimizer"] = self.base_optimizer.state_dict()
-        sd["extra"] = self._extra_state()
-        return sd
+    def _check_own(self, own: dict[Tensor, dict], extra: dict[str, Any]) -> None:
+        """Raise if loaded per-parameter entries (masks) do not fit, before anything is loaded."""
 
-    def load_state_dict(self, state_dict: dict) -> None:
-        if "base_optimizer" not in state_dict:
-            raise ValueError(
-                f"state_dict: missing 'base_optimizer'; allowed: a state_dict from {type(self).__name__}.state_dict()"
-            )
+    def _load_own(self, own: dict[Tensor, dict], extra: dict[str, Any]) -> None:
+        """Take ssam's loaded state: per-parameter entries (masks) and the counters."""
+        self._load_extra_state(extra)
+
+    def _load_extra_state(self, extra: dict[str, Any]) -> None:
+        """The counters of ``_extra_state`` (none for SAM)."""
+
+    def state_dict(self) -> dict[str, Any]:
+        """torch's layout, ``{"state": {index: entry}, "param_groups": [...]}`` (format 2, ``ssam.optim.state``):
+        each entry holds the base optimizer's state and ssam's (``mask``); the first parameter that requires a
+        gradient also holds ``"ssam"``: the format version and the optimizer's counters. Tensors are shared with
+        the optimizer, as torch's are."""
+        base = self.base_optimizer.state_dict()  # one shared list of groups: its indices are ours
+        return pack(base, self._all_params(), self._saved_own, self._anchor(), self._extra_state(), self)
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a ``state_dict()`` of this version (also with parameter names for keys, as
+        ``torch.distributed.checkpoint`` hands it back) or of ssam 0.1 (``{"state", "base_optimizer", "extra"}``:
+        the checkpoints of ``ssam train``, Lightning and the Hugging Face Trainer). Per-group settings and the base
+        optimizer's come from the state_dict; the whole optimizer's stay this optimizer's (``ssam.optim.settings``);
+        a setting an older state_dict lacks takes this optimizer's value."""
         if self._perturbed is not None:
             raise RuntimeError("load_state_dict between first_step and second_step; finish the step first")
-        self.base_optimizer.load_state_dict(state_dict["base_optimizer"])
-        self.param_groups = self.base_optimizer.param_groups
-        # Our own state (masks) is keyed by position in the groups, as in torch.optim.
-        params = self._all_params()
-        own = state_dict.get("state", {})
-        self.state.clear()
-        for idx, st in own.items():
-            idx = int(idx)
-            if idx >= len(params):
-                raise ValueError(f"state_dict: entry for parameter {idx} but the optimizer has {len(params)}")
-            p = params[idx]
-            new = {}
-            for k, v in st.items():
-                if isinstance(v, Tensor):
-                    if v.shape != local(p).shape and k == "mask":  # (sharded: the local shard's, per rank)
-                        raise ValueError(
-                            f"state_dict: mask of parameter {idx} has shape {tuple(v.shape)}, the parameter "
-                            f"{tuple(local(p).shape)}; allowed: a state_dict of the same model"
-                        )
-                    v = v.to(p.device)
-                new[k] = v
-            self.state[p] = new
-        self._load_extra_state(state_dict.get("extra", {}))
+        layout = read_state_dict(state_dict, type(self).__name__)
+        by_key = param_keys(layout, self._all_params(), type(self).__name__)
+        own = {by_key[k]: v for k, v in layout.own.items()}
+        self._check_own(own, layout.extra)
+        self.base_optimizer.load_state_dict({"state": layout.base, "param_groups": layout.groups})
+        self.param_groups = self.base_optimizer.param_groups  # torch's load made new group dicts: share them again
+        for i, g in enumerate(self.param_groups):
+            self._stamp_group(g, i, loaded=True)
+        self._own.clear()  # (w_saved is scratch: allocated again at the next first_step)
+        self._load_own(own, layout.extra)
+        self._stepped = True
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         self.base_optimizer.zero_grad(set_to_none=set_to_none)

@@ -1,4 +1,4 @@
-"""SSAM-D: a random sparse mask evolved by drop-and-grow (see ``ssam.optim.ssam``)."""
+"""SSAM-D: a random sparse mask evolved by drop-and-grow (see ``ssam.optim.sparse``)."""
 
 from __future__ import annotations
 
@@ -12,20 +12,46 @@ from torch import Tensor, nn
 
 from .groups import drop_and_grow, group_sizes, random_mask
 from .select import random_subset, top_k_mask
-from .ssam import STRATEGIES, _SparseSAM
+from .settings import Setting, check_choice
+from .sparse import STRATEGIES, SparseSAM
 
 __all__ = ["SSAMD"]
 
 
-class SSAMD(_SparseSAM):
+def _check_drop_rate(v: Any) -> float:
+    if not (isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v <= 1):
+        raise ValueError(f"drop_rate: got {v!r}; allowed: a number in [0, 1]")
+    return float(v)
+
+
+def _whole(name: str, v: Any) -> int:
+    """An integer, or a number equal to one (numpy's integers, 200.0)."""
+    if isinstance(v, bool) or not isinstance(v, (int, float, np.integer, np.floating)) or not float(v).is_integer():
+        raise ValueError(f"{name}: got {v!r}; allowed: a whole number")
+    return int(v)
+
+
+_check_drop = check_choice("drop_strategy", STRATEGIES)
+_check_growth = check_choice("growth_strategy", STRATEGIES)
+
+
+class SSAMD(SparseSAM):
     """SSAM-D: a random initial mask evolved by drop-and-grow with a cosine-decaying death rate.
 
     Call ``update_mask(epoch)`` after the first backward of the first step of every epoch with
     ``should_update(epoch)``: it scores entries with the gradient then in ``.grad``. ``refresh_mask(epoch)`` does
-    the check and runs at most once per epoch (``mask_refresh == "first_backward"``).
+    the check and runs at most once per epoch (``mask_refresh == "first_backward"``). Settings of the whole
+    optimizer beyond ``SparseSAM``'s: ``drop_rate``, ``drop_strategy``, ``growth_strategy``, and, fixed when built,
+    ``T_start``, ``T_end`` and ``seed`` (the one drawn from torch's global generator when None was given).
     """
 
     mask_refresh = "first_backward"
+    drop_rate = Setting(_check_drop_rate, "The death rate at T_start.")
+    drop_strategy = Setting(_check_drop, "What the live entries that survive are chosen by.")
+    growth_strategy = Setting(_check_growth, "What the dead entries that regrow are chosen by.")
+    T_start = Setting(doc="First epoch of the cosine death-rate schedule (fixed when built).")
+    T_end = Setting(doc="Epoch where the death rate reaches 0 (fixed when built).")
+    seed = Setting(doc="Seed of the optimizer's own generator (fixed when built).")
 
     def __init__(
         self,
@@ -46,12 +72,13 @@ class SSAMD(_SparseSAM):
         cost_aware: bool = False,
         **base_kwargs: Any,
     ) -> None:
-        if not (isinstance(drop_rate, (int, float)) and 0 <= drop_rate <= 1):
-            raise ValueError(f"drop_rate: got {drop_rate!r}; allowed: a number in [0, 1]")
-        if drop_strategy not in STRATEGIES:
-            raise ValueError(f"drop_strategy: got {drop_strategy!r}; allowed: {', '.join(STRATEGIES)}")
-        if growth_strategy not in STRATEGIES:
-            raise ValueError(f"growth_strategy: got {growth_strategy!r}; allowed: {', '.join(STRATEGIES)}")
+        settings: dict[str, Any] = dict(
+            drop_rate=_check_drop_rate(drop_rate),
+            drop_strategy=_check_drop(drop_strategy),
+            growth_strategy=_check_growth(growth_strategy),
+        )
+        T_start, T_end = _whole("T_start", T_start), _whole("T_end", T_end)
+        seed = None if seed is None else _whole("seed", seed)
         if not T_end > T_start:
             raise ValueError(f"T_end: got {T_end!r} with T_start={T_start!r}; allowed: T_end > T_start")
         super().__init__(
@@ -66,16 +93,13 @@ class SSAMD(_SparseSAM):
             cost_aware,
             **base_kwargs,
         )
-        self.drop_rate = float(drop_rate)
-        self.drop_strategy = drop_strategy
-        self.growth_strategy = growth_strategy
-        self.T_start, self.T_end = int(T_start), int(T_end)
-        self.num_updates = 0
-        self.last_update_epoch: int | None = None
-        device = self.mask_params()[0].device
         if seed is None:
             # Drawn from the global generator so torch.manual_seed makes runs (and DDP ranks) agree.
             seed = int(torch.randint(0, 2**62, (1,)).item())
+        self._add_settings(**settings, T_start=T_start, T_end=T_end, seed=seed)
+        self.num_updates = 0
+        self.last_update_epoch: int | None = None
+        device = self.mask_params()[0].device
         self._generator = torch.Generator(device=device)
         self._generator.manual_seed(seed)
         #: First maskable tensor whose groups may grow: the cost-aware cut of the initial mask (0 without it).
@@ -207,6 +231,7 @@ class SSAMD(_SparseSAM):
 
     def _extra_state(self) -> dict:
         return {
+            **super()._extra_state(),
             "num_updates": self.num_updates,
             "last_update_epoch": -1 if self.last_update_epoch is None else self.last_update_epoch,
             "generator": self._generator.get_state(),

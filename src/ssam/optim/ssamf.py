@@ -1,4 +1,4 @@
-"""SSAM-F: the sparse perturbation keeps the entries with the largest empirical Fisher (see ``ssam.optim.ssam``)."""
+"""SSAM-F: the sparse perturbation keeps the entries with the largest empirical Fisher (see ``ssam.optim.sparse``)."""
 
 from __future__ import annotations
 
@@ -12,21 +12,31 @@ from torch import Tensor, nn
 from .fisher import FISHER_METHODS, empirical_fisher
 from .groups import mask_from_scores
 from .select import top_k_mask
+from .settings import Setting, check_choice, check_count
 from .sharded import unsharded
-from .ssam import _flat, _SparseSAM
+from .sparse import SparseSAM, _flat
 
 __all__ = ["SSAMF"]
 
 
-class SSAMF(_SparseSAM):
+_check_samples = check_count("num_samples", "examples the Fisher is measured on")
+_check_mode = check_choice("fisher_mode", ("train", "eval"))
+_check_method = check_choice("fisher_method", FISHER_METHODS)
+
+
+class SSAMF(SparseSAM):
     """SSAM-F: the mask keeps the entries with the largest empirical Fisher information.
 
     Call ``update_mask(model, data)`` before the first step and then every ``update_freq`` epochs
     (``should_update(epoch)``), before that epoch's first step; ``refresh_mask(epoch, model=..., data=...)`` does
-    both checks (``mask_refresh == "before_epoch"``).
+    both checks (``mask_refresh == "before_epoch"``). Settings of the whole optimizer beyond ``SparseSAM``'s:
+    ``num_samples``, ``fisher_mode``, ``fisher_method`` (attributes; also in ``defaults`` and every param group).
     """
 
     mask_refresh = "before_epoch"
+    num_samples = Setting(_check_samples, "Examples the Fisher is measured on.")
+    fisher_mode = Setting(_check_mode, "``'train'`` or ``'eval'``: the model's mode while the Fisher is measured.")
+    fisher_method = Setting(_check_method, "How per-example gradients are computed (``FISHER_METHODS``).")
 
     def __init__(
         self,
@@ -44,12 +54,11 @@ class SSAMF(_SparseSAM):
         cost_aware: bool = False,
         **base_kwargs: Any,
     ) -> None:
-        if not (isinstance(num_samples, int) and not isinstance(num_samples, bool) and num_samples >= 1):
-            raise ValueError(f"num_samples: got {num_samples!r}; allowed: an integer >= 1")
-        if fisher_mode not in ("train", "eval"):
-            raise ValueError(f"fisher_mode: got {fisher_mode!r}; allowed: 'train', 'eval'")
-        if fisher_method not in FISHER_METHODS:
-            raise ValueError(f"fisher_method: got {fisher_method!r}; allowed: {', '.join(map(repr, FISHER_METHODS))}")
+        settings = dict(
+            num_samples=_check_samples(num_samples),
+            fisher_mode=_check_mode(fisher_mode),
+            fisher_method=_check_method(fisher_method),
+        )
         super().__init__(
             params,
             base_optimizer,
@@ -62,17 +71,16 @@ class SSAMF(_SparseSAM):
             cost_aware,
             **base_kwargs,
         )
-        self.num_samples = num_samples
-        self.fisher_mode = fisher_mode
-        self.fisher_method = fisher_method
+        self._add_settings(**settings)
         self.num_updates = 0
 
-    def _check_ready(self) -> None:
-        if not self.has_masks():
-            raise RuntimeError(
-                "SSAMF has no mask yet: call opt.update_mask(model, train_data) before the first step "
-                "(and again whenever opt.should_update(epoch))"
-            )
+    def _no_mask_message(self) -> str:
+        return (
+            "SSAMF has no mask yet: call opt.update_mask(model, train_data) before the first step and again whenever "
+            "opt.should_update(epoch) (opt.refresh_mask(epoch, model=..., data=...) does both); in a framework the "
+            "mask is refreshed for you: Lightning: add ssam.integrations.lightning.SAMCallback() to the Trainer's "
+            "callbacks; Hugging Face: use ssam.integrations.transformers.SAMTrainer"
+        )
 
     @torch.no_grad()
     def update_mask(
@@ -143,7 +151,7 @@ class SSAMF(_SparseSAM):
         return True
 
     def _extra_state(self) -> dict:
-        return {"num_updates": self.num_updates}
+        return {**super()._extra_state(), "num_updates": self.num_updates}
 
     def _load_extra_state(self, extra: dict) -> None:
         self.num_updates = int(extra.get("num_updates", 0))

@@ -114,7 +114,7 @@ def _find_legacy_run(cfg: argparse.Namespace, defaults: dict, model_given: bool)
     """--resume of a run named by an older version: a colon in an N:M name, or the default model before it
     depended on the data set. Switches to that folder (and that model) when it exists."""
     plain = to_plain(cfg)
-    candidates = [(None, name) for name in legacy_run_names(plain, defaults)]
+    candidates: list[tuple[str | None, str]] = [(None, name) for name in legacy_run_names(plain, defaults)]
     default_model = DATASET_DEFAULTS.get(cfg.dataset, DEFAULTS)["model"]
     if not model_given and default_model != LEGACY_DEFAULT_MODEL and cfg.dataset in DATASET_DEFAULTS:
         old = {**plain, "model": LEGACY_DEFAULT_MODEL}

@@ -12,7 +12,7 @@ from ..errors import ArgumentParser
 from ..models import MODEL_FORMS
 from ..optim.fisher import FISHER_METHODS
 from ..optim.groups import parse_granularity
-from ..optim.ssam import STRATEGIES
+from ..optim.sparse import STRATEGIES
 
 SCHEDULERS = ("CosineLRscheduler", "MultiStepLRscheduler")
 

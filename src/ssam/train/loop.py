@@ -285,7 +285,7 @@ class Trainer:
         """Loss and accuracies on ``loader`` (default the test set); see ``evaluate.evaluate``."""
         cfg, test = self.cfg, loader is None
         shard = cfg.distributed_val and test  # the test set may be evaluated in shards; the rest on rank 0
-        reduce = None
+        reduce: Any = None
         if self.world > 1:
             reduce = dist.all_reduce if shard else partial(dist.broadcast, src=0)
         return evaluate(

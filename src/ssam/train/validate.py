@@ -13,7 +13,7 @@ from ..errors import UsageError, did_you_mean
 from ..models import check_model_name
 from ..optim import registry
 from ..optim.factory import parse_opt  # resolve() has already turned a bad --opt into one line
-from ..optim.ssam import STRATEGIES
+from ..optim.sparse import STRATEGIES
 from .flags import SCHEDULERS
 
 __all__ = ["validate"]

@@ -1,0 +1,243 @@
+"""The state of a SAM-family optimizer as torch sees it: ``opt.state`` and the ``state_dict`` layouts.
+
+``opt.state[p]`` shows, for one parameter, the base optimizer's state (``momentum_buffer``, ``exp_avg`` ...) and
+ssam's own (``mask``; ``w_saved``, the copy of w held between the passes) under their own keys, and writes each key
+back where it lives: the base optimizer keeps its dicts, so its lazy initialisation (``len(state) == 0`` in Adam)
+never sees ssam's keys. ``opt.state`` follows torch's rule that an optimizer lists no state before its first step
+(``torch.distributed.checkpoint`` relies on it: it initialises an optimizer whose ``state`` is empty by stepping it
+at zero gradients and zero learning rate): until the first step or ``load_state_dict`` it lists the parameters the
+base optimizer holds state for (none, as a rule), from then on every parameter with any state. Any parameter can be
+looked up at any time: ``opt.state[p]["mask"]`` is there as soon as the mask is.
+
+``state_dict()`` is torch's layout (format 2)::
+
+    {"state": {0: {"momentum_buffer": T, "mask": M, "ssam": {"format": 2, "num_updates": 3, ...}},
+               1: {"momentum_buffer": T, "mask": M}, ...},
+     "param_groups": [{"lr": 0.1, "momentum": 0.9, "rho": 0.05, "sparsity": 0.5, ..., "params": [0, 1, ...]}]}
+
+The optimizer's own counters (SSAM-D's generator, the mask updates so far) and the format version sit under
+``"ssam"`` in the entry of one parameter (the first that requires a gradient), as torch's LBFGS keeps its counters
+with its first parameter: a checkpoint tool that keeps only ``state`` and ``param_groups`` keeps them too.
+
+Format 1 (ssam 0.1, inside the checkpoints of ``ssam train``, Lightning and the Hugging Face Trainer):
+``{"state": {index: {"mask": M}}, "base_optimizer": <the base's state_dict>, "extra": {...}}``. ``read_state_dict``
+reads both.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Mapping, MutableMapping
+from typing import TYPE_CHECKING, Any, NamedTuple
+
+from torch import Tensor
+
+if TYPE_CHECKING:
+    from .sam import SAM
+
+__all__ = [
+    "FORMAT",
+    "STATE_KEY",
+    "OWN_KEYS",
+    "JointState",
+    "StateEntry",
+    "Layout",
+    "pack",
+    "read_state_dict",
+    "param_keys",
+]
+
+#: The state_dict layout this version writes (1: ssam 0.1's ``{"state", "base_optimizer", "extra"}``).
+FORMAT = 2
+#: Key, in one parameter's entry, of the optimizer's own counters and the format version.
+STATE_KEY = "ssam"
+#: ssam's per-parameter keys: ``mask`` is saved, ``w_saved`` (scratch between the passes) is not.
+OWN_KEYS = ("mask", "w_saved")
+
+
+class StateEntry(MutableMapping):
+    """One parameter's state: the base optimizer's keys, then ssam's; the anchor parameter's also ``"ssam"`` (the
+    counters, as saved: writing it sets them). The keys are those ``state_dict()`` saves, plus ``w_saved``, so
+    that torch.distributed.checkpoint's ``flatten_optimizer_state_dict`` finds every saved key here."""
+
+    def __init__(self, opt: SAM, p: Tensor) -> None:
+        self._opt, self._p = opt, p
+
+    def _base(self) -> dict:
+        return self._opt.base_optimizer.state.get(self._p, {})  # .get: reading must not create an entry
+
+    def _own(self) -> dict:
+        return self._opt._own.get(self._p, {})
+
+    def _anchor(self) -> bool:
+        return self._opt._anchor() is self._p
+
+    def __getitem__(self, key: str) -> Any:
+        own = self._own()
+        if key in own:
+            return own[key]
+        if key == STATE_KEY and self._anchor():
+            return {"format": FORMAT, **self._opt._extra_state()}
+        if key in OWN_KEYS or key == STATE_KEY:
+            raise KeyError(key)
+        return self._base()[key]
+
+    def __setitem__(self, key: str, value: Any) -> None:
+        if key in OWN_KEYS or key == STATE_KEY:
+            self._opt._set_own(self._p, key, value)
+        else:
+            self._opt.base_optimizer.state[self._p][key] = value
+
+    def __delitem__(self, key: str) -> None:
+        if key in OWN_KEYS or key == STATE_KEY:
+            self._opt._set_own(self._p, key, None)
+        else:
+            del self._opt.base_optimizer.state[self._p][key]
+
+    def __iter__(self) -> Iterator[str]:
+        # a snapshot: callers (Lightning moving the state to a device) write keys back while iterating
+        return iter([*self._base(), *self._own(), *([STATE_KEY] if self._anchor() else [])])
+
+    def __len__(self) -> int:
+        return len(self._base()) + len(self._own()) + self._anchor()
+
+    def __repr__(self) -> str:
+        return repr(dict(self))
+
+
+class JointState(MutableMapping):
+    """``opt.state`` of a SAM-family optimizer: parameter -> ``StateEntry`` (see the module docstring)."""
+
+    def __init__(self, opt: SAM) -> None:
+        self._opt = opt
+
+    def __getitem__(self, p: Tensor) -> StateEntry:
+        return StateEntry(self._opt, p)
+
+    def __setitem__(self, p: Tensor, entry: Mapping) -> None:
+        target = self[p]
+        for key in [k for k in target if k not in entry]:
+            del target[key]
+        for key, value in entry.items():
+            target[key] = value
+
+    def __delitem__(self, p: Tensor) -> None:
+        del self._opt.base_optimizer.state[p]
+        self._opt._set_own(p, "w_saved", None)
+
+    def _keys(self) -> list[Tensor]:
+        keys = list(self._opt.base_optimizer.state)
+        if self._opt._stepped:
+            seen = {id(p) for p in keys}
+            keys += [p for p, own in self._opt._own.items() if own and id(p) not in seen]
+        return keys
+
+    def __iter__(self) -> Iterator[Tensor]:
+        return iter(self._keys())
+
+    def __len__(self) -> int:
+        return len(self._keys())
+
+    def __contains__(self, p: object) -> bool:
+        return any(p is q for q in self._keys())
+
+    def __repr__(self) -> str:
+        return f"JointState(parameters: {len(self)})"
+
+
+class Layout(NamedTuple):
+    """A state_dict of any format, taken apart: ``groups`` (torch's param_groups, parameters as the dict names
+    them: indices or, from torch.distributed.checkpoint, names), the base optimizer's ``state`` by those keys,
+    ssam's per-parameter ``own`` state (masks) by those keys, and ``extra``, the optimizer's own counters."""
+
+    groups: list[dict]
+    base: dict[Any, dict]
+    own: dict[Any, dict]
+    extra: dict[str, Any]
+    format: int
+
+
+def read_state_dict(sd: Any, owner: str) -> Layout:
+    """Take apart a state_dict of format 2 or 1; anything else is a one-line ValueError."""
+    if isinstance(sd, Mapping) and "base_optimizer" in sd:
+        return _format1(sd, owner)
+    if not (isinstance(sd, Mapping) and isinstance(sd.get("state"), Mapping) and "param_groups" in sd):
+        got = f"keys {sorted(map(str, sd))}" if isinstance(sd, Mapping) else f"a {type(sd).__name__}"
+        raise ValueError(
+            f"state_dict: got {got}; allowed: a state_dict from {owner}.state_dict() (torch's 'state' and "
+            "'param_groups', or ssam 0.1's 'state', 'base_optimizer' and 'extra')"
+        )
+    base: dict[Any, dict] = {}
+    own: dict[Any, dict] = {}
+    extra: dict[str, Any] = {}
+    for key, entry in sd["state"].items():
+        for name, value in entry.items():
+            if name == STATE_KEY:
+                extra = dict(value)
+            elif name in OWN_KEYS:
+                if name != "w_saved":  # (a checkpoint tool that rebuilds entries from opt.state may hand it back)
+                    own.setdefault(key, {})[name] = value
+            else:
+                base.setdefault(key, {})[name] = value
+    version = int(extra.pop("format", FORMAT))
+    if version > FORMAT:
+        raise ValueError(
+            f"state_dict: format {version}; allowed: {FORMAT} or older (it was written by a newer ssam: upgrade)"
+        )
+    return Layout(list(sd["param_groups"]), base, own, extra, version)
+
+
+def _format1(sd: Mapping, owner: str) -> Layout:
+    """ssam 0.1: the base optimizer's state_dict whole, ssam's own state (masks) by index beside it."""
+    inner = sd["base_optimizer"]
+    if not (isinstance(inner, Mapping) and "state" in inner and "param_groups" in inner):
+        raise ValueError(
+            f"state_dict: 'base_optimizer' is not an optimizer state_dict; allowed: a state_dict from {owner}"
+        )
+    own = {
+        int(k): {name: v for name, v in entry.items() if name == "mask"}
+        for k, entry in sd.get("state", {}).items()
+        if "mask" in entry
+    }
+    base = {k: dict(v) for k, v in inner["state"].items()}
+    return Layout(list(inner["param_groups"]), base, own, dict(sd.get("extra", {})), 1)
+
+
+def pack(
+    base: dict, params: list[Tensor], saved_own: Callable[[Tensor], dict], anchor: Tensor, extra: dict, opt: SAM
+) -> dict[str, Any]:
+    """Format 2 from the base optimizer's state_dict ``base`` (indexed as ``params``), ssam's per-parameter state
+    ``saved_own(p)`` and the counters ``extra``, which go to ``anchor``'s entry."""
+    state: dict[Any, dict] = {k: dict(v) for k, v in base["state"].items()}  # copies: the base's stay as they are
+    for i, p in enumerate(params):
+        own = saved_own(p)
+        if not own:
+            continue
+        entry = state.setdefault(i, {})
+        clash = [k for k in own if k in entry]
+        if clash:
+            raise RuntimeError(
+                f"{type(opt.base_optimizer).__name__} keeps state named {clash[0]!r}, as {type(opt).__name__} does; "
+                "a base optimizer with other state names is needed to save both"
+            )
+        entry.update(own)
+    index = next(i for i, p in enumerate(params) if p is anchor)
+    state.setdefault(index, {})[STATE_KEY] = {"format": FORMAT, **extra}
+    return {"state": state, "param_groups": base["param_groups"]}
+
+
+def param_keys(layout: Layout, params: list[Tensor], owner: str) -> dict[Any, Tensor]:
+    """The state_dict's parameter keys (indices or names, in its groups' order) -> this optimizer's parameters."""
+    keys = [k for g in layout.groups for k in g["params"]]
+    if len(keys) != len(params):
+        raise ValueError(
+            f"state_dict: {len(keys)} parameters in its param_groups; allowed: {len(params)}, as this {owner} holds "
+            "(a state_dict of the same model and groups)"
+        )
+    by_key = dict(zip(keys, params))
+    unknown = [k for k in [*layout.own, *layout.base] if k not in by_key]
+    if unknown:
+        raise ValueError(
+            f"state_dict: an entry for parameter {unknown[0]!r}, which its param_groups do not list; allowed: a "
+            f"state_dict from {owner}.state_dict()"
+        )
+    return by_key
