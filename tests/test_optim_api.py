@@ -171,12 +171,32 @@ def test_step_without_closure_finishes_a_first_step(kind):
             F.cross_entropy(m(x), y).backward()
             o.second_step() if o is o1 else o.step()
     assert_same(weights(m1), weights(m2))
-    # Nothing pending, pass two's gradient still in .grad: a plain SGD step with it (rule 4), by hand.
+    # Nothing pending, an ascent due, pass two's gradient still in .grad: refused, naming the calls (rule 5).
+    before = weights(m2)
+    with pytest.raises(RuntimeError, match="due an ascent.*first_step.*SAMTrainer"):
+        o2.step()
+    assert_same(weights(m2), before)
+
+
+@pytest.mark.parametrize("kind", ["sam", "ssamd"])
+def test_step_without_closure_is_the_schedules_plain_step(kind):
+    """Under schedule every:2, step 1 is plain: step() takes the base step with the gradient at w, by hand."""
+    x, y = batch()
+    m = net()
+    o = build(kind, m, schedule="every:2")
+    assert o.ascent_due()
+    F.cross_entropy(m(x), y).backward()
+    o.first_step(zero_grad=True)
+    F.cross_entropy(m(x), y).backward()
+    o.second_step(zero_grad=True)
+    assert not o.ascent_due() and o.steps_taken == (1, 1)
+    F.cross_entropy(m(x), y).backward()
     lr, mom = 0.1, 0.9
-    expected = [p - lr * (mom * o2.state[p]["momentum_buffer"] + p.grad) for p in m2.parameters()]
-    o2.step()
-    for p, e in zip(m2.parameters(), expected):
+    expected = [p - lr * (mom * o.state[p]["momentum_buffer"] + p.grad) for p in m.parameters()]
+    o.step()
+    for p, e in zip(m.parameters(), expected):
         assert torch.allclose(p.detach(), e, rtol=0, atol=1e-15)
+    assert o.ascent_due() and o.steps_taken == (2, 1)
 
 
 # ---------------------------------------------------------------------------------------------- maskable set

@@ -17,6 +17,7 @@ from .ssamd import SSAMD
 from .ssamf import SSAMF
 
 __all__ = [
+    "KEYWORD_OF",
     "OptimInfo",
     "BaseInfo",
     "WRAPPERS",
@@ -29,7 +30,7 @@ __all__ = [
 ]
 
 # Settings of every SAM-family optimizer, then of the sparse ones, then of one family alone.
-SAM_SETTINGS = ("rho", "adaptive", "sam_first_pass", "freeze_bn_second_pass")
+SAM_SETTINGS = ("rho", "adaptive", "sam_first_pass", "freeze_bn_second_pass", "sam_schedule")
 SPARSE_SETTINGS = ("sparsity", "granularity", "cost_aware", "skip_dead", "renormalize", "update_freq")
 FISHER_SETTINGS = ("num_samples", "fisher_mode", "fisher_method")
 DYNAMIC_SETTINGS = ("drop_rate", "drop_strategy", "growth_strategy")
@@ -72,6 +73,8 @@ BASES: dict[str, BaseInfo] = {
     "sgd": BaseInfo("sgd", torch.optim.SGD, ("momentum", "nesterov")),
     "adamw": BaseInfo("adamw", torch.optim.AdamW, ("betas", "eps")),
 }
+# Settings whose flag is named apart from the optimizer's keyword (the flag says it is SAM's).
+KEYWORD_OF = {"sam_schedule": "schedule"}
 DEFAULT_BASE = "sgd"  # of a bare wrapper name (``ssamf``) in create_optimizer and on the command line
 
 

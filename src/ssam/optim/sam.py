@@ -30,6 +30,7 @@ from torch import Tensor
 from .arguments import build_base, plain_group, strip_names
 from .mask import MaskSegment
 from .perturb import grad_norm, perturb_, restore_, use_foreach
+from .schedule import ScheduleState, looksam_apply, looksam_store, parse_schedule
 from .settings import Setting, check_bool, check_choice, check_foreach, check_perturb_eps, check_rho, stamp_group
 from .sharded import ShardLayout, local, shard_layout
 from .state import STATE_KEY, JointState, pack, param_keys, read_state_dict
@@ -37,6 +38,7 @@ from .state import STATE_KEY, JointState, pack, param_keys, read_state_dict
 __all__ = ["SAM", "CLOSURE_PASSES"]
 
 CLOSURE_PASSES = ("second", "both")
+LOOKSAM_KEY = "looksam_gv"  # per parameter: LookSAM's stored direction g_v (saved in the state dict)
 _GROUP_CHECKS = {"rho": check_rho, "adaptive": check_bool("adaptive"), "perturb_eps": check_perturb_eps}
 # Where to turn when a framework drives the optimizer as a one-pass one (one line, in several messages).
 _FRAMEWORKS = (
@@ -90,14 +92,17 @@ class SAM(torch.optim.Optimizer):
         perturb_eps: float = 1e-7,
         perturb_foreach: bool | None = None,
         closure_passes: str = "second",
+        schedule: str | None = None,
         **base_kwargs: Any,
     ) -> None:
+        plan = parse_schedule(schedule)
         settings = {
             "rho": check_rho(rho),
             "adaptive": check_bool("adaptive")(adaptive),
             "perturb_eps": check_perturb_eps(perturb_eps),
             "perturb_foreach": check_foreach(perturb_foreach),
             "closure_passes": check_choice("closure_passes", CLOSURE_PASSES)(closure_passes),
+            "schedule": str(plan),
         }
         self._param_names: dict[int, str] = {}
         params = list(params)
@@ -120,7 +125,13 @@ class SAM(torch.optim.Optimizer):
         # Parameters perturbed by the last first_step, with their saved weights, for restore to copy back.
         self._perturbed: tuple[list[Tensor], list[Tensor]] | None = None
         self._stepped = False  # a base step was taken or a state_dict loaded: opt.state lists ssam's state too
+        self._schedule = ScheduleState(plan)  # which steps ascend (ssam.optim.schedule)
         self._set_layout()
+        if plan.kind in ("looksam", "aesam") and self._layout is not None:
+            raise ValueError(
+                f"schedule: got {str(plan)!r} with FSDP-sharded parameters; allowed: 'every:K' or 'late:F' there "
+                "(LookSAM's and AE-SAM's norms are not summed over shards)"
+            )
 
     def _set_layout(self) -> None:
         """FSDP2-sharded parameters (``ssam.optim.sharded``): SAM then works on the local shards with one
@@ -159,7 +170,7 @@ class SAM(torch.optim.Optimizer):
         """A write to ``opt.state[p][key]`` for one of ssam's keys; None removes it (scratch only)."""
         if key == STATE_KEY and p is self._anchor() and value is not None:
             self._load_extra_state(dict(value))
-        elif key == "w_saved":
+        elif key in ("w_saved", LOOKSAM_KEY):
             if value is None:
                 self._own.get(p, {}).pop(key, None)
             else:
@@ -220,6 +231,30 @@ class SAM(torch.optim.Optimizer):
             return norm
         return self._layout.all_reduce_(norm.square()).sqrt()
 
+    # ------------------------------------------------------------------ the ascent schedule (ssam.optim.schedule)
+    def ascent_due(self) -> bool:
+        """Whether the next optimizer step takes the ascent (two passes) or is a plain base step (one pass); known
+        before its first pass. Always True without a ``schedule``."""
+        return self._schedule.due()
+
+    def plan_steps(self, total: int) -> None:
+        """The run's planned optimizer steps (``late:F`` places its boundary by them). Set once: a value loaded
+        from a state dict, or set before, is kept (a resume with more epochs keeps the boundary)."""
+        if isinstance(total, bool) or not isinstance(total, int) or total < 1:
+            raise ValueError(f"plan_steps: got {total!r}; allowed: an integer >= 1 (optimizer steps of the run)")
+        if self._schedule.planned is None:
+            self._schedule.planned = total
+
+    @property
+    def steps_taken(self) -> tuple[int, int]:
+        """(optimizer steps taken, of which ascents), counted over the run (kept in the state dict)."""
+        return self._schedule.steps, self._schedule.ascents
+
+    def _record_norm(self, grads: list[Tensor]) -> None:
+        """AE-SAM's statistic: the squared norm of the gradient at w of the step being taken (a host sync)."""
+        if self._schedule.schedule.kind == "aesam":
+            self._schedule.record(float(sum((g.double() ** 2).sum() for g in self._locals(grads))))
+
     # ------------------------------------------------------------------ the two passes
     @torch.no_grad()
     def first_step(self, zero_grad: bool = False) -> None:
@@ -239,6 +274,10 @@ class SAM(torch.optim.Optimizer):
             )
         all_p = [p for _, ps, _ in by_group for p in ps]
         all_g = [g for _, _, gs in by_group for g in gs]
+        self._record_norm(all_g)
+        if self._schedule.schedule.kind == "looksam":  # keep g at w: second_step turns it into g_v
+            for p, g in zip(all_p, all_g):
+                self._own[p][LOOKSAM_KEY] = g.detach().clone()
         # One norm over every parameter, as in the paper; ASAM takes it of |w| * g.
         adaptive = any(g["adaptive"] for g, _, _ in by_group)
         if adaptive and not all(g["adaptive"] for g, _, _ in by_group):
@@ -321,13 +360,18 @@ class SAM(torch.optim.Optimizer):
            base step with the gradient now in ``.grad``.
         2. No parameter has a gradient: ``RuntimeError``. There is nothing to step with, and the caller meant a
            step: a step never silently drops its perturbation.
-        3. A sparse optimizer with no mask yet (SSAM-F before ``update_mask``) and a non-zero gradient:
-           ``RuntimeError`` naming what refreshes masks (``SAMTrainer``, ``SAMCallback``, ``update_mask``): the
-           optimizer was never run as SSAM, and a plain step would hide that.
-        4. Otherwise a plain step of the base optimizer with the gradients present, no perturbation. With every
-           gradient zero (how ``torch.distributed.checkpoint`` initialises a fresh optimizer's state, at lr 0) a SAM
-           step would perturb by zero, so nothing is dropped. A schedule that takes SAM on some steps only takes
-           its plain steps this way.
+        3. The step is a plain one of the ``schedule`` (``ascent_due()`` is False), or every gradient is zero (a SAM
+           step would perturb by zero; this is how ``torch.distributed.checkpoint`` initialises a fresh optimizer):
+           a plain step of the base optimizer with the gradients present (LookSAM adds its stored direction).
+        4. An ascent is due and the gradient is not zero: ``RuntimeError`` naming the calls that take it
+           (``first_step``/``second_step``, ``step(closure)``, Lightning's ``SAMCallback``, the Hugging Face
+           ``SAMTrainer``); for a sparse optimizer without a mask, naming what refreshes masks. Without a
+           schedule every step is due an ascent, so a framework that drives SAM as a one-pass optimizer is told,
+           never silently trained with plain steps.
+
+        With a closure on a plain step of the schedule, the closure is not called at w + e: under ``"second"`` the
+        base optimizer steps with pass one's gradient and ``step`` returns None; under ``"both"`` the closure runs
+        once (pass one) and its loss is returned.
 
         Returns None without a closure.
         """
@@ -339,6 +383,7 @@ class SAM(torch.optim.Optimizer):
             return None
         closure = torch.enable_grad()(closure)
         first_loss = None
+        due = self.ascent_due()
         if self.closure_passes == "both":
             self.zero_grad()
             first_loss = closure()
@@ -349,6 +394,9 @@ class SAM(torch.optim.Optimizer):
                 "step(closure), or set closure_passes='both' to run both passes in step (Lightning's automatic "
                 "optimization: add ssam.integrations.lightning.SAMCallback(), which sets it)"
             )
+        if not due:  # a plain step of the schedule: the gradient of pass one, no closure call at w + e
+            self._take_plain_step([p.grad for p in self._all_params() if p.grad is not None])
+            return first_loss.detach() if isinstance(first_loss, Tensor) else first_loss
         self.first_step(zero_grad=True)
         try:
             loss = closure()
@@ -363,7 +411,11 @@ class SAM(torch.optim.Optimizer):
     def _finish(self) -> None:
         """Pass two is done: back to w, base step with its gradient."""
         self.restore()
+        if self._schedule.schedule.kind == "looksam":
+            ps = [p for p in self._all_params() if LOOKSAM_KEY in self._own.get(p, {}) and p.grad is not None]
+            looksam_store([self._own[p][LOOKSAM_KEY] for p in ps], [cast(Tensor, p.grad) for p in ps])
         self.base_optimizer.step()
+        self._schedule.done(ascended=True)
         self._stepped = True
 
     @torch.no_grad()
@@ -376,8 +428,31 @@ class SAM(torch.optim.Optimizer):
                 "there is nothing to step with; a SAM step is forward + backward, first_step(), forward + "
                 "backward, then second_step() or step(), or step(closure) in one call. " + _FRAMEWORKS
             )
-        self._check_plain_step(grads)
+        if self.ascent_due() and any(bool(g.ne(0).any()) for g in grads):
+            # An ascent is due: a plain step now would silently drop it (every gradient zero perturbs by zero:
+            # torch.distributed.checkpoint's initialising step passes).
+            self._check_plain_step(grads)
+            raise RuntimeError(
+                f"{type(self).__name__}.step(): this step is due an ascent (schedule {self.defaults['schedule']!r}) "
+                "and none is pending; take it with first_step(), forward + backward, second_step(), or "
+                "step(closure); ask opt.ascent_due() before pass one to know which steps are plain. " + _FRAMEWORKS
+            )
+        self._take_plain_step(grads)
+
+    @torch.no_grad()
+    def _take_plain_step(self, grads: list[Tensor]) -> None:
+        """A step of the schedule without ascent: the base optimizer with the gradient at w (LookSAM: plus its
+        stored direction)."""
+        self._record_norm(grads)
+        if self._schedule.schedule.kind == "looksam":
+            ps = [p for p in self._all_params() if p.grad is not None and LOOKSAM_KEY in self._own.get(p, {})]
+            looksam_apply(
+                [cast(Tensor, p.grad) for p in ps],
+                [self._own[p][LOOKSAM_KEY] for p in ps],
+                self._schedule.schedule.alpha,
+            )
         self.base_optimizer.step()
+        self._schedule.done(ascended=False)
         self._stepped = True
 
     @contextlib.contextmanager
@@ -417,22 +492,28 @@ class SAM(torch.optim.Optimizer):
 
     # ------------------------------------------------------------------ state_dict (ssam.optim.state)
     def _saved_own(self, p: Tensor) -> dict[str, Any]:
-        """ssam's saved per-parameter state of p (the masks: see SparseSAM)."""
-        return {}
+        """ssam's saved per-parameter state of p: LookSAM's direction (and the masks: see SparseSAM)."""
+        gv = self._own.get(p, {}).get(LOOKSAM_KEY)
+        return {} if gv is None else {LOOKSAM_KEY: gv}
 
     def _extra_state(self) -> dict[str, Any]:
         """The optimizer's own counters, saved under ``"ssam"`` in one parameter's entry."""
-        return {}
+        return {"schedule": self._schedule.state()}
 
     def _check_own(self, own: dict[Tensor, dict], extra: dict[str, Any]) -> None:
         """Raise if loaded per-parameter entries (masks) do not fit, before anything is loaded."""
 
     def _load_own(self, own: dict[Tensor, dict], extra: dict[str, Any]) -> None:
-        """Take ssam's loaded state: per-parameter entries (masks) and the counters."""
+        """Take ssam's loaded state: per-parameter entries (LookSAM's direction; masks: SparseSAM) and the
+        counters."""
+        for p, entry in own.items():
+            if LOOKSAM_KEY in entry:
+                self._own[p][LOOKSAM_KEY] = entry[LOOKSAM_KEY].to(p.device)
         self._load_extra_state(extra)
 
     def _load_extra_state(self, extra: dict[str, Any]) -> None:
-        """The counters of ``_extra_state`` (none for SAM)."""
+        """The counters of ``_extra_state``: the schedule's (an older state dict has none: counted from 0)."""
+        self._schedule.load(extra.get("schedule") or {})
 
     def state_dict(self) -> dict[str, Any]:
         """torch's layout, ``{"state": {index: entry}, "param_groups": [...]}`` (format 2, ``ssam.optim.state``):

@@ -27,7 +27,20 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-__all__ = ["AscentSchedule", "parse_schedule", "SCHEDULE_FORMS", "LOOKSAM_ALPHA", "AESAM_C", "AESAM_MOMENTUM"]
+import torch
+from torch import Tensor
+
+__all__ = [
+    "AscentSchedule",
+    "ScheduleState",
+    "parse_schedule",
+    "looksam_store",
+    "looksam_apply",
+    "SCHEDULE_FORMS",
+    "LOOKSAM_ALPHA",
+    "AESAM_C",
+    "AESAM_MOMENTUM",
+]
 
 LOOKSAM_ALPHA = 0.7
 AESAM_C = 1.0
@@ -132,3 +145,84 @@ def parse_schedule(spec: object) -> AscentSchedule:
             )
         return AscentSchedule("late", fraction=fraction)
     raise ValueError(f"schedule: got {spec!r}; allowed: {SCHEDULE_FORMS}")
+
+
+class ScheduleState:
+    """What a schedule remembers between steps: the optimizer steps taken, the ascents among them, the planned
+    length (``late``) and the running statistics of the squared gradient norm (``aesam``). Saved in the state dict
+    under the optimizer's counters, so a resumed run takes the same decisions."""
+
+    def __init__(self, schedule: AscentSchedule) -> None:
+        self.schedule = schedule
+        self.steps = 0  # optimizer steps taken (SAM or plain)
+        self.ascents = 0  # of which SAM steps
+        self.planned: int | None = None
+        self.last_sq: float | None = None  # |g|^2 at w of the last step
+        self.mean = 0.0  # EMA of |g|^2 over the steps before the last one
+        self.var = 0.0
+        self.seen = 0  # steps whose |g|^2 entered the statistics
+
+    def due(self) -> bool:
+        return self.schedule.due(self.steps, self.planned, self.last_sq, self.mean, self.var, self.seen)
+
+    def record(self, sq: float) -> None:
+        """The squared gradient norm at w of the step being taken (aesam only)."""
+        if self.last_sq is not None:  # the previous step's value joins the statistics the next one is judged by
+            if self.seen == 0:
+                self.mean, self.var = self.last_sq, 0.0
+            else:
+                m = AESAM_MOMENTUM
+                delta = self.last_sq - self.mean
+                self.mean += (1 - m) * delta
+                self.var = m * (self.var + (1 - m) * delta * delta)
+            self.seen += 1
+        self.last_sq = sq
+
+    def done(self, ascended: bool) -> None:
+        self.steps += 1
+        self.ascents += int(ascended)
+
+    def state(self) -> dict:
+        # Numbers only (torch.distributed.checkpoint flattens no strings); the schedule itself is a setting.
+        return {
+            "steps": self.steps,
+            "ascents": self.ascents,
+            "planned": -1 if self.planned is None else self.planned,
+            "last_sq": -1.0 if self.last_sq is None else self.last_sq,
+            "mean": self.mean,
+            "var": self.var,
+            "seen": self.seen,
+        }
+
+    def load(self, state: dict) -> None:
+        """A saved ``state()``; an older state dict without one starts the counters at 0."""
+        self.steps = int(state.get("steps", 0))
+        self.ascents = int(state.get("ascents", 0))
+        planned = int(state.get("planned", -1))
+        self.planned = None if planned < 0 else planned
+        last = float(state.get("last_sq", -1.0))
+        self.last_sq = None if last < 0 else last
+        self.mean, self.var = float(state.get("mean", 0.0)), float(state.get("var", 0.0))
+        self.seen = int(state.get("seen", 0))
+
+
+def _dot(a: list[Tensor], b: list[Tensor]) -> Tensor:
+    return torch.stack([(x.double() * y.double()).sum() for x, y in zip(a, b)]).sum()
+
+
+@torch.no_grad()
+def looksam_store(buffers: list[Tensor], grads_s: list[Tensor]) -> None:
+    """``buffers`` hold g (the gradient at w); turn them, in place, into ``g_v = g_s - (g.g_s / |g|^2) g``, the
+    part of the SAM gradient ``grads_s`` orthogonal to g. Sums over all tensors in float64."""
+    coef = _dot(buffers, grads_s) / _dot(buffers, buffers).clamp_min(1e-300)
+    for b, s in zip(buffers, grads_s):
+        b.mul_(-coef.to(b.dtype)).add_(s)
+
+
+@torch.no_grad()
+def looksam_apply(grads: list[Tensor], buffers: list[Tensor], alpha: float) -> None:
+    """``g <- g + alpha |g| / |g_v| g_v`` in place (nothing when g_v is zero), without a host sync."""
+    gn, vn = _dot(grads, grads).sqrt(), _dot(buffers, buffers).sqrt()
+    scale = torch.where(vn > 0, alpha * gn / vn.clamp_min(1e-300), torch.zeros_like(vn))
+    for g, v in zip(grads, buffers):
+        g.add_(v * scale.to(g.dtype))

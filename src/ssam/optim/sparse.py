@@ -225,15 +225,16 @@ class SparseSAM(SAM):
         self._set_local(self._masks.flat())  # (keeps the dead-tensor cache right)
 
     def _saved_own(self, p: Tensor) -> dict[str, Any]:
+        own = super()._saved_own(p)
         if id(p) not in self._maskable_index:
-            return {}
+            return own
         mask = self._mask_for(p)
         if mask is None:  # a stand-in, so that a fresh optimizer's state_dict has the keys of a trained one
             mask = torch.zeros_like(local(p), dtype=torch.bool)
-        return {"mask": mask}
+        return {**own, "mask": mask}
 
     def _extra_state(self) -> dict[str, Any]:
-        return {"has_masks": self.has_masks()}
+        return {**super()._extra_state(), "has_masks": self.has_masks()}
 
     def _check_own(self, own: dict[Tensor, dict], extra: dict[str, Any]) -> None:
         missing = [p for p in self._maskable if "mask" not in own.get(p, {})]
@@ -261,7 +262,7 @@ class SparseSAM(SAM):
             self._set_local(_flat(masks))  # type: ignore[arg-type]
         else:
             self._extend_mask(None, 0)
-        self._load_extra_state(extra)
+        super()._load_own(own, extra)  # LookSAM's direction and the counters
 
     def _check_ready(self) -> None:
         if not self.has_masks():

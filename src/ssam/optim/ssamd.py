@@ -239,6 +239,7 @@ class SSAMD(SparseSAM):
         }
 
     def _load_extra_state(self, extra: dict) -> None:
+        super()._load_extra_state(extra)
         self.num_updates = int(extra.get("num_updates", 0))
         last = int(extra.get("last_update_epoch", -1))
         self.last_update_epoch = None if last < 0 else last

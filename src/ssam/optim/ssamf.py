@@ -154,4 +154,5 @@ class SSAMF(SparseSAM):
         return {**super()._extra_state(), "num_updates": self.num_updates}
 
     def _load_extra_state(self, extra: dict) -> None:
+        super()._load_extra_state(extra)
         self.num_updates = int(extra.get("num_updates", 0))

@@ -50,8 +50,9 @@ __all__ = [
 FORMAT = 2
 #: Key, in one parameter's entry, of the optimizer's own counters and the format version.
 STATE_KEY = "ssam"
-#: ssam's per-parameter keys: ``mask`` is saved, ``w_saved`` (scratch between the passes) is not.
-OWN_KEYS = ("mask", "w_saved")
+#: ssam's per-parameter keys: ``mask`` and ``looksam_gv`` (LookSAM's direction) are saved, ``w_saved`` (scratch
+#: between the passes) is not.
+OWN_KEYS = ("mask", "w_saved", "looksam_gv")
 
 
 class StateEntry(MutableMapping):

@@ -106,7 +106,7 @@ def optimizer_settings(cfg: Namespace) -> dict:
     family and base optimizer (AdamW takes no momentum: the official code crashes passing it)."""
     wrapper, base = parse_opt(cfg.opt)
     names = [*registry.BASES[base].settings, *registry.family(wrapper).settings]
-    kw: dict = {k: getattr(cfg, k) for k in names if k not in TRAINER_SETTINGS}
+    kw: dict = {registry.KEYWORD_OF.get(k, k): getattr(cfg, k) for k in names if k not in TRAINER_SETTINGS}
     if "betas" in kw:
         kw["betas"] = tuple(kw["betas"])
     if wrapper == "ssamd":  # its death-rate schedule spans the run; its random mask follows the seed

@@ -12,9 +12,18 @@ from ..errors import ArgumentParser
 from ..models import MODEL_FORMS
 from ..optim.fisher import FISHER_METHODS
 from ..optim.groups import parse_granularity
+from ..optim.schedule import parse_schedule
 from ..optim.sparse import STRATEGIES
 
 SCHEDULERS = ("CosineLRscheduler", "MultiStepLRscheduler")
+
+
+def schedule_type(text: str) -> str:
+    """``--sam_schedule``, parsed once where it is read: the canonical spelling ("every:2", "looksam:5:0.7")."""
+    try:
+        return str(parse_schedule(text))
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e).split(": ", 1)[1]) from None
 
 
 def granularity_type(text: str) -> str:
@@ -151,6 +160,14 @@ def build_parser(prog: str = "ssam train") -> argparse.ArgumentParser:
         default="sync",
         choices=("sync", "local"),
         help="DDP: all-reduce the first gradient (sync) or perturb per device (local, under no_sync)",
+    )
+    g.add_argument(
+        "--sam_schedule",
+        default="none",
+        type=schedule_type,
+        metavar="FORM",
+        help="on which steps SAM ascends (the others: one plain pass): none, every:K, looksam:K[:ALPHA], "
+        "aesam[:C] or late:FRACTION (docs/optimizers.md, Ascent schedules)",
     )
     g.add_argument(
         "--freeze_bn_second_pass",

@@ -78,6 +78,8 @@ def run_name(cfg: dict[str, Any], defaults: dict[str, Any], _colon: bool = False
         if not _colon:  # "2:4" -> "2of4": a colon is not a file name on every file system, nor easy in a shell
             grain = grain.replace(":", "of")
         parts.append(f"sp{cfg['sparsity']:g}{grain}")
+    if wrapper and cfg.get("sam_schedule", "none") != "none":
+        parts.append(cfg["sam_schedule"].replace(":", "-"))
     if cfg.get("train_subset"):
         parts.append(f"n{cfg['train_subset']}")
     if cfg["label_noise"]:

@@ -164,6 +164,9 @@ class Trainer:
         self.holdout_loader = self._eval_loader(self.val_ds, 0, 1) if self.val_ds is not None else None
         self.noisy_loader = self._eval_loader(self.train_plain, 0, 1) if cfg.label_noise else None
         self.fisher_source: Any = self.loader.dataset if not cfg.gpu_data else self.train_ds
+        if self.wrapper is not None:  # late:F places its boundary by the run's planned steps (a resume keeps it)
+            per_epoch = min(len(self.loader), cfg.limit_train_batches or len(self.loader))
+            self.opt.plan_steps(max(1, cfg.epochs * per_epoch))
         self.stop_signal: int | None = None
         self.trackers = Trackers(cfg, self.run) if not cfg.eval_only else None
 
@@ -246,8 +249,10 @@ class Trainer:
         ):
             check_masks_agree(opt, self.world, epoch)
 
+        # The schedule's decision, known before pass one; a plain step is one synchronised pass.
+        ascend = self.wrapper is not None and opt.ascent_due()
         # An SSAM-D refresh reads the dense gradient: the epoch's first step runs a full first pass.
-        skip = cfg.skip_dead and self.wrapper is not None and not (step == 0 and refresh == "first_backward")
+        skip = cfg.skip_dead and ascend and not (step == 0 and refresh == "first_backward")
 
         def after_first_backward() -> None:
             if skip:  # what the skipping pass computed: the tensors that took a gradient
@@ -266,14 +271,15 @@ class Trainer:
             scaler=self.scaler,
             autocast=self._autocast,
             no_sync=self.ddp.no_sync if self.ddp else None,
-            sync_first_pass=not (self.wrapper is not None and cfg.sam_first_pass == "local"),
+            sync_first_pass=not (ascend and cfg.sam_first_pass == "local"),
             skip_dead=skip,
             reduce_first_grads=all_reduce_mean if self.world > 1 else None,
             freeze_bn_second_pass=cfg.freeze_bn_second_pass,
             after_first_backward=after_first_backward,
             grads_to_none=self._grads_to_none,
+            ascend=ascend,
         )
-        per_example = 1.0 if self.wrapper is None else (self._first_pass_cost if skip else 1.0) + 1.0
+        per_example = 1.0 if not ascend else (self._first_pass_cost if skip else 1.0) + 1.0
         self.passes += per_example * len(y) * self.world
         self.examples += len(y) * self.world
         top5 = res.outputs.topk(min(5, res.outputs.shape[1]), dim=1).indices
@@ -347,6 +353,7 @@ class Trainer:
             acc += self.partial["acc"].to(self.device)
         seen_before = acc[3].item()
         skipped0 = self.scaler.skipped_steps
+        taken0 = self.opt.steps_taken if self.wrapper is not None else (0, 0)
         t0 = time.time()
         bar = self._progress(steps - start, epoch)
         last_line = t0
@@ -410,7 +417,11 @@ class Trainer:
         images = acc[3].item() - seen_before * (self.world if self.world > 1 else 1)
         skipped = self.scaler.skipped_steps - skipped0
         self.skipped_total += skipped
+        # The share of this epoch's optimizer steps that took SAM's ascent (a schedule's cost; SGD 0, SAM 1).
+        taken = self.opt.steps_taken if self.wrapper is not None else (0, 0)
+        steps_done = taken[0] - taken0[0]
         return {
+            "ascent_share": (taken[1] - taken0[1]) / steps_done if steps_done else 0.0,
             "train_loss": acc[0].item() / n,
             "train_acc1": 100 * acc[1].item() / n,
             "train_acc5": 100 * acc[2].item() / n,
@@ -471,6 +482,7 @@ class Trainer:
                 "epoch_time": tr["epoch_time"],
                 "images_per_s": tr["images_per_s"],
                 "skipped_steps": tr["skipped_steps"],
+                "ascent_share": tr["ascent_share"],
                 **held,
                 "passes_per_example": self.passes / max(1, self.examples),
             }
@@ -480,6 +492,7 @@ class Trainer:
                 f"acc5 {tr['train_acc5']:.2f} | test loss {te['test_loss']:.4f} acc1 {te['test_acc1']:.2f} "
                 f"acc5 {te['test_acc5']:.2f} | best {self.best_acc1:.2f} | lr {rec['lr']:.4g} | "
                 + (f"mask {density:.3f} | " if self.refresh else "")
+                + (f"ascent {tr['ascent_share']:.2f} | " if cfg.sam_schedule != "none" and self.wrapper else "")
                 + (f"val acc1 {held['val_acc1']:.2f} | " if "val_acc1" in held else "")
                 + (
                     f"noisy fit {held['noisy_memorized']:.3f} true {held['noisy_true']:.3f} | "

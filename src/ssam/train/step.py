@@ -88,6 +88,7 @@ def train_step(
     freeze_bn_second_pass: bool = False,
     after_first_backward: Callable[[], None] | None = None,
     grads_to_none: bool = True,
+    ascend: bool = True,
 ) -> StepResult:
     """One training step over ``micro_batches`` (a list of ``(inputs, targets)``; one pair for no accumulation).
 
@@ -98,12 +99,14 @@ def train_step(
     parameters without a live mask entry take no gradient; under DDP such a pass runs under no_sync (DDP's reducer
     waits for every parameter) and ``reduce_first_grads`` averages the gradients that exist (when syncing).
     after_first_backward: called once pass one's gradient is complete. grads_to_none: how gradients are zeroed
-    (zeros in place are faster on a CPU when every parameter takes a gradient in every pass).
+    (zeros in place are faster on a CPU when every parameter takes a gradient in every pass). ascend: False for a
+    plain step of a SAM optimizer's schedule (ask ``opt.ascent_due()`` before calling): one pass, ``opt.step()``.
     """
     model = net if model is None else model
     scaler = scaler if scaler is not None else TwoPassScaler(enabled=False)
     autocast = autocast if autocast is not None else contextlib.nullcontext
-    sam = isinstance(opt, SAM)
+    # ascend=False: a plain step of SAM's schedule (opt.ascent_due() was False): one synchronised pass, base step.
+    sam = isinstance(opt, SAM) and ascend
     skip = sam and skip_dead
     if skip and no_sync is not None and sync_first_pass and reduce_first_grads is None:
         raise ValueError(

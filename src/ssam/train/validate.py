@@ -153,5 +153,10 @@ def validate(cfg: argparse.Namespace) -> None:
                 + " use it)",
                 file=sys.stderr,
             )
+    need(
+        not (cfg.sam_schedule.startswith("aesam") and cfg.sam_first_pass == "local"),
+        f"--sam_schedule {cfg.sam_schedule} with --sam_first_pass local: each rank would judge its own gradient "
+        "norm and the ranks could disagree on which steps ascend; allowed: --sam_first_pass sync",
+    )
     if cfg.amp == "fp16" and cfg.device == "cpu":
         raise UsageError("--amp fp16 needs a CUDA device; on CPU use --amp bf16 or none")
