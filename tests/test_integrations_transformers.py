@@ -66,6 +66,10 @@ def plain_loop(data, opt_name, batch_size, accum, epochs=1, **sam_kw):
             backward(window)
             if step == 0 and opt_name.startswith("ssamd"):
                 opt.update_mask(epoch)
+            if not opt.ascent_due():  # a plain step of the schedule
+                opt.step()
+                opt.zero_grad()
+                continue
             opt.first_step(zero_grad=True)
             backward(window)
             opt.second_step(zero_grad=True)
@@ -91,6 +95,7 @@ def train(tmp_path, sam, accum=1, batch_size=16, epochs=1, resume=None, **kw):
     return trainer
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("accum", [1, 2])
 def test_sam_trainer_matches_plain_loop(tmp_path, accum):
     sam = {"opt": "ssamd-sgd", "rho": 0.1, "sparsity": 0.5, "seed": 2, "T_end": 4}
@@ -102,6 +107,18 @@ def test_sam_trainer_matches_plain_loop(tmp_path, accum):
     assert len(logged) == 4 and all(h["mask_density"] == pytest.approx(0.5, abs=0.01) for h in logged)
 
 
+@pytest.mark.slow
+def test_schedule_takes_plain_steps_with_one_pass(tmp_path):
+    sam = {"opt": "ssamd-sgd", "rho": 0.1, "sparsity": 0.5, "seed": 2, "T_end": 4, "schedule": "every:2"}
+    trainer = train(tmp_path, sam, accum=2, batch_size=8)
+    kw = dict(rho=0.1, sparsity=0.5, seed=2, T_end=4)
+    ref = plain_loop(example.synthetic(64), "ssamd-sgd", 8, 2, schedule="every:2", **kw)
+    for (n, p), q in zip(trainer.model.named_parameters(), ref.parameters()):
+        torch.testing.assert_close(p.detach(), q.detach(), atol=1e-5, rtol=0, msg=n)
+    assert trainer.sam.steps_taken == (4, 2)
+
+
+@pytest.mark.slow
 def test_resume_continues_where_the_checkpoint_left(tmp_path):
     sam = {"opt": "ssamd", "rho": 0.05, "sparsity": 0.5, "seed": 1}
     whole = train(tmp_path / "whole", sam, epochs=2)
@@ -115,6 +132,7 @@ def test_resume_continues_where_the_checkpoint_left(tmp_path):
     assert resumed.sam.num_updates == whole.sam.num_updates == 2
 
 
+@pytest.mark.slow
 def test_bf16_trains(tmp_path):
     trainer = train(
         tmp_path,

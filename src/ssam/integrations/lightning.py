@@ -256,6 +256,10 @@ class SAMMixedPrecision(MixedPrecision):
             scaler.update()
             return loss
         self._after_closure(model, optimizer)
+        if not optimizer.ascent_due():  # a plain step of the optimizer's schedule: pass one's gradient, one pass
+            optimizer.step()
+            scaler.update()
+            return loss
         optimizer.first_step(zero_grad=True)
         try:
             second = closure()

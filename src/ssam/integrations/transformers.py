@@ -171,6 +171,8 @@ class SAMTrainer(Trainer):
         window, self._window = self._window, []
         sam = self.sam
         refresh_after_first_backward(sam, self._epoch)  # SSAM-D: once, at the epoch's first step
+        if not sam.ascent_due():
+            return loss  # a plain step of the schedule: the Trainer's optimizer.step() takes it with this gradient
         sam.first_step(zero_grad=True)
         try:
             for j, (inp, n) in enumerate(window):
