@@ -29,6 +29,7 @@ from torch import Tensor
 
 from .arguments import build_base, plain_group, strip_names
 from .mask import MaskSegment
+from .msharp import ascend_by_chunks, check_micro_batch, split_batch
 from .perturb import grad_norm, perturb_, restore_, use_foreach
 from .schedule import ScheduleState, looksam_apply, looksam_store, parse_schedule
 from .settings import Setting, check_bool, check_choice, check_foreach, check_perturb_eps, check_rho, stamp_group
@@ -78,6 +79,9 @@ class SAM(torch.optim.Optimizer):
 
     perturb_eps = Setting(check_perturb_eps, "Added to the gradient norm (the default for new param groups).")
     perturb_foreach = Setting(check_foreach, "None (foreach off the CPU), True or False: the perturbation's kernels.")
+    micro_batch = Setting(
+        check_micro_batch, "None (one perturbation per batch) or m: one per chunk of m examples (m-sharpness)."
+    )
     closure_passes = Setting(
         check_choice("closure_passes", CLOSURE_PASSES),
         "``'second'``: step(closure) runs pass two only; ``'both'``: both passes (see ``step``).",
@@ -93,9 +97,16 @@ class SAM(torch.optim.Optimizer):
         perturb_foreach: bool | None = None,
         closure_passes: str = "second",
         schedule: str | None = None,
+        micro_batch: int | None = None,
         **base_kwargs: Any,
     ) -> None:
         plan = parse_schedule(schedule)
+        micro_batch = check_micro_batch(micro_batch)
+        if micro_batch is not None and plan.kind in ("looksam", "aesam"):
+            raise ValueError(
+                f"schedule: got {str(plan)!r} with micro_batch={micro_batch}; allowed: 'every:K' or 'late:F' "
+                "(LookSAM's direction and AE-SAM's norm are defined for one perturbation per step)"
+            )
         settings = {
             "rho": check_rho(rho),
             "adaptive": check_bool("adaptive")(adaptive),
@@ -103,6 +114,7 @@ class SAM(torch.optim.Optimizer):
             "perturb_foreach": check_foreach(perturb_foreach),
             "closure_passes": check_choice("closure_passes", CLOSURE_PASSES)(closure_passes),
             "schedule": str(plan),
+            "micro_batch": micro_batch,
         }
         self._param_names: dict[int, str] = {}
         params = list(params)
@@ -338,7 +350,7 @@ class SAM(torch.optim.Optimizer):
         if zero_grad:
             self.zero_grad()
 
-    def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
+    def step(self, closure: Callable[..., Any] | None = None, batch: Any = None) -> Any:  # type: ignore[override]
         """One SAM step, or the end of one. What it does follows from the call, never from a guess:
 
         With a closure (forward + backward, returning the loss), by ``closure_passes``:
@@ -375,6 +387,8 @@ class SAM(torch.optim.Optimizer):
 
         Returns None without a closure.
         """
+        if batch is not None:
+            return self._step_batch(closure, batch)
         if closure is None:
             if self._perturbed is not None:
                 self._finish()
@@ -414,9 +428,34 @@ class SAM(torch.optim.Optimizer):
         if self._schedule.schedule.kind == "looksam":
             ps = [p for p in self._all_params() if LOOKSAM_KEY in self._own.get(p, {}) and p.grad is not None]
             looksam_store([self._own[p][LOOKSAM_KEY] for p in ps], [cast(Tensor, p.grad) for p in ps])
+        self._step_after_ascent()
+
+    @torch.no_grad()
+    def _step_after_ascent(self) -> None:
+        """The base step of an ascending step (w already restored), counted by the schedule."""
         self.base_optimizer.step()
         self._schedule.done(ascended=True)
         self._stepped = True
+
+    @torch.no_grad()
+    def _ascent_per_example(self, params: list[Tensor], grads: list[Tensor]) -> list[Tensor]:
+        """Each example's ascent from its own gradient (``grads``: (B, *shape) per parameter), by the rule of
+        ``first_step``: one norm over all parameters per example (ASAM: of |w| g), rho of each parameter's group,
+        the mask; zero for a group with rho 0."""
+        group_of = {id(p): g for g in self.param_groups for p in g["params"]}
+        adaptive = any(group_of[id(p)]["adaptive"] for p in params)
+        scaled = [g * p.detach().abs().unsqueeze(0) if adaptive else g for p, g in zip(params, grads)]
+        masks = [self._mask_for(p) for p in params]
+        if getattr(self, "renormalize", False):  # SSAM's option: the norm of the masked gradient
+            scaled = [s if m is None else s * m.unsqueeze(0) for s, m in zip(scaled, masks)]
+        sq = torch.stack([s.reshape(s.shape[0], -1).double().pow(2).sum(1) for s in scaled]).sum(0)
+        out = []
+        for p, g, m in zip(params, grads, masks):
+            group = group_of[id(p)]
+            scale = (group["rho"] / (sq.sqrt() + group["perturb_eps"])).to(g.dtype).view(-1, *[1] * p.dim())
+            e = g * scale * (p.detach().pow(2).unsqueeze(0) if adaptive else 1.0)
+            out.append(e * m.unsqueeze(0) if m is not None else e)
+        return out
 
     @torch.no_grad()
     def _plain_step(self) -> None:
@@ -454,6 +493,24 @@ class SAM(torch.optim.Optimizer):
         self.base_optimizer.step()
         self._schedule.done(ascended=False)
         self._stepped = True
+
+    def _step_batch(self, closure: Callable[..., Any] | None, batch: Any) -> Tensor:
+        """``step(closure, batch=(inputs, targets, ...))``: the whole step from the batch, pass one included (see
+        ``ssam.optim.msharp``); with ``micro_batch=m`` one perturbation per chunk of m examples, else one for the
+        batch. ``closure(*chunk)`` computes the chunk's mean loss, calls backward and returns the loss. On a plain
+        step of the schedule the closure runs once over the batch. Returns the mean pass-one loss, detached."""
+        if closure is None:
+            raise ValueError("closure: got None with batch=...; allowed: closure(*chunk) -> loss, after backward")
+        if not isinstance(batch, (tuple, list)):
+            batch = (batch,)
+        if not self.ascent_due():
+            self.zero_grad()
+            loss = closure(*batch)
+            self._take_plain_step([p.grad for p in self._all_params() if p.grad is not None])
+            return loss.detach()
+        n = batch[0].shape[0] if isinstance(batch[0], Tensor) else 0
+        chunks = split_batch(batch, self.micro_batch or max(1, n))
+        return ascend_by_chunks(self, chunks, lambda chunk, first: torch.enable_grad()(closure)(*chunk))
 
     @contextlib.contextmanager
     def first_pass(self) -> Iterator[SAM]:

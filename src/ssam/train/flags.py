@@ -170,6 +170,14 @@ def build_parser(prog: str = "ssam train") -> argparse.ArgumentParser:
         "aesam[:C] or late:FRACTION (docs/optimizers.md, Ascent schedules)",
     )
     g.add_argument(
+        "--sam_micro_batch",
+        type=int,
+        default=None,
+        metavar="M",
+        help="m-sharpness: one perturbation per chunk of M examples of the batch (default: the whole batch; 1: per "
+        "example, vectorised where the model allows)",
+    )
+    g.add_argument(
         "--freeze_bn_second_pass",
         action="store_true",
         help="do not update BatchNorm running statistics in SAM's second forward pass",

@@ -27,6 +27,7 @@ from ..data import GPULoader, build_training_data
 from ..errors import Diverged, Interrupted, UsageError
 from ..models import build_model
 from ..optim import TwoPassScaler
+from ..optim.msharp import vectorise_refusal
 from ..optim.refresh import refresh_after_first_backward, refresh_before_epoch
 from .builders import EpochLR, build_optimizer, eval_loader, set_loader_epoch, train_loader
 from .config import parse_opt, to_plain
@@ -46,7 +47,7 @@ from .memorization import KEYS as MEMORIZATION_KEYS
 from .memorization import memorization
 from .rng import rng_state, seed_everything, set_rng_state
 from .rundir import RunDir, Trackers, checkpoint_to_resume
-from .step import train_step
+from .step import micro_batch_step, train_step
 
 __all__ = ["Trainer", "train"]
 
@@ -164,6 +165,15 @@ class Trainer:
         self.holdout_loader = self._eval_loader(self.val_ds, 0, 1) if self.val_ds is not None else None
         self.noisy_loader = self._eval_loader(self.train_plain, 0, 1) if cfg.label_noise else None
         self.fisher_source: Any = self.loader.dataset if not cfg.gpu_data else self.train_ds
+        self.vectorised = False  # the chunks' ascents in two batched passes (ssam.optim.msharp)
+        m = cfg.sam_micro_batch
+        if self.wrapper is not None and m is not None and m < cfg.batch_size:
+            why = vectorise_refusal(self.model, cfg.batch_size, [p for p in self.model.parameters() if p.requires_grad])
+            why = why or ("--amp" if cfg.amp != "none" else None) or ("--skip_dead" if cfg.skip_dead else None)
+            if m > 1 and why is None and (cfg.adaptive or self.refresh is not None):
+                why = "a mask or ASAM with chunks of more than one example"
+            self.vectorised = why is None
+            self.m_note = "vectorised (two batched passes)" if why is None else f"a loop over the chunks ({why})"
         if self.wrapper is not None:  # late:F places its boundary by the run's planned steps (a resume keeps it)
             per_epoch = min(len(self.loader), cfg.limit_train_batches or len(self.loader))
             self.opt.plan_steps(max(1, cfg.epochs * per_epoch))
@@ -262,6 +272,31 @@ class Trainer:
                 if cfg.sam_first_pass == "local":
                     broadcast_masks(opt, self.world)
                 check_masks_agree(opt, self.world, epoch)
+
+        m = cfg.sam_micro_batch
+        if ascend and m is not None and m < len(y):
+            first_backward = step == 0 and refresh == "first_backward"
+            res = micro_batch_step(
+                self.net,
+                opt,
+                x,
+                y,
+                m,
+                model=self.model,
+                autocast=self._autocast,
+                no_sync=self.ddp.no_sync if self.ddp else None,
+                reduce_grads=all_reduce_mean if self.world > 1 else None,
+                skip_dead=cfg.skip_dead,
+                vectorised=self.vectorised,
+                before_ascent=after_first_backward if first_backward else None,
+            )
+            # Two passes per example (a skipping first pass is not modelled here), plus the refresh's pass.
+            per_example = 2.0 + float(first_backward)
+            self.passes += per_example * len(y) * self.world
+            self.examples += len(y) * self.world
+            top5 = res.outputs.topk(min(5, res.outputs.shape[1]), dim=1).indices
+            hit = top5 == y[:, None]
+            return res.loss_sum, hit[:, 0].sum(), hit.any(1).sum(), res.nonfinite
 
         res = train_step(
             self.net,
@@ -460,6 +495,8 @@ class Trainer:
         )
         if cfg.label_noise:
             run.log(f"label noise {cfg.label_noise:g}: {self.train_ds.label_noise['count']} training labels replaced")
+        if getattr(self, "m_note", None):
+            run.log(f"--sam_micro_batch {cfg.sam_micro_batch}: one ascent per chunk, {self.m_note}")
         if self.flag_changes:
             run.log(f"resumed with changed flags: {', '.join(self.flag_changes)}")
         last = {}

@@ -20,8 +20,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..optim import SAM, TwoPassScaler, frozen_bn_stats
+from ..optim.msharp import ascend_by_chunks, split_batch, vectorised_ascent
 
-__all__ = ["StepResult", "train_step"]
+__all__ = ["StepResult", "train_step", "micro_batch_step"]
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
 
@@ -155,3 +156,61 @@ def train_step(
     opt.zero_grad(set_to_none=to_none)
     scaler.update()
     return StepResult(torch.cat(outs), loss_sum, bad)
+
+
+def micro_batch_step(
+    net: nn.Module,
+    opt: SAM,
+    x: Tensor,
+    y: Tensor,
+    m: int,
+    loss_fn: LossFn = F.cross_entropy,
+    *,
+    model: nn.Module | None = None,
+    autocast: Callable[[], AbstractContextManager[Any]] | None = None,
+    no_sync: Callable[[], AbstractContextManager[Any]] | None = None,
+    reduce_grads: Callable[[list[Tensor]], None] | None = None,
+    skip_dead: bool = False,
+    vectorised: bool = False,
+    before_ascent: Callable[[], None] | None = None,
+) -> StepResult:
+    """One SAM step with a perturbation per chunk of ``m`` examples (m-sharpness, ``ssam.optim.msharp``).
+
+    Every pass runs under ``no_sync`` (DDP): the chunks are this rank's, and ``reduce_grads`` averages the step's
+    gradient over the ranks once. ``vectorised``: a stack of Linear layers, two batched passes instead of the loop
+    (``ssam.optim.msharp.vectorised_ascent``). ``before_ascent``: called with the whole batch's gradient at w in
+    ``.grad`` (a pass over the batch first; SSAM-D refreshes its mask from it), before the chunks perturb.
+    """
+    model = net if model is None else model
+    autocast = autocast if autocast is not None else contextlib.nullcontext
+    quiet = no_sync if no_sync is not None else contextlib.nullcontext
+    outs: list[Tensor] = []
+
+    def run_pass(chunk: tuple[Tensor, ...], first: bool) -> Tensor:
+        cx, cy = chunk
+        with quiet(), autocast():
+            out = net(cx)
+            loss = loss_fn(out, cy)
+        loss.backward()
+        if first:
+            outs.append(out.detach())
+        return loss.detach().float()
+
+    if before_ascent is not None:
+        opt.zero_grad()
+        for chunk in split_batch((x, y), m):
+            with quiet(), autocast():
+                loss = loss_fn(net(chunk[0]), chunk[1]) * (chunk[0].shape[0] / x.shape[0])
+            loss.backward()
+        before_ascent()
+    if vectorised:
+        with torch.no_grad():
+            outs.append(net(x).detach())  # pass one's logits for the training accuracy (no BatchNorm: pure)
+        mean_loss = vectorised_ascent(opt, model, x, y, loss_fn, reduce_grads=reduce_grads, m=m)
+    else:
+        mean_loss = ascend_by_chunks(
+            opt, split_batch((x, y), m), run_pass, model=model, skip_dead=skip_dead, reduce_grads=reduce_grads
+        )
+    opt.zero_grad()
+    loss_sum = mean_loss * x.shape[0]
+    return StepResult(torch.cat(outs), loss_sum, ~torch.isfinite(loss_sum))

@@ -158,5 +158,26 @@ def validate(cfg: argparse.Namespace) -> None:
         f"--sam_schedule {cfg.sam_schedule} with --sam_first_pass local: each rank would judge its own gradient "
         "norm and the ranks could disagree on which steps ascend; allowed: --sam_first_pass sync",
     )
+    m = cfg.sam_micro_batch
+    if m is not None:
+        micro = cfg.batch_size // cfg.grad_accum
+        need(m >= 1, f"--sam_micro_batch {m} is out of range; allowed: an integer >= 1")
+        need(
+            micro % m == 0,
+            f"--sam_micro_batch {m} does not divide the "
+            + (f"micro-batch {micro} (--batch_size {cfg.batch_size} / --grad_accum {cfg.grad_accum})"
+               if cfg.grad_accum > 1 else f"--batch_size {cfg.batch_size}")
+            + "; allowed: a divisor",
+        )  # fmt: skip
+        need(
+            not cfg.sam_schedule.startswith(("looksam", "aesam")),
+            f"--sam_micro_batch {m} with --sam_schedule {cfg.sam_schedule}: LookSAM's direction and AE-SAM's norm are "
+            "defined for one perturbation per step; allowed: every:K or late:F",
+        )
+        need(
+            cfg.amp != "fp16",
+            f"--sam_micro_batch {m} with --amp fp16 is not supported (loss scaling per chunk); "
+            "allowed: --amp bf16 or none",
+        )
     if cfg.amp == "fp16" and cfg.device == "cpu":
         raise UsageError("--amp fp16 needs a CUDA device; on CPU use --amp bf16 or none")
