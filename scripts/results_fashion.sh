@@ -9,6 +9,8 @@
 #   bash scripts/results_fashion.sh mem-full [SEED]  # the headline: all 60,000 images (55,000 trained), 50 epochs
 #   bash scripts/results_fashion.sh mem-sched [SEED] # ascent schedules: SGD, SAM, SSAM-F 0.5 x 9 schedules, 40% noise
 #   bash scripts/results_fashion.sh mem-sched-clean [SEED]  # the same on clean labels (rho 0.05)
+#   bash scripts/results_fashion.sh mem-m [SEED]     # m-sharpness: SAM with one ascent per 32, 8 and 1 examples
+#   bash scripts/results_fashion.sh mem-m-ssamf M [SEED]  # SSAM-F 0.5 at the m that mem-m found best
 #   bash scripts/results_fashion.sh gpu SEED         # 4 runs, ResNet-18, one seed (about 10 min on one H200)
 #   bash scripts/results_fashion.sh gpu-noise SEED   # the same with 40% label noise
 #   bash scripts/results_fashion.sh gpu-rho SEED     # SGD and SAM at the four rhos, one seed
@@ -24,7 +26,7 @@
 # checkpoints: summary, metrics, masks, Hessian, config and log, a few kB).
 set -euo pipefail
 OUT=${OUT:-runs}
-PART=${1:?usage: results_fashion.sh mem|mem-clean|mem-rho|mem-full|mem-sched|mem-sched-clean [SEED]|cpu [SEED]|cpu-rho [SEED]|cpu-noise-rho [SEED]|gpu SEED|gpu-noise SEED|gpu-rho SEED|report|archive|restore}
+PART=${1:?usage: results_fashion.sh mem|mem-clean|mem-rho|mem-full|mem-sched|mem-sched-clean|mem-m [SEED]|mem-m-ssamf M [SEED]|cpu [SEED]|cpu-rho [SEED]|cpu-noise-rho [SEED]|gpu SEED|gpu-noise SEED|gpu-rho SEED|report|archive|restore}
 SEED=${2:-}
 if [[ -z ${SSAM:-} ]]; then
     if [[ -x .venv/bin/ssam ]]; then SSAM=.venv/bin/ssam; else SSAM=ssam; fi
@@ -34,7 +36,7 @@ DATA=()
 [[ -n ${JOBS:-} ]] && DATA+=(--jobs "$JOBS")
 ARCHIVE=${ARCHIVE:-docs/results/data}
 FOLDERS="fashion_cpu fashion_cpu_rho fashion_cpu_noise_rho fashion_gpu fashion_gpu_noise40 fashion_gpu_rho
-fashion_mem fashion_mem_clean fashion_mem_rho fashion_mem_full fashion_mem_sched fashion_mem_sched_clean"
+fashion_mem fashion_mem_clean fashion_mem_rho fashion_mem_full fashion_mem_sched fashion_mem_sched_clean fashion_mem_m fashion_mem_m_ssamf"
 MEM=recipes/fashion_mnist_memorization.yaml
 MEM_RHOS=0.05,0.1,0.2,0.3
 MEM_FULL=(--train_subset 60000 --val_split 5000 --epochs 50)
@@ -136,6 +138,10 @@ case $PART in
     mem-rho)   share_mem
                part fashion_mem_rho --config $MEM $(seeds) --opts sam,ssamf --rho $MEM_RHOS ;;
     mem-full)  part fashion_mem_full --config $MEM $(seeds) "${MEM_FULL[@]}" ;;
+    mem-m)     part fashion_mem_m --config $MEM $(seeds) --opts sam --sweep sam_micro_batch=32,8,1 ;;
+    mem-m-ssamf)
+               M=${2:?mem-m-ssamf: give the micro-batch size, e.g. 1}; SEED=${3:-}
+               part fashion_mem_m_ssamf --config $MEM $(seeds) --opts ssamf --sam_micro_batch "$M" ;;
     mem-sched) part fashion_mem_sched --config $MEM $(seeds) --opts sgd,sam,ssamf --sweep sam_schedule=$MEM_SCHEDULES ;;
     mem-sched-clean)
                part fashion_mem_sched_clean --config $MEM $(seeds) --opts sgd,sam,ssamf --label_noise 0 --rho 0.05 \
@@ -156,6 +162,8 @@ case $PART in
         [[ -d $OUT/fashion_mem_clean ]] && part fashion_mem_clean --config $MEM --label_noise 0 --rho 0.05 --report_only
         [[ -d $OUT/fashion_mem_rho ]] && part fashion_mem_rho --config $MEM --opts sam,ssamf --rho $MEM_RHOS --report_only
         [[ -d $OUT/fashion_mem_full ]] && part fashion_mem_full --config $MEM "${MEM_FULL[@]}" --report_only
+        [[ -d $OUT/fashion_mem_m ]] && part fashion_mem_m --config $MEM --opts sam --sweep sam_micro_batch=32,8,1 \
+            --report_only
         [[ -d $OUT/fashion_mem_sched ]] && part fashion_mem_sched --config $MEM --opts sgd,sam,ssamf \
             --sweep sam_schedule=$MEM_SCHEDULES --report_only
         [[ -d $OUT/fashion_mem_sched_clean ]] && part fashion_mem_sched_clean --config $MEM --opts sgd,sam,ssamf \
@@ -164,6 +172,6 @@ case $PART in
         [[ -d $OUT/fashion_gpu_noise40 ]] && part fashion_gpu_noise40 --config $GPU --label_noise 0.4 --report_only
         [[ -d $OUT/fashion_gpu_rho ]] && part fashion_gpu_rho --config $GPU --opts sgd,sam --rho $RHOS --report_only
         true ;;
-    *) echo "results_fashion.sh: unknown part '$PART'; allowed: cpu, cpu-rho, cpu-noise-rho, mem, mem-clean, mem-rho, mem-full, mem-sched, mem-sched-clean, gpu, gpu-noise, gpu-rho, report, archive, restore" >&2
+    *) echo "results_fashion.sh: unknown part '$PART'; allowed: cpu, cpu-rho, cpu-noise-rho, mem, mem-clean, mem-rho, mem-full, mem-sched, mem-sched-clean, mem-m, mem-m-ssamf, gpu, gpu-noise, gpu-rho, report, archive, restore" >&2
        exit 2 ;;
 esac
