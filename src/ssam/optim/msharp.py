@@ -159,7 +159,7 @@ def vectorised_ascent(
     finally:
         for h in handles:
             h.remove()
-    d = {mod: outs[mod].grad.detach() for mod in layers}  # type: ignore[union-attr]
+    d: dict[nn.Module, Tensor] = {mod: outs[mod].grad.detach() for mod in layers}  # type: ignore[union-attr]
     coef_w: dict[nn.Module, Tensor] = {}
     coef_b: dict[nn.Module, Tensor] = {}
     chunks = n // m

@@ -29,26 +29,21 @@ from torch import Tensor
 
 from .arguments import build_base, plain_group, strip_names
 from .mask import MaskSegment
-from .msharp import ascend_by_chunks, check_micro_batch, split_batch
+from .msharp import check_micro_batch
 from .perturb import grad_norm, perturb_, restore_, use_foreach
-from .schedule import ScheduleState, looksam_apply, looksam_store, parse_schedule
+from .schedule import ScheduleState, looksam_store, parse_schedule
 from .settings import Setting, check_bool, check_choice, check_foreach, check_perturb_eps, check_rho, stamp_group
 from .sharded import ShardLayout, local, shard_layout
 from .state import STATE_KEY, JointState, pack, param_keys, read_state_dict
+from .steps import LOOKSAM_KEY, ScheduledSteps
 
 __all__ = ["SAM", "CLOSURE_PASSES"]
 
 CLOSURE_PASSES = ("second", "both")
-LOOKSAM_KEY = "looksam_gv"  # per parameter: LookSAM's stored direction g_v (saved in the state dict)
 _GROUP_CHECKS = {"rho": check_rho, "adaptive": check_bool("adaptive"), "perturb_eps": check_perturb_eps}
-# Where to turn when a framework drives the optimizer as a one-pass one (one line, in several messages).
-_FRAMEWORKS = (
-    "Lightning: add ssam.integrations.lightning.SAMCallback() to the Trainer's callbacks; Hugging Face: use "
-    "ssam.integrations.transformers.SAMTrainer"
-)
 
 
-class SAM(torch.optim.Optimizer):
+class SAM(ScheduledSteps, torch.optim.Optimizer):
     """Sharpness-Aware Minimization around any ``torch.optim`` optimizer.
 
     Args:
@@ -243,30 +238,6 @@ class SAM(torch.optim.Optimizer):
             return norm
         return self._layout.all_reduce_(norm.square()).sqrt()
 
-    # ------------------------------------------------------------------ the ascent schedule (ssam.optim.schedule)
-    def ascent_due(self) -> bool:
-        """Whether the next optimizer step takes the ascent (two passes) or is a plain base step (one pass); known
-        before its first pass. Always True without a ``schedule``."""
-        return self._schedule.due()
-
-    def plan_steps(self, total: int) -> None:
-        """The run's planned optimizer steps (``late:F`` places its boundary by them). Set once: a value loaded
-        from a state dict, or set before, is kept (a resume with more epochs keeps the boundary)."""
-        if isinstance(total, bool) or not isinstance(total, int) or total < 1:
-            raise ValueError(f"plan_steps: got {total!r}; allowed: an integer >= 1 (optimizer steps of the run)")
-        if self._schedule.planned is None:
-            self._schedule.planned = total
-
-    @property
-    def steps_taken(self) -> tuple[int, int]:
-        """(optimizer steps taken, of which ascents), counted over the run (kept in the state dict)."""
-        return self._schedule.steps, self._schedule.ascents
-
-    def _record_norm(self, grads: list[Tensor]) -> None:
-        """AE-SAM's statistic: the squared norm of the gradient at w of the step being taken (a host sync)."""
-        if self._schedule.schedule.kind == "aesam":
-            self._schedule.record(float(sum((g.double() ** 2).sum() for g in self._locals(grads))))
-
     # ------------------------------------------------------------------ the two passes
     @torch.no_grad()
     def first_step(self, zero_grad: bool = False) -> None:
@@ -429,88 +400,6 @@ class SAM(torch.optim.Optimizer):
             ps = [p for p in self._all_params() if LOOKSAM_KEY in self._own.get(p, {}) and p.grad is not None]
             looksam_store([self._own[p][LOOKSAM_KEY] for p in ps], [cast(Tensor, p.grad) for p in ps])
         self._step_after_ascent()
-
-    @torch.no_grad()
-    def _step_after_ascent(self) -> None:
-        """The base step of an ascending step (w already restored), counted by the schedule."""
-        self.base_optimizer.step()
-        self._schedule.done(ascended=True)
-        self._stepped = True
-
-    @torch.no_grad()
-    def _ascent_per_example(self, params: list[Tensor], grads: list[Tensor]) -> list[Tensor]:
-        """Each example's ascent from its own gradient (``grads``: (B, *shape) per parameter), by the rule of
-        ``first_step``: one norm over all parameters per example (ASAM: of |w| g), rho of each parameter's group,
-        the mask; zero for a group with rho 0."""
-        group_of = {id(p): g for g in self.param_groups for p in g["params"]}
-        adaptive = any(group_of[id(p)]["adaptive"] for p in params)
-        scaled = [g * p.detach().abs().unsqueeze(0) if adaptive else g for p, g in zip(params, grads)]
-        masks = [self._mask_for(p) for p in params]
-        if getattr(self, "renormalize", False):  # SSAM's option: the norm of the masked gradient
-            scaled = [s if m is None else s * m.unsqueeze(0) for s, m in zip(scaled, masks)]
-        sq = torch.stack([s.reshape(s.shape[0], -1).double().pow(2).sum(1) for s in scaled]).sum(0)
-        out = []
-        for p, g, m in zip(params, grads, masks):
-            group = group_of[id(p)]
-            scale = (group["rho"] / (sq.sqrt() + group["perturb_eps"])).to(g.dtype).view(-1, *[1] * p.dim())
-            e = g * scale * (p.detach().pow(2).unsqueeze(0) if adaptive else 1.0)
-            out.append(e * m.unsqueeze(0) if m is not None else e)
-        return out
-
-    @torch.no_grad()
-    def _plain_step(self) -> None:
-        """``step()`` with nothing pending: rules 2-4 of ``step``."""
-        grads = [p.grad for p in self._all_params() if p.grad is not None]
-        if not grads:
-            raise RuntimeError(
-                f"{type(self).__name__}.step(): no perturbation is pending and no parameter has a gradient, so "
-                "there is nothing to step with; a SAM step is forward + backward, first_step(), forward + "
-                "backward, then second_step() or step(), or step(closure) in one call. " + _FRAMEWORKS
-            )
-        if self.ascent_due() and any(bool(g.ne(0).any()) for g in grads):
-            # An ascent is due: a plain step now would silently drop it (every gradient zero perturbs by zero:
-            # torch.distributed.checkpoint's initialising step passes).
-            self._check_plain_step(grads)
-            raise RuntimeError(
-                f"{type(self).__name__}.step(): this step is due an ascent (schedule {self.defaults['schedule']!r}) "
-                "and none is pending; take it with first_step(), forward + backward, second_step(), or "
-                "step(closure); ask opt.ascent_due() before pass one to know which steps are plain. " + _FRAMEWORKS
-            )
-        self._take_plain_step(grads)
-
-    @torch.no_grad()
-    def _take_plain_step(self, grads: list[Tensor]) -> None:
-        """A step of the schedule without ascent: the base optimizer with the gradient at w (LookSAM: plus its
-        stored direction)."""
-        self._record_norm(grads)
-        if self._schedule.schedule.kind == "looksam":
-            ps = [p for p in self._all_params() if p.grad is not None and LOOKSAM_KEY in self._own.get(p, {})]
-            looksam_apply(
-                [cast(Tensor, p.grad) for p in ps],
-                [self._own[p][LOOKSAM_KEY] for p in ps],
-                self._schedule.schedule.alpha,
-            )
-        self.base_optimizer.step()
-        self._schedule.done(ascended=False)
-        self._stepped = True
-
-    def _step_batch(self, closure: Callable[..., Any] | None, batch: Any) -> Tensor:
-        """``step(closure, batch=(inputs, targets, ...))``: the whole step from the batch, pass one included (see
-        ``ssam.optim.msharp``); with ``micro_batch=m`` one perturbation per chunk of m examples, else one for the
-        batch. ``closure(*chunk)`` computes the chunk's mean loss, calls backward and returns the loss. On a plain
-        step of the schedule the closure runs once over the batch. Returns the mean pass-one loss, detached."""
-        if closure is None:
-            raise ValueError("closure: got None with batch=...; allowed: closure(*chunk) -> loss, after backward")
-        if not isinstance(batch, (tuple, list)):
-            batch = (batch,)
-        if not self.ascent_due():
-            self.zero_grad()
-            loss = closure(*batch)
-            self._take_plain_step([p.grad for p in self._all_params() if p.grad is not None])
-            return loss.detach()
-        n = batch[0].shape[0] if isinstance(batch[0], Tensor) else 0
-        chunks = split_batch(batch, self.micro_batch or max(1, n))
-        return ascend_by_chunks(self, chunks, lambda chunk, first: torch.enable_grad()(closure)(*chunk))
 
     @contextlib.contextmanager
     def first_pass(self) -> Iterator[SAM]:

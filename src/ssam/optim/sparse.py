@@ -39,9 +39,10 @@ from torch import Tensor
 from .groups import resolve
 from .mask import FlatMask, MaskSegment
 from .perturb import grad_norm
-from .sam import _FRAMEWORKS, SAM
+from .sam import SAM
 from .settings import Setting, check_bool, check_count
 from .sharded import ShardLayout, local, shard_layout
+from .steps import FRAMEWORKS as _FRAMEWORKS
 
 __all__ = ["SparseSAM", "STRATEGIES"]
 

@@ -176,7 +176,7 @@ class Trainer:
             self.m_note = "vectorised (two batched passes)" if why is None else f"a loop over the chunks ({why})"
         if self.wrapper is not None:  # late:F places its boundary by the run's planned steps (a resume keeps it)
             per_epoch = min(len(self.loader), cfg.limit_train_batches or len(self.loader))
-            self.opt.plan_steps(max(1, cfg.epochs * per_epoch))
+            cast(Any, self.opt).plan_steps(max(1, cfg.epochs * per_epoch))
         self.stop_signal: int | None = None
         self.trackers = Trackers(cfg, self.run) if not cfg.eval_only else None
 
