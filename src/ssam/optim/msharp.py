@@ -18,15 +18,15 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from .bn import frozen_bn_stats
 
-if TYPE_CHECKING:
-    from .sam import SAM
+# The optimizer is typed Any here: importing SAM (which imports this module) would make a cycle.
+SAM = Any
 
 __all__ = ["split_batch", "ascend_by_chunks", "vectorised_ascent", "vectorise_refusal", "check_micro_batch"]
 

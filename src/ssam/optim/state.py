@@ -27,12 +27,12 @@ reads both.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping, MutableMapping
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import Any, NamedTuple
 
 from torch import Tensor
 
-if TYPE_CHECKING:
-    from .sam import SAM
+# The optimizer is typed Any here: importing SAM (which imports this module) would make a cycle.
+SAM = Any
 
 __all__ = [
     "FORMAT",
