@@ -105,7 +105,7 @@ def test_bench_rejects_unknown_names(tmp_path):
     from ssam.errors import UsageError
 
     with pytest.raises(UsageError, match="dataset"):
-        main(["--quick", "--dataset", "mnist", "--output", str(tmp_path)])
+        main(["--quick", "--dataset", "svhn", "--output", str(tmp_path)])
     with pytest.raises(UsageError, match="fisher_methods"):
         main(["--quick", "--fisher_methods", "loop,fast", "--output", str(tmp_path)])
 

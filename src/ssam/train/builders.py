@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import math
 from argparse import Namespace
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch.utils.data import BatchSampler, DataLoader, Dataset, Sampler
 
+from ..data import GPULoader, TrainingData, build_training_data
 from ..errors import UsageError, flag_error
 from ..optim import registry
 from ..optim.factory import create_optimizer
+from ..optim.msharp import vectorise_refusal
 from .config import parse_opt
 
 
@@ -155,3 +159,82 @@ class EpochLR:
     def load_state_dict(self, sd: dict) -> None:
         self.base_lrs = list(sd["base_lrs"])
         self.set_epoch(int(sd["epoch"]))
+
+
+# ------------------------------------------------------------------------------------------ data and model
+def build_data(cfg: Namespace) -> TrainingData:
+    """The run's data (subset, label noise, validation split: ``ssam.data.build_training_data``)."""
+    try:
+        return build_training_data(
+            cfg.dataset,
+            cfg.datadir,
+            cfg.download,
+            augment=cfg.augment == "standard",
+            train_subset=cfg.train_subset,
+            label_noise=cfg.label_noise,
+            val_split=cfg.val_split,
+            seed=cfg.seed,
+        )
+    except ValueError as e:  # a size known only once the files are read (ImageNet_base)
+        raise UsageError(f"--{e}") from None
+
+
+def model_args(cfg: Namespace, info: Any) -> dict:
+    """What a checkpoint records to rebuild the model (``ssam.checkpoint.model_from_checkpoint``)."""
+    args = {
+        "name": cfg.model,
+        "num_classes": info.num_classes,
+        "in_channels": info.in_channels,
+        "image_size": info.image_size,
+    }
+    if cfg.mlp_width is not None:
+        args["width"] = cfg.mlp_width
+    return args
+
+
+@dataclass
+class Loaders:
+    train: Any  # GPULoader or DataLoader
+    test: Any
+    holdout: Any  # the validation split (None without --val_split)
+    noisy: Any  # the training examples in order, for the memorization measure (None without --label_noise)
+    fisher: Any  # where SSAM-F draws its Fisher examples from
+
+
+def _eval_loader(cfg: Namespace, ds: Any, device: torch.device, rank: int, world: int) -> Any:
+    """In order, without augmentation; under --gpu_data an in-memory set is evaluated in device batches (one
+    Python call per example would cost more than an MLP's whole epoch)."""
+    if cfg.gpu_data and world == 1 and hasattr(ds, "augmentation"):
+        return GPULoader.from_dataset(ds, max(cfg.batch_size, 256), device=device, augment=False, shuffle=False)
+    return eval_loader(cfg, ds, rank, world)
+
+
+def build_loaders(cfg: Namespace, data: TrainingData, device: torch.device, rank: int, world: int) -> Loaders:
+    if cfg.gpu_data:
+        train: Any = GPULoader.from_dataset(
+            data.train, cfg.batch_size, device=device, augment=True, shuffle=True, drop_last=True, seed=cfg.seed
+        )
+    else:
+        train = train_loader(cfg, data.train, rank, world)
+    val_world = world if cfg.distributed_val else 1
+    return Loaders(
+        train=train,
+        test=_eval_loader(cfg, data.test, device, rank if cfg.distributed_val else 0, val_world),
+        # The validation split and the memorization pass are small next to training: rank 0 measures them alone.
+        holdout=_eval_loader(cfg, data.val, device, 0, 1) if data.val is not None else None,
+        noisy=_eval_loader(cfg, data.train_plain, device, 0, 1) if cfg.label_noise else None,
+        fisher=train.dataset if not cfg.gpu_data else data.train,
+    )
+
+
+def micro_batch_plan(cfg: Namespace, model: torch.nn.Module, sam: bool, refresh: str | None) -> tuple[bool, str]:
+    """(vectorised, the log's note) for --sam_micro_batch: two batched passes where the model allows
+    (``ssam.optim.msharp.vectorised_ascent``), else a loop over the chunks; ("", nothing to say) without it."""
+    m = cfg.sam_micro_batch
+    if not sam or m is None or m >= cfg.batch_size:
+        return False, ""
+    why = vectorise_refusal(model, cfg.batch_size, [p for p in model.parameters() if p.requires_grad])
+    why = why or ("--amp" if cfg.amp != "none" else None) or ("--skip_dead" if cfg.skip_dead else None)
+    if m > 1 and why is None and (cfg.adaptive or refresh is not None):
+        why = "a mask or ASAM with chunks of more than one example"
+    return why is None, "vectorised (two batched passes)" if why is None else f"a loop over the chunks ({why})"

@@ -20,16 +20,22 @@ import torch
 import torch.distributed as dist
 import yaml
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader
 
 from ..checkpoint import VERSION
-from ..data import GPULoader, build_training_data
+from ..data import GPULoader
 from ..errors import Diverged, Interrupted, UsageError
 from ..models import build_model
 from ..optim import TwoPassScaler
-from ..optim.msharp import vectorise_refusal
 from ..optim.refresh import refresh_after_first_backward, refresh_before_epoch
-from .builders import EpochLR, build_optimizer, eval_loader, set_loader_epoch, train_loader
+from .builders import (
+    EpochLR,
+    build_data,
+    build_loaders,
+    build_optimizer,
+    micro_batch_plan,
+    model_args,
+    set_loader_epoch,
+)
 from .config import parse_opt, to_plain
 from .cost import pass_cost
 from .distributed import (
@@ -83,31 +89,11 @@ class Trainer:
         elif self.device.type == "cuda":
             torch.backends.cudnn.benchmark = True
 
-        try:
-            data = build_training_data(
-                cfg.dataset,
-                cfg.datadir,
-                cfg.download,
-                augment=cfg.augment == "standard",
-                train_subset=cfg.train_subset,
-                label_noise=cfg.label_noise,
-                val_split=cfg.val_split,
-                seed=cfg.seed,
-            )
-        except ValueError as e:  # a size known only once the files are read (ImageNet_base)
-            raise UsageError(f"--{e}") from None
-        self.train_ds, self.test_ds, info = data.train, data.test, data.info
-        self.train_plain, self.val_ds = data.train_plain, data.val
-        self.model_args = {
-            "name": cfg.model,
-            "num_classes": info.num_classes,
-            "in_channels": info.in_channels,
-            "image_size": info.image_size,
-        }
-        if cfg.mlp_width is not None:
-            self.model_args["width"] = cfg.mlp_width
+        data = build_data(cfg)
+        self.train_ds, self.test_ds, self.train_plain, self.val_ds = data.train, data.test, data.train_plain, data.val
+        self.model_args = model_args(cfg, data.info)
         self.model = build_model(
-            cfg.model, info.num_classes, info.in_channels, info.image_size, width=cfg.mlp_width
+            cfg.model, data.info.num_classes, data.info.in_channels, data.info.image_size, width=cfg.mlp_width
         ).to(self.device)
         self.run.prepare(cfg)
         if cfg.channels_last:
@@ -146,47 +132,16 @@ class Trainer:
         if cfg.compile:
             self.net = cast(torch.nn.Module, torch.compile(self.net))
 
-        self.loader: GPULoader | DataLoader
-        if cfg.gpu_data:
-            self.loader = GPULoader.from_dataset(
-                self.train_ds,
-                cfg.batch_size,
-                device=self.device,
-                augment=True,
-                shuffle=True,
-                drop_last=True,
-                seed=cfg.seed,
-            )
-        else:
-            self.loader = train_loader(cfg, self.train_ds, self.rank, self.world)
-        val_world = self.world if cfg.distributed_val else 1
-        self.val_loader = self._eval_loader(self.test_ds, self.rank if cfg.distributed_val else 0, val_world)
-        # The validation split and the memorization pass are small next to training: rank 0 measures them alone.
-        self.holdout_loader = self._eval_loader(self.val_ds, 0, 1) if self.val_ds is not None else None
-        self.noisy_loader = self._eval_loader(self.train_plain, 0, 1) if cfg.label_noise else None
-        self.fisher_source: Any = self.loader.dataset if not cfg.gpu_data else self.train_ds
-        self.vectorised = False  # the chunks' ascents in two batched passes (ssam.optim.msharp)
-        m = cfg.sam_micro_batch
-        if self.wrapper is not None and m is not None and m < cfg.batch_size:
-            why = vectorise_refusal(self.model, cfg.batch_size, [p for p in self.model.parameters() if p.requires_grad])
-            why = why or ("--amp" if cfg.amp != "none" else None) or ("--skip_dead" if cfg.skip_dead else None)
-            if m > 1 and why is None and (cfg.adaptive or self.refresh is not None):
-                why = "a mask or ASAM with chunks of more than one example"
-            self.vectorised = why is None
-            self.m_note = "vectorised (two batched passes)" if why is None else f"a loop over the chunks ({why})"
+        loaders = build_loaders(cfg, data, self.device, self.rank, self.world)
+        self.loader, self.val_loader = loaders.train, loaders.test
+        self.holdout_loader, self.noisy_loader, self.fisher_source = loaders.holdout, loaders.noisy, loaders.fisher
+        # m-sharpness: the chunks' ascents in two batched passes where the model allows (ssam.optim.msharp)
+        self.vectorised, self.m_note = micro_batch_plan(cfg, self.model, self.wrapper is not None, self.refresh)
         if self.wrapper is not None:  # late:F places its boundary by the run's planned steps (a resume keeps it)
             per_epoch = min(len(self.loader), cfg.limit_train_batches or len(self.loader))
             cast(Any, self.opt).plan_steps(max(1, cfg.epochs * per_epoch))
         self.stop_signal: int | None = None
         self.trackers = Trackers(cfg, self.run) if not cfg.eval_only else None
-
-    def _eval_loader(self, ds: Any, rank: int, world: int) -> Any:
-        """In order, without augmentation; under --gpu_data an in-memory set is evaluated in device batches (one
-        Python call per example would cost more than an MLP's whole epoch)."""
-        if self.cfg.gpu_data and world == 1 and hasattr(ds, "augmentation"):
-            bs = max(self.cfg.batch_size, 256)
-            return GPULoader.from_dataset(ds, bs, device=self.device, augment=False, shuffle=False)
-        return eval_loader(self.cfg, ds, rank, world)
 
     # ---------------------------------------------------------------- resume
     def _restore(self, ckpt: dict) -> None:
@@ -274,14 +229,15 @@ class Trainer:
                 check_masks_agree(opt, self.world, epoch)
 
         m = cfg.sam_micro_batch
-        if ascend and m is not None and m < len(y):
-            first_backward = step == 0 and refresh == "first_backward"
+        chunked = ascend and m is not None and m < len(y)
+        first_backward = step == 0 and refresh == "first_backward"
+        if chunked:
             res = micro_batch_step(
                 self.net,
                 opt,
                 x,
                 y,
-                m,
+                cast(int, m),
                 model=self.model,
                 autocast=self._autocast,
                 no_sync=self.ddp.no_sync if self.ddp else None,
@@ -290,31 +246,27 @@ class Trainer:
                 vectorised=self.vectorised,
                 before_ascent=after_first_backward if first_backward else None,
             )
-            # Two passes per example (a skipping first pass is not modelled here), plus the refresh's pass.
+        else:
+            res = train_step(
+                self.net,
+                opt,
+                list(zip(x.chunk(cfg.grad_accum), y.chunk(cfg.grad_accum))),
+                model=self.model,
+                scaler=self.scaler,
+                autocast=self._autocast,
+                no_sync=self.ddp.no_sync if self.ddp else None,
+                sync_first_pass=not (ascend and cfg.sam_first_pass == "local"),
+                skip_dead=skip,
+                reduce_first_grads=all_reduce_mean if self.world > 1 else None,
+                freeze_bn_second_pass=cfg.freeze_bn_second_pass,
+                after_first_backward=after_first_backward,
+                grads_to_none=self._grads_to_none,
+                ascend=ascend,
+            )
+        if chunked:  # two passes per example (a skipping first pass not modelled), plus the refresh's pass
             per_example = 2.0 + float(first_backward)
-            self.passes += per_example * len(y) * self.world
-            self.examples += len(y) * self.world
-            top5 = res.outputs.topk(min(5, res.outputs.shape[1]), dim=1).indices
-            hit = top5 == y[:, None]
-            return res.loss_sum, hit[:, 0].sum(), hit.any(1).sum(), res.nonfinite
-
-        res = train_step(
-            self.net,
-            opt,
-            list(zip(x.chunk(cfg.grad_accum), y.chunk(cfg.grad_accum))),
-            model=self.model,
-            scaler=self.scaler,
-            autocast=self._autocast,
-            no_sync=self.ddp.no_sync if self.ddp else None,
-            sync_first_pass=not (ascend and cfg.sam_first_pass == "local"),
-            skip_dead=skip,
-            reduce_first_grads=all_reduce_mean if self.world > 1 else None,
-            freeze_bn_second_pass=cfg.freeze_bn_second_pass,
-            after_first_backward=after_first_backward,
-            grads_to_none=self._grads_to_none,
-            ascend=ascend,
-        )
-        per_example = 1.0 if not ascend else (self._first_pass_cost if skip else 1.0) + 1.0
+        else:
+            per_example = 1.0 if not ascend else (self._first_pass_cost if skip else 1.0) + 1.0
         self.passes += per_example * len(y) * self.world
         self.examples += len(y) * self.world
         top5 = res.outputs.topk(min(5, res.outputs.shape[1]), dim=1).indices
@@ -495,7 +447,7 @@ class Trainer:
         )
         if cfg.label_noise:
             run.log(f"label noise {cfg.label_noise:g}: {self.train_ds.label_noise['count']} training labels replaced")
-        if getattr(self, "m_note", None):
+        if self.m_note:
             run.log(f"--sam_micro_batch {cfg.sam_micro_batch}: one ascent per chunk, {self.m_note}")
         if self.flag_changes:
             run.log(f"resumed with changed flags: {', '.join(self.flag_changes)}")
