@@ -5,6 +5,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -86,3 +87,32 @@ def test_archive_keeps_small_files_and_tables(tmp_path):
 def test_bad_part_or_seed_is_one_line_exit_2(tmp_path, args, needle):
     done = run(tmp_path, *args)
     assert done.returncode == 2 and needle in done.stderr and len(done.stderr.strip().splitlines()) == 1
+
+
+def test_gain_share_against_hand_computed_shares(tmp_path):
+    """scripts/gain_share.py: (X - SGD) / (SAM - SGD) seed by seed, from runs.csv files of two folders."""
+    import csv
+
+    cols = ["name", "variant", "seed", "finished", "final_acc1", "passes_per_example", "sam_schedule"]
+    rows = {
+        "a": [("sgd", "1", "70", "1", ""), ("sgd", "2", "72", "1", ""), ("sam", "1", "80", "2", "none"),
+              ("sam", "2", "82", "2", "none")],
+        "b": [("sam", "1", "79", "1.5", "every:2"), ("sam", "2", "78", "1.5", "every:2")],
+    }  # fmt: skip
+    for folder, items in rows.items():
+        (tmp_path / folder).mkdir()
+        with open(tmp_path / folder / "runs.csv", "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(cols)
+            for v, seed, acc, passes, sched in items:
+                w.writerow([f"{v}_{seed}", v, seed, "True", acc, passes, sched])
+    script = Path(__file__).resolve().parents[1] / "scripts" / "gain_share.py"
+    out = subprocess.run(
+        [sys.executable, str(script), str(tmp_path / "a"), str(tmp_path / "b")], capture_output=True, text=True
+    )
+    assert out.returncode == 0, out.stderr
+    line = next(x for x in out.stdout.splitlines() if "every:2" in x)
+    # seed 1: (79-70)/(80-70) = 90%; seed 2: (78-72)/(82-72) = 60%; mean 75%; Δ mean +7.50
+    assert "| 1.50 | +7.50 | 60% / 75% | no |" in line
+    missing = subprocess.run([sys.executable, str(script), str(tmp_path / "nothing")], capture_output=True, text=True)
+    assert missing.returncode == 2 and "runs.csv not found" in missing.stderr

@@ -1,0 +1,80 @@
+"""How much of SAM's gain over SGD each optimizer keeps, seed by seed, against its cost: the table of the
+cost–accuracy frontier in docs/results.md.
+
+    python scripts/gain_share.py runs/fashion_mem [runs/fashion_mem_sched ...] [--ref sam]
+
+Reads each folder's runs.csv (written by ssam compare). A row group is a variant with its swept settings; the
+reference (``--ref``, default the plain ``sam`` variant with no schedule and no micro-batch) and the base (``sgd``)
+are taken from any of the folders, matched by seed. Share = (X - SGD) / (REF - SGD) of the same seed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import statistics
+import sys
+from pathlib import Path
+
+SETTINGS = ("sparsity", "rho", "granularity", "cost_aware", "skip_dead", "sam_schedule", "sam_micro_batch")
+
+
+DEFAULTS = ("", "none", "False", "element")  # settings at these values are left out of a group's label
+
+
+def _key(row: dict) -> tuple:
+    return (row["variant"], *[(k, row.get(k) or "") for k in SETTINGS if (row.get(k) or "") not in DEFAULTS])
+
+
+def _label(key: tuple, shown: set[str]) -> str:
+    return " ".join([key[0], *[f"{k}={v}" for k, v in key[1:] if k in shown]])
+
+
+def main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="gain_share.py")
+    p.add_argument("folders", nargs="+")
+    p.add_argument("--ref", default="sam", help="the reference group's label (default: sam)")
+    p.add_argument("--metric", default="final_acc1", choices=("final_acc1", "early_stopped_acc1", "best_acc1"))
+    args = p.parse_args(argv)
+    rows = []
+    for folder in args.folders:
+        path = Path(folder) / "runs.csv"
+        if not path.is_file():
+            print(f"gain_share.py: {path} not found; run ssam compare --report_only first", file=sys.stderr)
+            return 2
+        with open(path) as f:
+            rows += [r for r in csv.DictReader(f) if r["finished"] == "True" and r[args.metric]]
+    groups: dict[tuple, dict[str, dict]] = {}
+    for r in rows:
+        groups.setdefault(_key(r), {})[r["seed"]] = r
+    # Show a setting in the labels only where it tells groups of one variant apart.
+    shown = {k for key in groups for k, _ in key[1:] if len({dict(g[1:]).get(k) for g in groups if g[0] == key[0]}) > 1}
+    base = next((g for k, g in groups.items() if k[0] == "sgd"), None)
+    ref = next((g for k, g in groups.items() if _label(k, shown) == args.ref), None)
+    if base is None or ref is None:
+        print(
+            f"gain_share.py: no sgd rows or no {args.ref!r} rows among {sorted(map(_label, groups))}", file=sys.stderr
+        )
+        return 2
+    m = args.metric
+    print(
+        f"| optimizer | seeds | passes/example | Δ {m} vs SGD | share of SAM's gain (min / mean) "
+        "| ≥ 80% in every seed |"
+    )
+    print("|---|---:|---:|---:|---:|---|")
+    for key, runs in groups.items():
+        seeds = sorted(s for s in runs if s in base and s in ref)
+        if not seeds or key[0] == "sgd":
+            continue
+        delta = [float(runs[s][m]) - float(base[s][m]) for s in seeds]
+        share = [d / (float(ref[s][m]) - float(base[s][m])) for s, d in zip(seeds, delta)]
+        passes = statistics.mean(float(runs[s]["passes_per_example"]) for s in seeds)
+        print(
+            f"| {_label(key, shown)} | {len(seeds)} | {passes:.2f} | {statistics.mean(delta):+.2f} | "
+            f"{min(share):.0%} / {statistics.mean(share):.0%} | {'yes' if min(share) >= 0.8 else 'no'} |"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
