@@ -10,7 +10,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ssam import SSAMD, SSAMF
-from ssam.bench import OPTIMIZERS, main, state_bytes
+from ssam.bench import OPTIMIZERS, main, run, state_bytes
+from ssam.bench.args import parse_args
 from ssam.models import build_model
 from ssam.optim import empirical_fisher
 from ssam.optim.fisher import auto_method, hook_plan
@@ -478,3 +479,29 @@ def test_compile_failure_falls_back_to_eager(tmp_path, monkeypatch, one_thread):
     rep = json.loads((tmp_path / "bench.json").read_text())
     assert any("torch.compile failed" in n and "no C++ compiler" in n for n in rep["notes"])
     assert all(rep["steps"][n]["median_s"] > 0 for n in OPTIMIZERS)
+
+
+def test_bench_cheap_section_times_schedules_and_micro_batches(tmp_path):
+    report = run(
+        parse_args(
+            [
+                "--quick",
+                "--model",
+                "mlp",
+                "--dataset",
+                "digits",
+                "--section",
+                "cheap",
+                "--batch_size",
+                "16",
+                "--output",
+                str(tmp_path),
+            ]
+        )  # fmt: skip
+    )
+    steps = report["cheap"]["steps"]
+    assert {"SGD", "SAM", "plain", "plain looksam", "m=8", "m=1"} <= set(steps)
+    assert steps["SAM"]["vs_sam"] == 1.0
+    # Expected per-step cost of a schedule: share x SAM + (1 - share) x plain, from the same run's medians.
+    sam, plain = steps["SAM"]["median_s"], steps["plain"]["median_s"]
+    assert report["cheap"]["schedules"]["every:2"]["vs_sam"] == pytest.approx((0.5 * sam + 0.5 * plain) / sam)

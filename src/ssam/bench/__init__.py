@@ -32,6 +32,7 @@ from ..io import write_json
 from . import args as _args
 from . import sections
 from .args import OPTIMIZERS, RHO, SHAPES, SPARSITY
+from .cheap import format_cheap, run_cheap
 from .memory import state_bytes
 from .report import environment, format_main, header
 from .side_by_side import SideBySide
@@ -121,6 +122,8 @@ def run(args: argparse.Namespace) -> dict:
     }
     if "main" in args.section:
         _run_main(args, device, report)
+    if "cheap" in args.section:
+        report["cheap"] = run_cheap(args, device)
     if "skip" in args.section:
         report["skip"] = run_skip(args, device)
         report["config"]["num_params"] = report["skip"]["num_params"]
@@ -136,6 +139,8 @@ def format_table(report: dict) -> str:
         lines += [""] + format_main(report)
     if "skip" in report:
         lines += [""] + format_skip(report["skip"])
+    if "cheap" in report:
+        lines += [""] + format_cheap(report["cheap"])
     for note in report.get("notes", []):
         lines.append(f"note: {note}")
     return "\n".join(lines)

@@ -30,7 +30,7 @@ QUICK = dict(model="resnet18", batch_size=16, steps=2, warmup=1, num_samples=16)
 # Hyper-parameters of the CIFAR recipes; they do not change the cost of a step.
 LR, MOMENTUM, WEIGHT_DECAY, RHO, SPARSITY = 0.05, 0.9, 5e-4, 0.05, 0.5
 LOADER_IMAGES = 10_000
-SECTIONS = ("main", "skip")
+SECTIONS = ("main", "skip", "cheap")
 
 
 def build_parser(description: str) -> argparse.ArgumentParser:
@@ -57,7 +57,7 @@ def build_parser(description: str) -> argparse.ArgumentParser:
         default="main",
         help="what to time, comma-separated: main (the four optimizers side by side) and/or skip "
         "(SSAM-F steps whose first pass skips the dead tensors, per mask granularity and sparsity, "
-        "against the SAM step); default main",
+        "against the SAM step) and/or cheap (ascent schedules and m-sharpness against SGD and SAM); default main",
     )
     p.add_argument("--quick", action="store_true", help="tiny run: batch 16, 2 steps, 16 Fisher examples")
     p.add_argument("--output", default="runs/bench", help="directory for bench.json (default runs/bench)")

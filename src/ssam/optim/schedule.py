@@ -207,7 +207,8 @@ class ScheduleState:
 
 
 def _dot(a: list[Tensor], b: list[Tensor]) -> Tensor:
-    return torch.stack([(x.double() * y.double()).sum() for x, y in zip(a, b)]).sum()
+    """The dot product over all tensors: one BLAS dot per tensor, summed in float64."""
+    return torch.stack([torch.dot(x.reshape(-1), y.reshape(-1)).double() for x, y in zip(a, b)]).sum()
 
 
 @torch.no_grad()
@@ -225,4 +226,4 @@ def looksam_apply(grads: list[Tensor], buffers: list[Tensor], alpha: float) -> N
     gn, vn = _dot(grads, grads).sqrt(), _dot(buffers, buffers).sqrt()
     scale = torch.where(vn > 0, alpha * gn / vn.clamp_min(1e-300), torch.zeros_like(vn))
     for g, v in zip(grads, buffers):
-        g.add_(v * scale.to(g.dtype))
+        g.addcmul_(v, scale.to(g.dtype))
