@@ -6,15 +6,14 @@ import numpy as np
 import pytest
 import torch
 
+from ssam.optim.dropgrow import group_drop_grow, nm_drop_grow
 from ssam.optim.groups import (
     Granularity,
     best_first_fit,
     cost_aware_cut,
-    group_drop_grow,
     group_means,
     group_owner,
     group_sizes,
-    nm_drop_grow,
     nm_mask,
     parse_granularity,
     structured_mask,

@@ -3,8 +3,9 @@
 Layout: ``sam`` (the wrapper and the two-pass protocol), ``sparse`` (``SparseSAM``, the masked base class),
 ``ssamf`` and ``ssamd`` (SSAM-F, SSAM-D), ``settings`` (settings in ``defaults`` and the param groups), ``state``
 (``opt.state`` and the ``state_dict`` formats), ``perturb`` (the perturbation math, single-tensor and foreach),
-``mask`` (the flat mask buffer), ``select`` (the one top-k rule), ``fisher`` (the empirical Fisher; its batched
-path in ``fisher_hooks``), ``bn`` (BatchNorm statistics around pass two), ``amp`` (fp16 loss scaling for two passes),
+``mask`` (the flat mask buffer), ``groups`` (granularity: channel, tensor and N:M groups), ``dropgrow`` (SSAM-D's
+drop and grow), ``select`` (the one top-k rule), ``fisher`` (the empirical Fisher; its batched path in
+``fisher_hooks``), ``bn`` (BatchNorm statistics around pass two), ``amp`` (fp16 loss scaling for two passes),
 ``registry`` (the optimizer families), ``factory`` (optimizers by ``--opt`` name), ``refresh`` (the mask refresh
 protocol), ``schedule`` and ``steps`` (ascent schedules), ``msharp`` (m-sharpness). ``ssam.optim.ssam`` is the old
 name of ``sparse``, kept for one release.

@@ -10,7 +10,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from .groups import drop_and_grow, group_sizes, random_mask
+from .dropgrow import drop_and_grow, random_mask
+from .groups import group_sizes
 from .select import random_subset, top_k_mask
 from .settings import Setting, check_choice
 from .sparse import STRATEGIES, SparseSAM
