@@ -11,6 +11,7 @@ from typing import Any
 
 from ..optim.refresh import fisher_sample, refresh_after_first_backward, refresh_before_epoch
 from ..optim.sam import SAM
+from ..optim.sparse import SparseSAM
 
 __all__ = ["sam_optimizers", "fisher_sample", "refresh_before_epoch", "refresh_after_first_backward", "mask_density"]
 
@@ -28,5 +29,4 @@ def sam_optimizers(optimizers: Iterable[Any]) -> list[SAM]:
 
 def mask_density(opt: SAM) -> float | None:
     """Fraction of entries perturbed, or None for dense SAM (a host sync: once per epoch, not per step)."""
-    density = getattr(opt, "mask_density", None)
-    return float(density()) if density is not None else None
+    return float(opt.mask_density()) if isinstance(opt, SparseSAM) else None

@@ -124,7 +124,7 @@ class SAMCallback(L.Callback):
 
     # ------------------------------------------------------------------ mask refresh
     def _needs_fisher(self) -> bool:
-        return any(getattr(o, "mask_refresh", None) == "before_epoch" for o in self._opts)
+        return any(o.mask_refresh == "before_epoch" for o in self._opts)
 
     def _fisher_target(self, pl_module: L.LightningModule) -> nn.Module:
         """The module SSAM-F calls on single examples: ``fisher_model(pl_module)``, else the LightningModule."""

@@ -136,7 +136,7 @@ class SAMTrainer(Trainer):
     def _on_epoch_begin(self, epoch_float: float) -> None:
         self._epoch = math.floor(epoch_float + 1e-6)
         sam = self.sam
-        if getattr(sam, "mask_refresh", None) != "before_epoch":
+        if sam.mask_refresh != "before_epoch":
             return
         # Resumed in the middle of an epoch: the checkpoint's mask is the one this epoch started with.
         if epoch_float - self._epoch > 1e-6 and sam.has_masks():

@@ -25,7 +25,7 @@ from ..checkpoint import VERSION
 from ..data import GPULoader
 from ..errors import Diverged, Interrupted, UsageError
 from ..models import build_model
-from ..optim import TwoPassScaler
+from ..optim import TwoPassScaler, registry
 from ..optim.refresh import refresh_after_first_backward, refresh_before_epoch
 from .builders import (
     EpochLR,
@@ -103,8 +103,8 @@ class Trainer:
         self.sched = EpochLR(self.opt, cfg)
         self.scaler = TwoPassScaler(enabled=cfg.amp == "fp16")
         self.autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.amp)
-        # How the optimizer's mask is refreshed (None: it has none); see ssam.optim's mask refresh protocol.
-        self.refresh: str | None = getattr(self.opt, "mask_refresh", None)
+        # How the optimizer's mask is refreshed (None: it has none); see ssam.optim.refresh.
+        self.refresh: str | None = registry.family(self.wrapper).mask_refresh
         # On a CPU, freed gradients come back as fresh pages to fault in on every backward (two per SAM step):
         # zeroing them in place measured ~3% faster for ResNet-18. Every parameter of these models gets a gradient
         # in every pass, so zeros and None step the same (train_step sets None itself when --skip_dead).
