@@ -302,6 +302,7 @@ def test_masks_plot_draws_one_bar_per_tensor_and_row(monkeypatch):
     assert not [line for line in figures[0].axes[0].lines if line.get_marker() not in ("None", None, "")]
 
 
+@pytest.mark.slow
 def test_dry_run_into_a_closed_pipe_ends_quietly(tmp_path):
     # 400 runs print about 120 KB, more than a pipe holds: the writes after the reader is gone hit EPIPE.
     cmd = [

@@ -36,6 +36,7 @@ def test_readme_has_a_complete_loop():
     assert any(block.startswith("import ") and ".first_step(" in block for block in README_PYTHON)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("index", range(len(README_PYTHON)))
 def test_readme_python_block_runs_as_shown(index, tmp_path):
     """Each block alone, in an empty folder, in a fresh interpreter: imports and data included."""

@@ -121,6 +121,7 @@ def test_fisher_hooks_on_timm_resnet_match_the_loop():
         torch.testing.assert_close(f, s, rtol=1e-3, atol=1e-8)
 
 
+@pytest.mark.slow
 def test_build_model_errors_are_one_line():
     with pytest.raises(UsageError, match="did you mean 'resnet10t'"):
         build_model("timm:resnet10", 3)
@@ -134,6 +135,7 @@ def test_build_model_errors_are_one_line():
     assert out.startswith("UsageError") and "pip install 'sparse-sam[timm]'" in out and out.count("\n") == 1
 
 
+@pytest.mark.slow
 def test_example_timm_runs():
     out = run_example("timm_ssam.py", "--epochs", "2")
     first, last = last_value(out, "loss after epoch")

@@ -66,6 +66,7 @@ def test_whole_batch_is_plain_sam_bit_for_bit():
                 closure_passes="both") for n, mb in zip(nets, (None, 12, None))]  # fmt: skip
     for _ in range(3):
         for i, (n, o) in enumerate(zip(nets, opts)):
+
             def closure(cx=x, cy=y, n=n):
                 loss = F.cross_entropy(n(cx), cy)
                 loss.backward()

@@ -396,17 +396,9 @@ def test_resume_after_a_kill_between_checkpoints_is_bit_identical(
     assert train(tmp_path / "ref", *args) == 0
     assert probe["steps"] == 2 * STEPS  # the probe sees every step
     _kill_and_resume(tmp_path / "killed", args, trainer_probe, kill)
-    # (The global torch RNG after a mid-epoch resume: see the xfail test below.)
-    assert_same_run(tmp_path / "ref" / "r", tmp_path / "killed" / "r", global_torch_rng=kill != "mid-epoch")
+    assert_same_run(tmp_path / "ref" / "r", tmp_path / "killed" / "r")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="each DataLoader iteration draws its base seed from the global torch RNG; a mid-epoch resume draws the "
-    "train loader's again after restoring the RNG, so the global stream ends one draw ahead. No weight depends on "
-    "it today (augmentation, order and Fisher samples are seeded per example/epoch), dropout or any later global "
-    "draw would. Fix: give the loaders their own torch.Generator.",
-)
 def test_mid_epoch_resume_restores_the_global_torch_rng_stream(tmp_path, one_thread, trainer_probe):
     args = _resume_args("sgd", ())
     assert train(tmp_path / "ref", *args) == 0
@@ -533,7 +525,7 @@ def test_sigkill_mid_run_then_resume_is_bit_identical(tmp_path):
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     ran = [(int(e), int(s)) for e, s, _ in STEP_LINE.findall(resumed.stdout)]
     assert len(ran) == 2 * steps - done and ran[0] == (ck["epoch"] + 1, ck["step"] + 1), ran  # resumed, not restarted
-    assert_same_run(tmp_path / "ref" / "r", killed / "r", global_torch_rng=False)  # (see the xfail test)
+    assert_same_run(tmp_path / "ref" / "r", killed / "r")
 
 
 @pytest.mark.slow
