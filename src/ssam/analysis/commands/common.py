@@ -18,10 +18,11 @@ import torch
 from torch import nn
 
 from ...errors import UsageError
+from ...runfolder import RunFolder
 from ..data import subset_batches
 
 # Which file of a run folder an analysis takes when given the folder: the best model, else the latest.
-RUN_FOLDER_CHECKPOINTS = ("best.pt", "last.pt")
+RUN_FOLDER_CHECKPOINTS = (RunFolder.BEST, RunFolder.LAST)
 
 _NUM = r"[+-]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?"
 
@@ -102,10 +103,10 @@ def checkpoint_file(path: str, flag: str = "--checkpoint") -> str:
     p = Path(path)
     if not p.is_dir():
         return path
-    for name in RUN_FOLDER_CHECKPOINTS:
-        if (p / name).is_file():
-            print(f"ssam: {flag} {path}: a run folder; using {p / name}", file=sys.stderr)
-            return str(p / name)
+    chosen = RunFolder(p).checkpoint()
+    if chosen.is_file():
+        print(f"ssam: {flag} {path}: a run folder; using {chosen}", file=sys.stderr)
+        return str(chosen)
     raise UsageError(
         f"{flag} {path!r} is a folder without {' or '.join(RUN_FOLDER_CHECKPOINTS)}; "
         f"allowed: a checkpoint file or a run folder written by ssam train"
