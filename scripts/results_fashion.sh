@@ -11,6 +11,7 @@
 #   bash scripts/results_fashion.sh mem-sched-clean [SEED]  # the same on clean labels (rho 0.05)
 #   bash scripts/results_fashion.sh mem-m [SEED]     # m-sharpness: SAM with one ascent per 32, 8 and 1 examples
 #   bash scripts/results_fashion.sh mem-m-ssamf M [SEED]  # SSAM-F 0.5 at the m that mem-m found best
+#   bash scripts/results_fashion.sh mem-m1-rho [SEED]  # after mem-m (not fixed before it): SAM at m = 1, rho 0.01-0.05
 #   bash scripts/results_fashion.sh gpu SEED         # 4 runs, ResNet-18, one seed (about 10 min on one H200)
 #   bash scripts/results_fashion.sh gpu-noise SEED   # the same with 40% label noise
 #   bash scripts/results_fashion.sh gpu-rho SEED     # SGD and SAM at the four rhos, one seed
@@ -36,7 +37,7 @@ DATA=()
 [[ -n ${JOBS:-} ]] && DATA+=(--jobs "$JOBS")
 ARCHIVE=${ARCHIVE:-docs/results/data}
 FOLDERS="fashion_cpu fashion_cpu_rho fashion_cpu_noise_rho fashion_gpu fashion_gpu_noise40 fashion_gpu_rho
-fashion_mem fashion_mem_clean fashion_mem_rho fashion_mem_full fashion_mem_sched fashion_mem_sched_clean fashion_mem_m fashion_mem_m_ssamf"
+fashion_mem fashion_mem_clean fashion_mem_rho fashion_mem_full fashion_mem_sched fashion_mem_sched_clean fashion_mem_m fashion_mem_m_ssamf fashion_mem_m1_rho"
 MEM=recipes/fashion_mnist_memorization.yaml
 MEM_RHOS=0.05,0.1,0.2,0.3
 MEM_FULL=(--train_subset 60000 --val_split 5000 --epochs 50)
@@ -142,6 +143,7 @@ case $PART in
     mem-m-ssamf)
                M=${2:?mem-m-ssamf: give the micro-batch size, e.g. 1}; SEED=${3:-}
                part fashion_mem_m_ssamf --config $MEM $(seeds) --opts ssamf --sam_micro_batch "$M" ;;
+    mem-m1-rho) part fashion_mem_m1_rho --config $MEM $(seeds) --opts sam --sam_micro_batch 1 --rho 0.01,0.02,0.05 ;;
     mem-sched) part fashion_mem_sched --config $MEM $(seeds) --opts sgd,sam,ssamf --sweep sam_schedule=$MEM_SCHEDULES ;;
     mem-sched-clean)
                part fashion_mem_sched_clean --config $MEM $(seeds) --opts sgd,sam,ssamf --label_noise 0 --rho 0.05 \
@@ -172,6 +174,6 @@ case $PART in
         [[ -d $OUT/fashion_gpu_noise40 ]] && part fashion_gpu_noise40 --config $GPU --label_noise 0.4 --report_only
         [[ -d $OUT/fashion_gpu_rho ]] && part fashion_gpu_rho --config $GPU --opts sgd,sam --rho $RHOS --report_only
         true ;;
-    *) echo "results_fashion.sh: unknown part '$PART'; allowed: cpu, cpu-rho, cpu-noise-rho, mem, mem-clean, mem-rho, mem-full, mem-sched, mem-sched-clean, mem-m, mem-m-ssamf, gpu, gpu-noise, gpu-rho, report, archive, restore" >&2
+    *) echo "results_fashion.sh: unknown part '$PART'; allowed: cpu, cpu-rho, cpu-noise-rho, mem, mem-clean, mem-rho, mem-full, mem-sched, mem-sched-clean, mem-m, mem-m-ssamf, mem-m1-rho, gpu, gpu-noise, gpu-rho, report, archive, restore" >&2
        exit 2 ;;
 esac
