@@ -52,9 +52,8 @@ def main(argv: list[str]) -> int:
     base = next((g for k, g in groups.items() if k[0] == "sgd"), None)
     ref = next((g for k, g in groups.items() if _label(k, shown) == args.ref), None)
     if base is None or ref is None:
-        print(
-            f"gain_share.py: no sgd rows or no {args.ref!r} rows among {sorted(map(_label, groups))}", file=sys.stderr
-        )
+        known = sorted(_label(k, shown) for k in groups)
+        print(f"gain_share.py: no sgd rows or no {args.ref!r} rows among {known}", file=sys.stderr)
         return 2
     m = args.metric
     print(
