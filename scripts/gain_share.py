@@ -35,6 +35,7 @@ def main(argv: list[str]) -> int:
     p.add_argument("folders", nargs="+")
     p.add_argument("--ref", default="sam", help="the reference group's label (default: sam)")
     p.add_argument("--metric", default="final_acc1", choices=("final_acc1", "early_stopped_acc1", "best_acc1"))
+    p.add_argument("--plot", help="also draw every group's mean accuracy against its passes per example (a PNG)")
     args = p.parse_args(argv)
     rows = []
     for folder in args.folders:
@@ -61,9 +62,19 @@ def main(argv: list[str]) -> int:
         "| ≥ 80% in every seed |"
     )
     print("|---|---:|---:|---:|---:|---|")
+    points = [(_label(key, shown), 1.0, statistics.mean(float(r[m]) for r in base.values())) for key in groups][:0]
     for key, runs in groups.items():
         seeds = sorted(s for s in runs if s in base and s in ref)
-        if not seeds or key[0] == "sgd":
+        if not seeds:
+            continue
+        points.append(
+            (
+                _label(key, shown),
+                statistics.mean(float(runs[s]["passes_per_example"]) for s in seeds),
+                statistics.mean(float(runs[s][m]) for s in seeds),
+            )
+        )
+        if key[0] == "sgd":
             continue
         delta = [float(runs[s][m]) - float(base[s][m]) for s in seeds]
         share = [d / (float(ref[s][m]) - float(base[s][m])) for s, d in zip(seeds, delta)]
@@ -72,7 +83,36 @@ def main(argv: list[str]) -> int:
             f"| {_label(key, shown)} | {len(seeds)} | {passes:.2f} | {statistics.mean(delta):+.2f} | "
             f"{min(share):.0%} / {statistics.mean(share):.0%} | {'yes' if min(share) >= 0.8 else 'no'} |"
         )
+    if args.plot:
+        _plot(args.plot, points, m)
     return 0
+
+
+def _plot(path: str, points: list[tuple[str, float, float]], metric: str) -> None:
+    """Each group's mean accuracy against its passes per example, labelled: the cost–accuracy frontier."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    def short(label: str) -> str:
+        return label.replace(" sam_schedule=", " ").replace(" sam_micro_batch=", " m=").replace(":0.7", "")
+
+    floor = min(acc for label, _, acc in points if label.startswith("sgd")) - 3  # the base optimizer's, minus 3
+    below = [short(label) for label, _, acc in points if acc < floor]
+    fig, ax = plt.subplots(figsize=(9, 6))
+    for i, (label, passes, acc) in enumerate(points):
+        if acc < floor:
+            continue
+        ax.scatter(passes, acc, s=22)
+        ax.annotate(short(label), (passes, acc), fontsize=6, xytext=(4, 4 - 9 * (i % 3)), textcoords="offset points")
+    ax.set_ylim(bottom=floor)
+    ax.set(xlabel="forward + backward passes per training example", ylabel=f"{metric} (%), mean over seeds")
+    ax.set_title("Cost–accuracy frontier" + (f" (below the axis: {', '.join(below)})" if below else ""), fontsize=9)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=130)
+    plt.close(fig)
 
 
 if __name__ == "__main__":

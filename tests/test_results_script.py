@@ -114,5 +114,11 @@ def test_gain_share_against_hand_computed_shares(tmp_path):
     line = next(x for x in out.stdout.splitlines() if "every:2" in x)
     # seed 1: (79-70)/(80-70) = 90%; seed 2: (78-72)/(82-72) = 60%; mean 75%; Δ mean +7.50
     assert "| 1.50 | +7.50 | 60% / 75% | no |" in line
+    plotted = subprocess.run(
+        [sys.executable, str(script), str(tmp_path / "a"), str(tmp_path / "b"), "--plot", str(tmp_path / "f.png")],
+        capture_output=True,
+        text=True,
+    )
+    assert plotted.returncode == 0 and (tmp_path / "f.png").stat().st_size > 5000
     missing = subprocess.run([sys.executable, str(script), str(tmp_path / "nothing")], capture_output=True, text=True)
     assert missing.returncode == 2 and "runs.csv not found" in missing.stderr
