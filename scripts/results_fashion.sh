@@ -9,6 +9,7 @@
 #   bash scripts/results_fashion.sh mem-full [SEED]  # the headline: all 60,000 images (55,000 trained), 50 epochs
 #   bash scripts/results_fashion.sh mem-sched [SEED] # ascent schedules: SGD, SAM, SSAM-F 0.5 x 9 schedules, 40% noise
 #   bash scripts/results_fashion.sh mem-sched-clean [SEED]  # the same on clean labels (rho 0.05)
+#   bash scripts/results_fashion.sh mem-full-sched [SEED]  # the best schedule (LookSAM every 2nd step) on the headline
 #   bash scripts/results_fashion.sh mem-m [SEED]     # m-sharpness: SAM with one ascent per 32, 8 and 1 examples
 #   bash scripts/results_fashion.sh mem-m-ssamf M [SEED]  # SSAM-F 0.5 at the m that mem-m found best
 #   bash scripts/results_fashion.sh mem-m1-rho [SEED]  # after mem-m (not fixed before it): SAM at m = 1, rho 0.01-0.05
@@ -37,7 +38,7 @@ DATA=()
 [[ -n ${JOBS:-} ]] && DATA+=(--jobs "$JOBS")
 ARCHIVE=${ARCHIVE:-docs/results/data}
 FOLDERS="fashion_cpu fashion_cpu_rho fashion_cpu_noise_rho fashion_gpu fashion_gpu_noise40 fashion_gpu_rho
-fashion_mem fashion_mem_clean fashion_mem_rho fashion_mem_full fashion_mem_sched fashion_mem_sched_clean fashion_mem_m fashion_mem_m_ssamf fashion_mem_m1_rho"
+fashion_mem fashion_mem_clean fashion_mem_rho fashion_mem_full fashion_mem_sched fashion_mem_sched_clean fashion_mem_m fashion_mem_m_ssamf fashion_mem_m1_rho fashion_mem_full_sched"
 MEM=recipes/fashion_mnist_memorization.yaml
 MEM_RHOS=0.05,0.1,0.2,0.3
 MEM_FULL=(--train_subset 60000 --val_split 5000 --epochs 50)
@@ -143,6 +144,7 @@ case $PART in
     mem-m-ssamf)
                M=${2:?mem-m-ssamf: give the micro-batch size, e.g. 1}; SEED=${3:-}
                part fashion_mem_m_ssamf --config $MEM $(seeds) --opts ssamf --sam_micro_batch "$M" ;;
+    mem-full-sched) part fashion_mem_full_sched --config $MEM $(seeds) "${MEM_FULL[@]}" --opts sam --sam_schedule looksam:2 ;;
     mem-m1-rho) part fashion_mem_m1_rho --config $MEM $(seeds) --opts sam --sam_micro_batch 1 --rho 0.01,0.02,0.05 ;;
     mem-sched) part fashion_mem_sched --config $MEM $(seeds) --opts sgd,sam,ssamf --sweep sam_schedule=$MEM_SCHEDULES ;;
     mem-sched-clean)
@@ -174,6 +176,6 @@ case $PART in
         [[ -d $OUT/fashion_gpu_noise40 ]] && part fashion_gpu_noise40 --config $GPU --label_noise 0.4 --report_only
         [[ -d $OUT/fashion_gpu_rho ]] && part fashion_gpu_rho --config $GPU --opts sgd,sam --rho $RHOS --report_only
         true ;;
-    *) echo "results_fashion.sh: unknown part '$PART'; allowed: cpu, cpu-rho, cpu-noise-rho, mem, mem-clean, mem-rho, mem-full, mem-sched, mem-sched-clean, mem-m, mem-m-ssamf, mem-m1-rho, gpu, gpu-noise, gpu-rho, report, archive, restore" >&2
+    *) echo "results_fashion.sh: unknown part '$PART'; allowed: cpu, cpu-rho, cpu-noise-rho, mem, mem-clean, mem-rho, mem-full, mem-sched, mem-sched-clean, mem-m, mem-m-ssamf, mem-m1-rho, mem-full-sched, gpu, gpu-noise, gpu-rho, report, archive, restore" >&2
        exit 2 ;;
 esac
