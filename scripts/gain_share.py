@@ -62,7 +62,7 @@ def main(argv: list[str]) -> int:
         "| ≥ 80% in every seed |"
     )
     print("|---|---:|---:|---:|---:|---|")
-    points = [(_label(key, shown), 1.0, statistics.mean(float(r[m]) for r in base.values())) for key in groups][:0]
+    points: list[tuple[str, float, float]] = []  # (label, passes per example, mean metric) of every group
     for key, runs in groups.items():
         seeds = sorted(s for s in runs if s in base and s in ref)
         if not seeds:

@@ -8,6 +8,7 @@ command line's validation, the run identity and ``ssam compare`` read it; nothin
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -83,6 +84,7 @@ def family(wrapper: str | None) -> OptimInfo:
     return PLAIN if wrapper in (None, PLAIN.name) else WRAPPERS[wrapper]
 
 
+@functools.cache
 def owned_settings() -> frozenset[str]:
     """Every setting some family or base optimizer owns; the others apply to every run."""
     return frozenset(s for f in WRAPPERS.values() for s in f.settings) | frozenset(

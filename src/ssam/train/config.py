@@ -13,6 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import UsageError, flag_error
+from ..models import WIDTH_MODELS
+from ..models.mlp import DEFAULT_WIDTH
 from ..optim import groups
 from ..optim.factory import canonical_opt
 from ..optim.factory import parse_opt as _parse_opt
@@ -73,9 +75,6 @@ def granularity(cfg: argparse.Namespace) -> str:
     return str(groups.parse_granularity(cfg.granularity))
 
 
-MLP_MODEL = "mlp"
-MLP_DEFAULT_WIDTH = 512
-
 # Data sets of tensors: worker processes only add start-up time and contention.
 IN_PROCESS_DATASETS = ("digits", "MNIST", "FashionMNIST")
 
@@ -90,8 +89,8 @@ def resolve(cfg: argparse.Namespace) -> None:
             setattr(cfg, key, value)
     if cfg.num_workers is None:
         cfg.num_workers = 0 if cfg.dataset in IN_PROCESS_DATASETS else min(4, os.cpu_count() or 1)
-    if cfg.model == MLP_MODEL and cfg.mlp_width is None:
-        cfg.mlp_width = MLP_DEFAULT_WIDTH
+    if cfg.model in WIDTH_MODELS and cfg.mlp_width is None:
+        cfg.mlp_width = DEFAULT_WIDTH
     parse_opt(cfg.opt)
     cfg.opt = canonical_opt(cfg.opt)  # "SSAMF" and "ssamf" are "ssamf-sgd": one spelling, one run identity
     cfg.sparsity_given = cfg.sparsity is not None

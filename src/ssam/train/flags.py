@@ -6,6 +6,7 @@ flags page of the docs generated from them. Parsing, defaults that depend on the
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
 
 from ..data import DATASETS
 from ..errors import ArgumentParser
@@ -18,20 +19,22 @@ from ..optim.sparse import STRATEGIES
 SCHEDULERS = ("CosineLRscheduler", "MultiStepLRscheduler")
 
 
-def schedule_type(text: str) -> str:
-    """``--sam_schedule``, parsed once where it is read: the canonical spelling ("every:2", "looksam:5:0.7")."""
-    try:
-        return str(parse_schedule(text))
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e).split(": ", 1)[1]) from None
+def _canonical(parse: Callable[[str], object], flag: str) -> Callable[[str], str]:
+    """An argparse type: the value parsed once where it is read, kept in its canonical spelling; the parser's
+    ValueError ("schedule: got 'x'; allowed: ...") becomes argparse's one line for the flag."""
+
+    def convert(text: str) -> str:
+        try:
+            return str(parse(text))
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e).split(": ", 1)[1]) from None
+
+    convert.__name__ = flag  # argparse names the type in some messages
+    return convert
 
 
-def granularity_type(text: str) -> str:
-    """``--granularity``, parsed once where it is read: the canonical spelling ("2:4", "tensor")."""
-    try:
-        return str(parse_granularity(text))
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e).split(": ", 1)[1]) from None
+schedule_type = _canonical(parse_schedule, "sam_schedule")  # "every:2", "looksam:5:0.7"
+granularity_type = _canonical(parse_granularity, "granularity")  # "2:4", "tensor"
 
 
 # The paper code's SSAM defaults; the library's own (sparsity 0.5, update_freq 1, num_samples 128) suit a loop

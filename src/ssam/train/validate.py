@@ -10,15 +10,13 @@ from typing import Any
 
 from ..data import DATASETS
 from ..errors import UsageError, did_you_mean
-from ..models import check_model_name
+from ..models import WIDTH_MODELS, check_model_name
 from ..optim import registry
 from ..optim.factory import parse_opt  # resolve() has already turned a bad --opt into one line
 from ..optim.sparse import STRATEGIES
 from .flags import SCHEDULERS
 
 __all__ = ["validate"]
-
-MLP_MODEL = "mlp"
 
 
 def _show_value(value: Any) -> str:
@@ -89,7 +87,7 @@ def validate(cfg: argparse.Namespace) -> None:
         cfg.mlp_width is None or cfg.mlp_width >= 1,
         f"--mlp_width {cfg.mlp_width} is out of range; allowed: an integer >= 1",
     )
-    if cfg.mlp_width is not None and cfg.model != MLP_MODEL:
+    if cfg.mlp_width is not None and cfg.model not in WIDTH_MODELS:
         print(
             f"ssam: warning: --mlp_width {cfg.mlp_width} has no effect with --model {cfg.model} (only mlp uses it)",
             file=sys.stderr,
