@@ -11,7 +11,7 @@ from torch import nn
 from ssam.analysis import hessian_eigenvalues, hessian_trace
 from ssam.analysis.cli import add_hessian_args, add_landscape_args, run_hessian, run_landscape
 from ssam.analysis.plots import file_slug, short_label
-from ssam.analysis.profile import format_profile, measure
+from ssam.bench.hessian import add_profile_args, format_profile, measure, run_hessian_profile
 from ssam.errors import ArgumentParser, UsageError
 from test_analysis_cli import make_checkpoint, parse, subset
 
@@ -30,9 +30,15 @@ def run_folder(tmp_path_factory):
     return root, model
 
 
+def add_hessian_and_profile_args(parser):
+    """The parser of ``ssam hessian``: the analysis flags and the bench's --profile flags (composed in ssam.cli)."""
+    add_hessian_args(parser)
+    add_profile_args(parser)
+
+
 def hessian_args(checkpoint, out, *extra):
     return parse(
-        add_hessian_args,
+        add_hessian_and_profile_args,
         [
             "--checkpoint",
             str(checkpoint),
@@ -177,13 +183,24 @@ def test_profile_command_runs_each_tool_in_its_own_process(run_folder, tmp_path,
     root, _ = run_folder
     monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the workers inherit it: a tiny model on a shared machine
     out = tmp_path / "p"
-    assert run_hessian(hessian_args(root / "runA", out, "--profile", "--trace", "--trace_max_iter", "4")) == 0
+    assert run_hessian_profile(hessian_args(root / "runA", out, "--profile", "--trace", "--trace_max_iter", "4")) == 0
     res = json.loads((out / "profile.json").read_text())
     assert res["rows"][0]["tool"] == "ssam" and res["rows"][0]["trace_samples"] == 4
     assert res["rows"][0]["peak_rss_mib"] >= res["rows"][0]["base_rss_mib"] > 0
     assert "| ssam" in capsys.readouterr().out
     with pytest.raises(UsageError, match="--profile"):
-        run_hessian(hessian_args(root / "runA", out, "--profile", "--per_layer"))
+        run_hessian_profile(hessian_args(root / "runA", out, "--profile", "--per_layer"))
+
+
+def test_profile_old_module_name_warns_and_gives_the_bench_functions():
+    import ssam.analysis.profile as old
+    import ssam.bench.hessian as new
+
+    for name in ("format_profile", "measure", "run_profile"):
+        with pytest.warns(DeprecationWarning, match="ssam.bench.hessian"):
+            assert getattr(old, name) is getattr(new, name)
+    with pytest.raises(AttributeError):
+        old.no_such_name  # noqa: B018
 
 
 def test_trace_method_flag(run_folder, tmp_path, capsys):

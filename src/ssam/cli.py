@@ -34,6 +34,20 @@ def _analysis(name: str):
     return run
 
 
+def _hessian(argv: list[str]) -> int:
+    """The analysis command plus its --profile flags, whose runner is a benchmark: composed here, at the top,
+    so that neither layer imports the other."""
+    from .analysis.cli import add_hessian_args, run_hessian
+    from .bench.hessian import add_profile_args, run_hessian_profile
+
+    parser = ArgumentParser(prog="ssam hessian")
+    add_hessian_args(parser)
+    add_profile_args(parser)
+    parser.add_argument("--debug", action="store_true", help="show Python tracebacks")
+    args = parser.parse_args(argv)
+    return int((run_hessian_profile if args.profile else run_hessian)(args) or 0)
+
+
 def _train(argv: list[str]) -> int:
     from .train import main
 
@@ -55,7 +69,7 @@ def _bench(argv: list[str]) -> int:
 COMMANDS = {
     "train": _train,
     "compare": _compare,
-    "hessian": _analysis("hessian"),
+    "hessian": _hessian,
     "landscape": _analysis("landscape"),
     "sharpness": _analysis("sharpness"),
     "bench": _bench,

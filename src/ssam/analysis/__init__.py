@@ -7,8 +7,8 @@ here, so that importing the analysis does not pull in matplotlib).
 
 The Hessian side: :mod:`.operator` (the product ``H v`` and its graph cache), :mod:`.convolution`
 (convolutions differentiated twice with the first-order kernels), :mod:`.eigen` (Lanczos, power
-iteration), :mod:`.trace` (Hutchinson), :mod:`.density` (SLQ), :mod:`.per_layer`; :mod:`.profile` times
-them against PyHessian.  The commands live in :mod:`.commands`.
+iteration), :mod:`.trace` (Hutchinson), :mod:`.density` (SLQ), :mod:`.per_layer`.  The commands live in
+:mod:`.commands`; timing them against PyHessian is a benchmark, :mod:`ssam.bench.hessian`.
 """
 
 from .convolution import first_order_kernels

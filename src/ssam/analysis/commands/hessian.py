@@ -1,10 +1,11 @@
-"""``ssam hessian``: top eigenvalues, trace, density and per-layer table of one checkpoint; ``--profile``
-times ssam against PyHessian on the same work instead."""
+"""``ssam hessian``: top eigenvalues, trace, density and per-layer table of one checkpoint.
+
+Its ``--profile`` flags (ssam against PyHessian on the same work) belong to ``ssam.bench.hessian``; ``ssam.cli``
+adds them to this parser, so that the analysis layer does not import the bench above it."""
 
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -82,20 +83,10 @@ def add_hessian_args(parser: argparse.ArgumentParser) -> None:
         help="GiB of batch gradient graphs kept between Hessian-vector products; beyond it a batch's "
         "graph is rebuilt at every product; 0: never kept; auto: half the free memory",
     )
-    g = parser.add_argument_group("profile")
-    g.add_argument(
-        "--profile",
-        action="store_true",
-        help="instead of the analysis, time ssam and (if installed) PyHessian side by side, each in its "
-        "own process: lambda_max to --tol within --max_iter products, and with --trace the trace "
-        "from exactly --trace_max_iter samples; -> profile.json",
-    )
-    g.add_argument(
-        "--profile_rounds", type=int, default=1, help="measure each tool this many times, alternating which goes first"
-    )
 
 
-def _graph_memory(value: str) -> int | None:
+def parse_graph_memory(value: str) -> int | None:
+    """``--graph_memory``: bytes, or None for auto (half the free memory)."""
     if value == "auto":
         return None
     try:
@@ -117,17 +108,14 @@ def run_hessian(args: argparse.Namespace) -> int:
         "trace_max_iter",
         "density_iter",
         "density_runs",
-        "profile_rounds",
     )
     check_tolerances(args, "tol", "trace_tol")
     if args.density_sigma is not None and not args.density_sigma > 0:
         raise UsageError(f"--density_sigma {args.density_sigma!r} is out of range; allowed: a number > 0")
-    graph_memory = _graph_memory(args.graph_memory)
+    graph_memory = parse_graph_memory(args.graph_memory)
     device = pick_device(args.device)
     args.checkpoint = checkpoint_file(args.checkpoint)
     out = output_dir(args, [args.checkpoint])
-    if args.profile:
-        return _profile(args, device, graph_memory, out)
     loader = Loader(args)
     model, ckpt, (dataset, datadir) = loader.load(args.checkpoint)
     model.to(device)
@@ -212,38 +200,4 @@ def run_hessian(args: argparse.Namespace) -> int:
 
         plot_esd(grid, dens, out / "esd.png", eigenvalues=result["eigenvalues"], subtitle=result["run"])
     print(f"wrote {out / 'hessian.json'}")
-    return 0
-
-
-def _profile(args: argparse.Namespace, device: Any, graph_memory: int | None, out: Path) -> int:
-    from ..profile import available, format_profile, run_profile
-
-    if args.params or args.density or args.per_layer:
-        raise UsageError(
-            "--profile times lambda_max (and --trace) on all parameters; leave out --params, --density and --per_layer"
-        )
-    # Read here first: a bad checkpoint is one line and exit 2, not a failed worker process.
-    Loader(args).check([args.checkpoint])
-    tools = ("ssam", "pyhessian") if available("pyhessian") else ("ssam",)
-    if len(tools) == 1:
-        print("ssam: note: PyHessian is not installed (pip install pyhessian); timing ssam alone", file=sys.stderr)
-    source = {
-        k: getattr(args, k)
-        for k in ("checkpoint", "dataset", "datadir", "model", "num_samples", "batch_size", "data_seed")
-    }
-    spec = {
-        "source": source,
-        "tol": args.tol,
-        "max_iter": args.max_iter,
-        "trace_samples": args.trace_max_iter if args.trace else 0,
-        "seed": args.seed,
-        "device": device.type,
-        "graph_memory": graph_memory,
-        "trace_method": args.trace_method,
-    }
-    rows = run_profile(spec, tools, args.profile_rounds)
-    table = format_profile(rows)
-    print(table)
-    write_json(out / "profile.json", {"settings": settings_of(args), "spec": spec, "rows": rows, "table": table})
-    print(f"wrote {out / 'profile.json'}")
     return 0
