@@ -132,9 +132,9 @@ def test_timm_model_on_the_command_line(tmp_path, one_thread, capsys):
 
 
 def test_progress_line_at_least_every_interval_off_a_terminal(tmp_path, one_thread, capsys, monkeypatch):
-    import ssam.train.loop as loop
+    import ssam.train.report as report
 
-    monkeypatch.setattr(loop, "PROGRESS_EVERY_S", 0.0)
+    monkeypatch.setattr(report, "PROGRESS_EVERY_S", 0.0)
     assert main(["train", "--output_dir", str(tmp_path), "--epochs", "1", "--limit_train_batches", "3"]) == 0
     lines = [x for x in capsys.readouterr().out.splitlines() if x.startswith("  epoch 1 step")]
     assert len(lines) == 3  # --log_freq 200 would print none

@@ -1,7 +1,8 @@
 """The training loop, top to bottom: build the run, resume it, then epochs of steps, evaluation and checkpoints.
 
-The step itself is ``step.train_step``; several processes: ``distributed``; the run folder: ``rundir``; random
-generators: ``rng``; configuration: ``config``.
+The step itself is ``step.train_step``; several processes: ``distributed``; the run folder: ``rundir``; the
+counters a checkpoint carries: ``progress``; what an epoch and the run report: ``report``; random generators:
+``rng``; configuration: ``config``.
 """
 
 from __future__ import annotations
@@ -49,20 +50,14 @@ from .distributed import (
     weights_agree,
 )
 from .evaluate import evaluate
-from .memorization import KEYS as MEMORIZATION_KEYS
 from .memorization import memorization
+from .progress import Progress
+from .report import StepLog, epoch_line, epoch_record, run_header, run_summary
 from .rng import rng_state, seed_everything, set_rng_state
 from .rundir import RunDir, Trackers, checkpoint_to_resume
 from .step import micro_batch_step, train_step
 
 __all__ = ["Trainer", "train"]
-
-PROGRESS_EVERY_S = 30.0
-
-
-def _threads() -> str:
-    n = torch.get_num_threads()
-    return f"{n} thread" + ("s" if n > 1 else "")
 
 
 # ------------------------------------------------------------------------------------------ the run
@@ -110,14 +105,8 @@ class Trainer:
         # in every pass, so zeros and None step the same (train_step sets None itself when --skip_dead).
         self._grads_to_none = self.device.type != "cpu"
 
-        self.start_epoch, self.start_step, self.best_acc1, self.elapsed = cfg.start_epoch, 0, 0.0, 0.0
-        # Cost in forward + backward passes, summed over the examples trained on (see cost.py); and the epoch of
-        # best validation accuracy with that epoch's test accuracy (the early-stopped result).
-        self.passes, self.examples = 0.0, 0
-        self.best_val: dict[str, float] = {}
+        self.progress = Progress(epoch=cfg.start_epoch)
         self._first_pass_cost = 1.0
-        self.partial: dict | None = None
-        self.skipped_total = 0
         ckpt, self.flag_changes = checkpoint_to_resume(cfg, self.run, self.device)
         if ckpt is not None:
             self._restore(ckpt)
@@ -159,18 +148,9 @@ class Trainer:
         self.sched.load_state_dict(ckpt["scheduler"])
         if "scaler" in ckpt:
             self.scaler.load_state_dict(ckpt["scaler"])
-        self.start_epoch = int(ckpt["epoch"])
-        self.start_step = int(ckpt.get("step", 0))
-        self.best_acc1 = float(ckpt.get("best_acc1", 0.0))
-        self.elapsed = float(ckpt.get("elapsed", 0.0))
-        self.skipped_total = int(ckpt.get("skipped_steps", 0))
-        self.passes = float(ckpt.get("passes", 0.0))
-        self.examples = int(ckpt.get("examples", 0))
-        self.best_val = dict(ckpt.get("best_val") or {})
-        self.partial = ckpt.get("partial")
+        self.progress = Progress.from_checkpoint(ckpt)
         if "rng" in ckpt:
             set_rng_state(ckpt["rng"])
-        self.resumed_from = (self.start_epoch, self.start_step)
 
     def checkpoint(self, epoch: int, step: int, partial: dict | None = None, finished: bool = False) -> dict:
         return {
@@ -181,16 +161,8 @@ class Trainer:
             "optimizer": self.opt.state_dict(),
             "scheduler": self.sched.state_dict(),
             "scaler": self.scaler.state_dict(),
-            "epoch": epoch,
-            "step": step,
-            "best_acc1": self.best_acc1,
-            "elapsed": self.elapsed,
-            "skipped_steps": self.skipped_total,
-            "passes": self.passes,
-            "examples": self.examples,
-            "best_val": self.best_val,
+            **self.progress.to_checkpoint(epoch, step, partial),
             "rng": rng_state(),
-            "partial": partial,
             "finished": finished,
         }
 
@@ -267,8 +239,7 @@ class Trainer:
             per_example = 2.0 + float(first_backward)
         else:
             per_example = 1.0 if not ascend else (self._first_pass_cost if skip else 1.0) + 1.0
-        self.passes += per_example * len(y) * self.world
-        self.examples += len(y) * self.world
+        self.progress.count(per_example, len(y) * self.world)
         top5 = res.outputs.topk(min(5, res.outputs.shape[1]), dim=1).indices
         hit = top5 == y[:, None]
         return res.loss_sum, hit[:, 0].sum(), hit.any(1).sum(), res.nonfinite
@@ -301,9 +272,7 @@ class Trainer:
         if self.holdout_loader is not None:
             val = self.evaluate(self.holdout_loader, "val")
             out.update(val_loss=val["val_loss"], val_acc1=val["val_acc1"])
-            if val["val_acc1"] > self.best_val.get("val_acc1", -1.0):
-                self.best_val = {"val_acc1": val["val_acc1"], "epoch": epoch, "test_acc1": test_acc1}
-            out["early_stopped_acc1"] = self.best_val["test_acc1"]
+            out["early_stopped_acc1"] = self.progress.note_validation(epoch, val["val_acc1"], test_acc1)
         if self.noisy_loader is not None:
             preds: list = []
             self.evaluate(self.noisy_loader, "train_plain", predictions=preds)
@@ -312,19 +281,12 @@ class Trainer:
                 out.update(memorization(torch.cat(preds), ds.targets, ds.clean_targets, ds.noisy_indices))
         return out
 
-    def _progress(self, total: int, epoch: int):
-        from tqdm import tqdm
-
-        show = self.run.main and not self.cfg.quiet and sys.stderr.isatty()  # --quiet: no bar
-        return tqdm(
-            total=total, desc=f"epoch {epoch + 1}/{self.cfg.epochs}", leave=False, disable=not show, dynamic_ncols=True
-        )
-
     def train_epoch(self, epoch: int) -> dict:
         cfg = self.cfg
         self.model.train()
         self.sched.set_epoch(epoch)
-        start = self.start_step if epoch == self.start_epoch else 0
+        progress = self.progress
+        start = progress.step if epoch == progress.epoch else 0
         if isinstance(self.loader, GPULoader):
             self.loader.set_epoch(epoch)
             steps = len(self.loader)
@@ -336,14 +298,13 @@ class Trainer:
         if cfg.limit_train_batches:
             steps = min(steps, cfg.limit_train_batches)
         acc = torch.zeros(4, dtype=torch.float64, device=self.device)  # loss sum, top1, top5, n
-        if start and self.partial is not None:
-            acc += self.partial["acc"].to(self.device)
+        if start and progress.partial is not None:
+            acc += progress.partial["acc"].to(self.device)
         seen_before = acc[3].item()
         skipped0 = self.scaler.skipped_steps
         taken0 = self.opt.steps_taken if self.wrapper is not None else (0, 0)
         t0 = time.time()
-        bar = self._progress(steps - start, epoch)
-        last_line = t0
+        bar = StepLog(self.run.main, cfg.quiet, cfg.log_freq, epoch, cfg.epochs, steps - start)
         pending = None
         step = start
         for step in range(start, steps):
@@ -364,24 +325,12 @@ class Trainer:
                     torch.tensor(float(len(y)), dtype=torch.float64, device=self.device),
                 ]
             )
-            bar.update(1)
-            # Off a terminal, a line every --log_freq steps, and at least every PROGRESS_EVERY_S seconds: a slow
-            # model on a CPU must not look hung.
-            due = (step + 1) % cfg.log_freq == 0 or time.time() - last_line >= PROGRESS_EVERY_S
-            if due and self.run.main:
-                last_line = time.time()
-                if bar.disable and not cfg.quiet:
-                    print(
-                        f"  epoch {epoch + 1} step {step + 1}/{steps} loss {acc[0].item() / acc[3].item():.4f}",
-                        flush=True,
-                    )
-                else:
-                    bar.set_postfix(loss=f"{acc[0].item() / acc[3].item():.4f}")
+            bar.step(step, steps, acc)
             save_now = cfg.save_every_steps and (step + 1) % cfg.save_every_steps == 0 and step + 1 < steps
             if save_now or self.stop_signal is not None:
                 self._raise_if_bad(pending, epoch)
                 pending = None
-                self.elapsed += time.time() - t0
+                progress.elapsed += time.time() - t0
                 t0 = time.time()
                 self.run.save(RunDir.LAST, self.checkpoint(epoch, step + 1, {"acc": acc.cpu()}))
                 if self.stop_signal is not None:
@@ -394,16 +343,15 @@ class Trainer:
         if pending is not None:
             self._raise_if_bad(pending, epoch)
         bar.close()
-        self.start_step = 0
-        self.partial = None
+        progress.step, progress.partial = 0, None
         dt = time.time() - t0
-        self.elapsed += dt
+        progress.elapsed += dt
         if self.world > 1:
             dist.all_reduce(acc)
         n = max(acc[3].item(), 1)
         images = acc[3].item() - seen_before * (self.world if self.world > 1 else 1)
         skipped = self.scaler.skipped_steps - skipped0
-        self.skipped_total += skipped
+        progress.skipped_steps += skipped
         # The share of this epoch's optimizer steps that took SAM's ascent (a schedule's cost; SGD 0, SAM 1).
         taken = self.opt.steps_taken if self.wrapper is not None else (0, 0)
         steps_done = taken[0] - taken0[0]
@@ -435,90 +383,37 @@ class Trainer:
         if run.main:
             run.path.mkdir(parents=True, exist_ok=True)
             run.write_text(RunDir.CONFIG, yaml.safe_dump(to_plain(cfg), sort_keys=True))
-            run.truncate_metrics(self.start_epoch)
-        n_params = sum(p.numel() for p in self.model.parameters())
-        resumed = ""
-        if hasattr(self, "resumed_from"):
-            resumed = f", resumed at epoch {self.start_epoch + 1} step {self.start_step}"
-        run.log(
-            f"ssam train | {cfg.dataset} {cfg.model} ({n_params:,} params) {cfg.opt} | {self.device}"
-            f"{f' x{self.world}' if self.world > 1 else ''}"
-            f"{f' | {_threads()}' if self.device.type == 'cpu' else ''} | {run.path}{resumed}"
-        )
-        if cfg.label_noise:
-            run.log(f"label noise {cfg.label_noise:g}: {self.train_ds.label_noise['count']} training labels replaced")
-        if self.m_note:
-            run.log(f"--sam_micro_batch {cfg.sam_micro_batch}: one ascent per chunk, {self.m_note}")
+            run.truncate_metrics(self.progress.epoch)
+        progress = self.progress
+        noisy = self.train_ds.label_noise["count"] if cfg.label_noise else None
+        for line in run_header(cfg, self.model, self.device, self.world, run.path, progress, noisy, self.m_note):
+            run.log(line)
         if self.flag_changes:
             run.log(f"resumed with changed flags: {', '.join(self.flag_changes)}")
-        last = {}
-        if self.start_epoch >= cfg.epochs:
+        last: dict = {}
+        if progress.epoch >= cfg.epochs:
             run.log("nothing to do: the run already finished all epochs")
-        for epoch in range(self.start_epoch, cfg.epochs):
+        for epoch in range(progress.epoch, cfg.epochs):
             tr = self.train_epoch(epoch)
             te = self.evaluate()
             held = self.measure_holdout(epoch, te["test_acc1"])
-            new_best = te["test_acc1"] > self.best_acc1
-            self.best_acc1 = max(self.best_acc1, te["test_acc1"])
-            density = self.opt.mask_density() if self.refresh else 1.0  # type: ignore[attr-defined]
-            rec = {
-                "epoch": epoch,
-                **{k: tr[k] for k in ("train_loss", "train_acc1", "train_acc5")},
-                **te,
-                "best_acc1": self.best_acc1,
-                "lr": self.opt.param_groups[0]["lr"],
-                "mask_density": density,
-                "epoch_time": tr["epoch_time"],
-                "images_per_s": tr["images_per_s"],
-                "skipped_steps": tr["skipped_steps"],
-                "ascent_share": tr["ascent_share"],
-                **held,
-                "passes_per_example": self.passes / max(1, self.examples),
-            }
+            new_best = te["test_acc1"] > progress.best_acc1
+            progress.best_acc1 = max(progress.best_acc1, te["test_acc1"])
+            density = self.opt.mask_density() if self.refresh else 1.0
+            rec = epoch_record(epoch, tr, te, held, progress, self.opt.param_groups[0]["lr"], density)
             run.append(RunDir.METRICS, json.dumps(rec))
-            run.log(
-                f"epoch {epoch + 1:>3}/{cfg.epochs} | train loss {tr['train_loss']:.4f} acc1 {tr['train_acc1']:.2f} "
-                f"acc5 {tr['train_acc5']:.2f} | test loss {te['test_loss']:.4f} acc1 {te['test_acc1']:.2f} "
-                f"acc5 {te['test_acc5']:.2f} | best {self.best_acc1:.2f} | lr {rec['lr']:.4g} | "
-                + (f"mask {density:.3f} | " if self.refresh else "")
-                + (f"ascent {tr['ascent_share']:.2f} | " if cfg.sam_schedule != "none" and self.wrapper else "")
-                + (f"val acc1 {held['val_acc1']:.2f} | " if "val_acc1" in held else "")
-                + (
-                    f"noisy fit {held['noisy_memorized']:.3f} true {held['noisy_true']:.3f} | "
-                    if "noisy_memorized" in held
-                    else ""
-                )
-                + f"{tr['epoch_time']:.1f}s {tr['images_per_s']:.0f} img/s"
-                + (f" | {tr['skipped_steps']} fp16 steps skipped" if tr["skipped_steps"] else "")
-            )
+            schedule = cfg.sam_schedule != "none" and self.wrapper is not None
+            run.log(epoch_line(rec, cfg.epochs, mask=self.refresh is not None, ascent=schedule))
             if self.trackers:
                 self.trackers.log(rec)
-            finished = epoch + 1 == cfg.epochs
-            ck = self.checkpoint(epoch + 1, 0, finished=finished)
+            ck = self.checkpoint(epoch + 1, 0, finished=epoch + 1 == cfg.epochs)
             run.save(RunDir.LAST, ck)
             if new_best:
                 run.save(RunDir.BEST, ck)
             last = rec
         if self.refresh:
             run.write_json(RunDir.MASKS, self.opt.mask_stats())
-        summary = {
-            "finished": True,
-            "best_acc1": self.best_acc1,
-            "final_acc1": last.get("test_acc1"),
-            "final_train_loss": last.get("train_loss"),
-            "epochs": cfg.epochs,
-            "wall_time": self.elapsed,
-            "time_per_epoch": self.elapsed / max(1, cfg.epochs - cfg.start_epoch),
-            "skipped_steps": self.skipped_total,
-            "passes_per_example": self.passes / max(1, self.examples),
-        }
-        if self.best_val:
-            summary.update(
-                early_stopped_acc1=self.best_val["test_acc1"],
-                best_val_acc1=self.best_val["val_acc1"],
-                best_val_epoch=int(self.best_val["epoch"]),
-            )
-        summary.update({f"final_{k}": last[k] for k in MEMORIZATION_KEYS if k in last})
+        summary = run_summary(progress, last, cfg.epochs, cfg.start_epoch)
         if self.world > 1:
             summary["ranks_agree"] = weights_agree(self.model, self.opt if self.refresh else None, self.world)
         # A resume with no epoch left keeps the summary of the run that trained them.
