@@ -307,6 +307,20 @@ def add_profile_args(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _spec(args: argparse.Namespace, source_keys: tuple[str, ...], trace_samples: int, device: str, **extra) -> dict:
+    """What a worker measures: the model and data (``source``), and the same settings for every tool."""
+    return {
+        "source": {k: getattr(args, k) for k in source_keys},
+        "tol": args.tol,
+        "max_iter": args.max_iter,
+        "trace_samples": trace_samples,
+        "seed": args.seed,
+        "device": device,
+        "trace_method": args.trace_method,
+        **extra,
+    }
+
+
 def run_hessian_profile(args: argparse.Namespace) -> int:
     """``ssam hessian --profile``: both tools on the checkpoint's analysis data; writes ``profile.json``."""
     check_positive(args, "num_samples", "batch_size", "max_iter", "trace_max_iter", "profile_rounds")
@@ -324,20 +338,9 @@ def run_hessian_profile(args: argparse.Namespace) -> int:
     tools = ("ssam", "pyhessian") if available("pyhessian") else ("ssam",)
     if len(tools) == 1:
         print("ssam: note: PyHessian is not installed (pip install pyhessian); timing ssam alone", file=sys.stderr)
-    source = {
-        k: getattr(args, k)
-        for k in ("checkpoint", "dataset", "datadir", "model", "num_samples", "batch_size", "data_seed")
-    }
-    spec = {
-        "source": source,
-        "tol": args.tol,
-        "max_iter": args.max_iter,
-        "trace_samples": args.trace_max_iter if args.trace else 0,
-        "seed": args.seed,
-        "device": device.type,
-        "graph_memory": graph_memory,
-        "trace_method": args.trace_method,
-    }
+    source_keys = ("checkpoint", "dataset", "datadir", "model", "num_samples", "batch_size", "data_seed")
+    trace_samples = args.trace_max_iter if args.trace else 0
+    spec = _spec(args, source_keys, trace_samples, device.type, graph_memory=graph_memory)
     rows = run_profile(spec, tools, args.profile_rounds)
     table = format_profile(rows)
     print(table)
@@ -383,20 +386,8 @@ def main(argv: list[str] | None = None) -> int:
             raise UsageError(f"--tools: got {t!r}; allowed: a comma-separated subset of {', '.join(TOOLS)}")
         if not available(t):
             raise UsageError(f"--tools: {t} is not installed (pip install {t})")
-    source = {
-        k: getattr(args, k)
-        for k in ("model", "num_classes", "in_channels", "image_size", "batch_size", "num_batches", "init_seed")
-    }
-    spec = {
-        "source": source,
-        "tol": args.tol,
-        "max_iter": args.max_iter,
-        "trace_samples": args.trace_samples,
-        "seed": args.seed,
-        "device": args.device,
-        "threads": args.threads,
-        "trace_method": args.trace_method,
-    }
+    source_keys = ("model", "num_classes", "in_channels", "image_size", "batch_size", "num_batches", "init_seed")
+    spec = _spec(args, source_keys, args.trace_samples, args.device, threads=args.threads)
     rows = run_profile(spec, tools, args.rounds, echo=lambda r: print(json.dumps(r), file=sys.stderr))
     print(format_profile(rows))
     return 0
