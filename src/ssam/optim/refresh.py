@@ -17,6 +17,9 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.utils.data import default_collate
 
+from .sparse import SparseSAM
+from .ssamf import SSAMF
+
 __all__ = [
     "fisher_indices",
     "FisherSample",
@@ -91,7 +94,7 @@ def fisher_sample(
 
 
 def refresh_before_epoch(
-    opt: Any,
+    opt: torch.optim.Optimizer,
     epoch: int,
     model: nn.Module,
     dataset: Any,
@@ -102,14 +105,14 @@ def refresh_before_epoch(
 ) -> bool:
     """SSAM-F: recompute the mask when the epoch is on its update grid, or when there is none yet (a run started
     off the grid); True when it did. False, and nothing done, for optimizers that refresh otherwise or not at all."""
-    if getattr(opt, "mask_refresh", None) != "before_epoch":
+    if not isinstance(opt, SSAMF) or opt.mask_refresh != "before_epoch":
         return False
     data, reduce = fisher_sample(dataset, opt.num_samples, seed, epoch, collate, rank_world)
     return bool(opt.refresh_mask(epoch, model=model, data=data, reduce=reduce, loss_fn=loss_fn))
 
 
-def refresh_after_first_backward(opt: Any, epoch: int) -> bool:
+def refresh_after_first_backward(opt: torch.optim.Optimizer, epoch: int) -> bool:
     """SSAM-D: drop and grow from the gradient now in ``.grad`` (the epoch's first step, at w); True when it did."""
-    if getattr(opt, "mask_refresh", None) != "first_backward":
+    if not isinstance(opt, SparseSAM) or opt.mask_refresh != "first_backward":
         return False
     return bool(opt.refresh_mask(epoch))

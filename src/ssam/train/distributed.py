@@ -15,6 +15,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from ..errors import UsageError
+from ..optim import SparseSAM
 from ..optim.refresh import all_reduce_sum
 
 __all__ = [
@@ -99,14 +100,14 @@ def same_on_all_ranks(value: Tensor, world: int) -> bool:
     return all(torch.equal(g, gathered[0]) for g in gathered)
 
 
-def mask_hash(opt: torch.optim.Optimizer) -> Tensor:
-    flat = opt.flat_mask()  # type: ignore[attr-defined]
+def mask_hash(opt: SparseSAM) -> Tensor:
+    flat = opt.flat_mask()
     idx = torch.arange(flat.numel(), device=flat.device, dtype=torch.int64)
     # Two position-weighted sums: equal masks give equal pairs; a moved entry changes them.
     return torch.stack([(idx * flat).sum(), ((idx * 2654435761) % 1000000007 * flat).sum()])
 
 
-def check_masks_agree(opt: torch.optim.Optimizer, world: int, epoch: int) -> None:
+def check_masks_agree(opt: SparseSAM, world: int, epoch: int) -> None:
     if not same_on_all_ranks(mask_hash(opt), world):
         raise RuntimeError(
             f"SSAM masks differ across ranks after the update at epoch {epoch}; "
@@ -114,15 +115,15 @@ def check_masks_agree(opt: torch.optim.Optimizer, world: int, epoch: int) -> Non
         )
 
 
-def broadcast_masks(opt: torch.optim.Optimizer, world: int) -> None:
+def broadcast_masks(opt: SparseSAM, world: int) -> None:
     """Rank 0's mask to every rank (SSAM-D with local first passes sees a different gradient on each rank)."""
     if world > 1:
-        flat = opt.flat_mask().to(torch.uint8)  # type: ignore[attr-defined]
+        flat = opt.flat_mask().to(torch.uint8)
         dist.broadcast(flat, 0)
-        opt.set_flat_mask(flat.bool())  # type: ignore[attr-defined]
+        opt.set_flat_mask(flat.bool())
 
 
-def weights_agree(model: nn.Module, sparse_opt: torch.optim.Optimizer | None, world: int) -> bool:
+def weights_agree(model: nn.Module, sparse_opt: SparseSAM | None, world: int) -> bool:
     """Whether every rank holds the same weights (and the same mask, when a sparse optimizer is given)."""
     flat = torch.cat([p.detach().reshape(-1).double() for p in model.parameters()])
     h = torch.stack([flat.sum(), (flat * torch.arange(flat.numel(), device=flat.device)).sum()])

@@ -26,7 +26,7 @@ from ..checkpoint import VERSION
 from ..data import GPULoader
 from ..errors import Diverged, Interrupted, UsageError
 from ..models import build_model
-from ..optim import TwoPassScaler, registry
+from ..optim import SAM, SparseSAM, TwoPassScaler, registry
 from ..optim.refresh import refresh_after_first_backward, refresh_before_epoch
 from .builders import (
     EpochLR,
@@ -93,8 +93,10 @@ class Trainer:
         self.run.prepare(cfg)
         if cfg.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
-        # Any: the sparse optimizers' extra methods (update_mask, mask_stats ...) are reached by protocol.
-        self.opt: Any = build_optimizer(cfg, self.model)
+        self.opt: torch.optim.Optimizer = build_optimizer(cfg, self.model)
+        # The same object, typed for what it can do: a SAM-type step (schedule, counters) and masks.
+        self.sam: SAM | None = self.opt if isinstance(self.opt, SAM) else None
+        self.sparse: SparseSAM | None = self.opt if isinstance(self.opt, SparseSAM) else None
         self.sched = EpochLR(self.opt, cfg)
         self.scaler = TwoPassScaler(enabled=cfg.amp == "fp16")
         self.autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.amp)
@@ -125,10 +127,10 @@ class Trainer:
         self.loader, self.val_loader = loaders.train, loaders.test
         self.holdout_loader, self.noisy_loader, self.fisher_source = loaders.holdout, loaders.noisy, loaders.fisher
         # m-sharpness: the chunks' ascents in two batched passes where the model allows (ssam.optim.msharp)
-        self.vectorised, self.m_note = micro_batch_plan(cfg, self.model, self.wrapper is not None, self.refresh)
-        if self.wrapper is not None:  # late:F places its boundary by the run's planned steps (a resume keeps it)
+        self.vectorised, self.m_note = micro_batch_plan(cfg, self.model, self.sam is not None, self.refresh)
+        if self.sam is not None:  # late:F places its boundary by the run's planned steps (a resume keeps it)
             per_epoch = min(len(self.loader), cfg.limit_train_batches or len(self.loader))
-            cast(Any, self.opt).plan_steps(max(1, cfg.epochs * per_epoch))
+            self.sam.plan_steps(max(1, cfg.epochs * per_epoch))
         self.stop_signal: int | None = None
         self.trackers = Trackers(cfg, self.run) if not cfg.eval_only else None
 
@@ -173,7 +175,7 @@ class Trainer:
         return torch.autocast(self.device.type, dtype=self.autocast_dtype)
 
     def train_step(self, epoch: int, step: int, x: torch.Tensor, y: torch.Tensor):
-        cfg, opt = self.cfg, self.opt
+        cfg, opt, sparse = self.cfg, self.opt, self.sparse
         x = x.to(self.device, non_blocking=True)
         y = y.to(self.device, non_blocking=True)
         if cfg.channels_last:
@@ -181,13 +183,17 @@ class Trainer:
         refresh = self.refresh
         # Mid-epoch resumes start at step > 0 with the checkpoint's mask; a run started at --start_epoch off the
         # update grid gets its first mask here too (refresh_mask makes one when there is none).
-        if step == 0 and refresh_before_epoch(
-            opt, epoch, unwrap(self.model), self.fisher_source, cfg.seed, rank_world=(self.rank, self.world)
+        if (
+            step == 0
+            and sparse is not None
+            and refresh_before_epoch(
+                sparse, epoch, unwrap(self.model), self.fisher_source, cfg.seed, rank_world=(self.rank, self.world)
+            )
         ):
-            check_masks_agree(opt, self.world, epoch)
+            check_masks_agree(sparse, self.world, epoch)
 
         # The schedule's decision, known before pass one; a plain step is one synchronised pass.
-        ascend = self.wrapper is not None and opt.ascent_due()
+        ascend = self.sam is not None and self.sam.ascent_due()
         # An SSAM-D refresh reads the dense gradient: the epoch's first step runs a full first pass.
         skip = cfg.skip_dead and ascend and not (step == 0 and refresh == "first_backward")
 
@@ -195,18 +201,19 @@ class Trainer:
             if skip:  # what the skipping pass computed: the tensors that took a gradient
                 params = list(self.model.parameters())
                 self._first_pass_cost = pass_cost(params, [p.grad is not None for p in params])
-            if step == 0 and refresh_after_first_backward(opt, epoch):
+            if step == 0 and sparse is not None and refresh_after_first_backward(sparse, epoch):
                 if cfg.sam_first_pass == "local":
-                    broadcast_masks(opt, self.world)
-                check_masks_agree(opt, self.world, epoch)
+                    broadcast_masks(sparse, self.world)
+                check_masks_agree(sparse, self.world, epoch)
 
         m = cfg.sam_micro_batch
         chunked = ascend and m is not None and m < len(y)
         first_backward = step == 0 and refresh == "first_backward"
         if chunked:
+            assert self.sam is not None  # chunked implies an ascent, which only a SAM-type optimizer takes
             res = micro_batch_step(
                 self.net,
-                opt,
+                self.sam,
                 x,
                 y,
                 cast(int, m),
@@ -302,7 +309,7 @@ class Trainer:
             acc += progress.partial["acc"].to(self.device)
         seen_before = acc[3].item()
         skipped0 = self.scaler.skipped_steps
-        taken0 = self.opt.steps_taken if self.wrapper is not None else (0, 0)
+        taken0 = self.sam.steps_taken if self.sam is not None else (0, 0)
         t0 = time.time()
         bar = StepLog(self.run.main, cfg.quiet, cfg.log_freq, epoch, cfg.epochs, steps - start)
         pending = None
@@ -353,7 +360,7 @@ class Trainer:
         skipped = self.scaler.skipped_steps - skipped0
         progress.skipped_steps += skipped
         # The share of this epoch's optimizer steps that took SAM's ascent (a schedule's cost; SGD 0, SAM 1).
-        taken = self.opt.steps_taken if self.wrapper is not None else (0, 0)
+        taken = self.sam.steps_taken if self.sam is not None else (0, 0)
         steps_done = taken[0] - taken0[0]
         return {
             "ascent_share": (taken[1] - taken0[1]) / steps_done if steps_done else 0.0,
@@ -399,11 +406,11 @@ class Trainer:
             held = self.measure_holdout(epoch, te["test_acc1"])
             new_best = te["test_acc1"] > progress.best_acc1
             progress.best_acc1 = max(progress.best_acc1, te["test_acc1"])
-            density = self.opt.mask_density() if self.refresh else 1.0
+            density = self.sparse.mask_density() if self.sparse is not None else 1.0
             rec = epoch_record(epoch, tr, te, held, progress, self.opt.param_groups[0]["lr"], density)
             run.append(RunDir.METRICS, json.dumps(rec))
-            schedule = cfg.sam_schedule != "none" and self.wrapper is not None
-            run.log(epoch_line(rec, cfg.epochs, mask=self.refresh is not None, ascent=schedule))
+            schedule = cfg.sam_schedule != "none" and self.sam is not None
+            run.log(epoch_line(rec, cfg.epochs, mask=self.sparse is not None, ascent=schedule))
             if self.trackers:
                 self.trackers.log(rec)
             ck = self.checkpoint(epoch + 1, 0, finished=epoch + 1 == cfg.epochs)
@@ -411,11 +418,11 @@ class Trainer:
             if new_best:
                 run.save(RunDir.BEST, ck)
             last = rec
-        if self.refresh:
-            run.write_json(RunDir.MASKS, self.opt.mask_stats())
+        if self.sparse is not None:
+            run.write_json(RunDir.MASKS, self.sparse.mask_stats())
         summary = run_summary(progress, last, cfg.epochs, cfg.start_epoch)
         if self.world > 1:
-            summary["ranks_agree"] = weights_agree(self.model, self.opt if self.refresh else None, self.world)
+            summary["ranks_agree"] = weights_agree(self.model, self.sparse, self.world)
         # A resume with no epoch left keeps the summary of the run that trained them.
         if last or not (run.path / RunDir.SUMMARY).exists():
             run.write_json(RunDir.SUMMARY, summary)

@@ -118,7 +118,7 @@ def train_step(
     # as a gradient, so gradients go back to None.
     to_none = grads_to_none or skip
 
-    first_pass = opt.first_pass() if skip else contextlib.nullcontext()  # type: ignore[attr-defined]
+    first_pass = opt.first_pass() if skip and isinstance(opt, SAM) else contextlib.nullcontext()
     with first_pass:
         outs, loss_sum = _forward_backward(
             net,
