@@ -12,7 +12,9 @@ One step, as in Foret et al. (2021) and the SSAM paper (Mi et al., 2022):
 The math lives in ``ssam.optim.perturb`` (single-tensor and foreach paths); this class gathers the tensors. The
 wrapper and the base optimizer share one ``param_groups`` list, so a learning-rate scheduler attached to either
 changes both, and ``zero_grad`` on either clears every gradient. Settings live in ``defaults`` and the param groups
-(``ssam.optim.settings``); ``opt.state`` and ``state_dict()`` have torch's shape (``ssam.optim.state``). Parameters
+(``ssam.optim.settings``); ``opt.state``, ``state_dict()`` and ``load_state_dict()`` have torch's shape
+(``ssam.optim.state.TorchShapedState``; the hooks ``_saved_own``, ``_extra_state``, ``_check_own``, ``_load_own``
+say what this class and the sparse ones add). Parameters
 sharded by FSDP2's ``fully_shard`` are perturbed shard by shard, with the norm summed over the ranks in one
 all-reduce (``ssam.optim.sharded``).
 """
@@ -34,7 +36,7 @@ from .perturb import grad_norm, perturb_, restore_, use_foreach
 from .schedule import ScheduleState, looksam_store, parse_schedule
 from .settings import Setting, check_bool, check_choice, check_foreach, check_perturb_eps, check_rho, stamp_group
 from .sharded import ShardLayout, local, shard_layout
-from .state import STATE_KEY, JointState, pack, param_keys, read_state_dict
+from .state import TorchShapedState
 from .steps import LOOKSAM_KEY, ScheduledSteps
 
 __all__ = ["SAM", "CLOSURE_PASSES"]
@@ -43,7 +45,8 @@ CLOSURE_PASSES = ("second", "both")
 _GROUP_CHECKS = {"rho": check_rho, "adaptive": check_bool("adaptive"), "perturb_eps": check_perturb_eps}
 
 
-class SAM(ScheduledSteps, torch.optim.Optimizer):
+# The ignore: "state" is a view (TorchShapedState) where torch.optim.Optimizer declares a dict.
+class SAM(ScheduledSteps, TorchShapedState, torch.optim.Optimizer):  # type: ignore[misc]
     """Sharpness-Aware Minimization around any ``torch.optim`` optimizer.
 
     Args:
@@ -161,35 +164,6 @@ class SAM(ScheduledSteps, torch.optim.Optimizer):
         self.defaults[name] = value
         for g in self.param_groups:
             g[name] = value
-
-    # ------------------------------------------------------------------ state (ssam.optim.state)
-    @property  # type: ignore[override]
-    def state(self) -> JointState:
-        """Per parameter: the base optimizer's state and ssam's (``mask``, ``w_saved``), see ``ssam.optim.state``."""
-        return JointState(self)
-
-    @state.setter
-    def state(self, value: Any) -> None:
-        if value:  # torch's Optimizer.__init__ assigns an empty dict; the state lives in the base and in _own
-            raise AttributeError("state: read it and write its entries; it is a view, not assignable")
-
-    def _set_own(self, p: Tensor, key: str, value: Any) -> None:
-        """A write to ``opt.state[p][key]`` for one of ssam's keys; None removes it (scratch only)."""
-        if key == STATE_KEY and p is self._anchor() and value is not None:
-            self._load_extra_state(dict(value))
-        elif key in ("w_saved", LOOKSAM_KEY):
-            if value is None:
-                self._own.get(p, {}).pop(key, None)
-            else:
-                self._own[p][key] = value
-        else:
-            raise ValueError(f"state[p][{key!r}]: {type(self).__name__} keeps no {key!r} there that can be set")
-
-    def _anchor(self) -> Tensor:
-        """The parameter whose state entry holds the optimizer's counters: the first that requires a gradient
-        (torch.distributed.checkpoint loads no state for the others)."""
-        params = self._all_params()
-        return next((p for p in params if p.requires_grad), params[0])
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a group to the wrapper and the base optimizer at once (named parameters accepted)."""
@@ -460,34 +434,6 @@ class SAM(ScheduledSteps, torch.optim.Optimizer):
     def _load_extra_state(self, extra: dict[str, Any]) -> None:
         """The counters of ``_extra_state``: the schedule's (an older state dict has none: counted from 0)."""
         self._schedule.load(extra.get("schedule") or {})
-
-    def state_dict(self) -> dict[str, Any]:
-        """torch's layout, ``{"state": {index: entry}, "param_groups": [...]}`` (format 2, ``ssam.optim.state``):
-        each entry holds the base optimizer's state and ssam's (``mask``); the first parameter that requires a
-        gradient also holds ``"ssam"``: the format version and the optimizer's counters. Tensors are shared with
-        the optimizer, as torch's are."""
-        base = self.base_optimizer.state_dict()  # one shared list of groups: its indices are ours
-        return pack(base, self._all_params(), self._saved_own, self._anchor(), self._extra_state(), self)
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load a ``state_dict()`` of this version (also with parameter names for keys, as
-        ``torch.distributed.checkpoint`` hands it back) or of ssam 0.1 (``{"state", "base_optimizer", "extra"}``:
-        the checkpoints of ``ssam train``, Lightning and the Hugging Face Trainer). Per-group settings and the base
-        optimizer's come from the state_dict; the whole optimizer's stay this optimizer's (``ssam.optim.settings``);
-        a setting an older state_dict lacks takes this optimizer's value."""
-        if self._perturbed is not None:
-            raise RuntimeError("load_state_dict between first_step and second_step; finish the step first")
-        layout = read_state_dict(state_dict, type(self).__name__)
-        by_key = param_keys(layout, self._all_params(), type(self).__name__)
-        own = {by_key[k]: v for k, v in layout.own.items()}
-        self._check_own(own, layout.extra)
-        self.base_optimizer.load_state_dict({"state": layout.base, "param_groups": layout.groups})
-        self.param_groups = self.base_optimizer.param_groups  # torch's load made new group dicts: share them again
-        for i, g in enumerate(self.param_groups):
-            self._stamp_group(g, i, loaded=True)
-        self._own.clear()  # (w_saved is scratch: allocated again at the next first_step)
-        self._load_own(own, layout.extra)
-        self._stepped = True
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         self.base_optimizer.zero_grad(set_to_none=set_to_none)

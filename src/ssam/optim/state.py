@@ -44,6 +44,7 @@ __all__ = [
     "pack",
     "read_state_dict",
     "param_keys",
+    "TorchShapedState",
 ]
 
 #: The state_dict layout this version writes (1: ssam 0.1's ``{"state", "base_optimizer", "extra"}``).
@@ -53,6 +54,8 @@ STATE_KEY = "ssam"
 #: ssam's per-parameter keys: ``mask`` and ``looksam_gv`` (LookSAM's direction) are saved, ``w_saved`` (scratch
 #: between the passes) is not.
 OWN_KEYS = ("mask", "w_saved", "looksam_gv")
+#: The keys of OWN_KEYS that ``opt.state[p][key] = value`` may write (a mask changes through the mask methods).
+SETTABLE_KEYS = tuple(k for k in OWN_KEYS if k != "mask")
 
 
 class StateEntry(MutableMapping):
@@ -242,3 +245,83 @@ def param_keys(layout: Layout, params: list[Tensor], owner: str) -> dict[Any, Te
             f"state_dict from {owner}.state_dict()"
         )
     return by_key
+
+
+class TorchShapedState:
+    """``opt.state``, ``state_dict()`` and ``load_state_dict()`` of a SAM-family optimizer, in torch's shape.
+
+    A base of ``SAM`` (before ``torch.optim.Optimizer``). It reads of its class: ``base_optimizer``, ``param_groups``
+    (shared with the base), ``_own`` (ssam's per-parameter dicts), ``_all_params()``, ``_stamp_group()``,
+    ``_perturbed`` (a step in progress) and ``_stepped``; and the hooks ``_saved_own(p)`` (what of p's own state is
+    saved), ``_extra_state()`` / ``_load_extra_state(extra)`` (the counters under ``"ssam"``), ``_check_own`` and
+    ``_load_own`` (take the loaded per-parameter entries, checked before anything is loaded).
+    """
+
+    _own: Any
+    _perturbed: Any
+    _stepped: bool
+    base_optimizer: Any
+    param_groups: list[dict[str, Any]]
+    _all_params: Callable[[], list[Tensor]]
+    _stamp_group: Callable[..., None]
+    _saved_own: Callable[[Tensor], dict[str, Any]]
+    _extra_state: Callable[[], dict[str, Any]]
+    _load_extra_state: Callable[[dict[str, Any]], None]
+    _check_own: Callable[[dict[Tensor, dict], dict[str, Any]], None]
+    _load_own: Callable[[dict[Tensor, dict], dict[str, Any]], None]
+
+    @property
+    def state(self) -> JointState:
+        """Per parameter: the base optimizer's state and ssam's (``mask``, ``w_saved``), see ``ssam.optim.state``."""
+        return JointState(self)
+
+    @state.setter
+    def state(self, value: Any) -> None:
+        if value:  # torch's Optimizer.__init__ assigns an empty dict; the state lives in the base and in _own
+            raise AttributeError("state: read it and write its entries; it is a view, not assignable")
+
+    def _set_own(self, p: Tensor, key: str, value: Any) -> None:
+        """A write to ``opt.state[p][key]`` for one of ssam's keys; None removes it (scratch only)."""
+        if key == STATE_KEY and p is self._anchor() and value is not None:
+            self._load_extra_state(dict(value))
+        elif key in SETTABLE_KEYS:
+            if value is None:
+                self._own.get(p, {}).pop(key, None)
+            else:
+                self._own[p][key] = value
+        else:
+            raise ValueError(f"state[p][{key!r}]: {type(self).__name__} keeps no {key!r} there that can be set")
+
+    def _anchor(self) -> Tensor:
+        """The parameter whose state entry holds the optimizer's counters: the first that requires a gradient
+        (torch.distributed.checkpoint loads no state for the others)."""
+        params = self._all_params()
+        return next((p for p in params if p.requires_grad), params[0])
+
+    def state_dict(self) -> dict[str, Any]:
+        """torch's layout, ``{"state": {index: entry}, "param_groups": [...]}`` (format 2, ``ssam.optim.state``):
+        each entry holds the base optimizer's state and ssam's (``mask``); the first parameter that requires a
+        gradient also holds ``"ssam"``: the format version and the optimizer's counters. Tensors are shared with
+        the optimizer, as torch's are."""
+        base = self.base_optimizer.state_dict()  # one shared list of groups: its indices are ours
+        return pack(base, self._all_params(), self._saved_own, self._anchor(), self._extra_state(), self)
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a ``state_dict()`` of this version (also with parameter names for keys, as
+        ``torch.distributed.checkpoint`` hands it back) or of ssam 0.1 (``{"state", "base_optimizer", "extra"}``:
+        the checkpoints of ``ssam train``, Lightning and the Hugging Face Trainer). Per-group settings and the base
+        optimizer's come from the state_dict; the whole optimizer's stay this optimizer's (``ssam.optim.settings``);
+        a setting an older state_dict lacks takes this optimizer's value."""
+        if self._perturbed is not None:
+            raise RuntimeError("load_state_dict between first_step and second_step; finish the step first")
+        layout = read_state_dict(state_dict, type(self).__name__)
+        by_key = param_keys(layout, self._all_params(), type(self).__name__)
+        own = {by_key[k]: v for k, v in layout.own.items()}
+        self._check_own(own, layout.extra)
+        self.base_optimizer.load_state_dict({"state": layout.base, "param_groups": layout.groups})
+        self.param_groups = self.base_optimizer.param_groups  # torch's load made new group dicts: share them again
+        for i, g in enumerate(self.param_groups):
+            self._stamp_group(g, i, loaded=True)
+        self._own.clear()  # (w_saved is scratch: allocated again at the next first_step)
+        self._load_own(own, layout.extra)
+        self._stepped = True
