@@ -61,3 +61,18 @@ def test_epoch_record_line_and_summary():
     assert (s["early_stopped_acc1"], s["best_val_acc1"], s["best_val_epoch"]) == (77.0, 71.0, 2)
     assert s["final_noisy_memorized"] == 0.25 and s["final_clean_train_acc"] == 90.0
     assert "early_stopped_acc1" not in run_summary(Progress(), rec, 10, 0)
+
+
+def test_batch_sums_count_top1_and_top5_by_hand():
+    from ssam.train.evaluate import batch_sums
+
+    torch.manual_seed(0)
+    out = torch.randn(7, 6)
+    y = torch.tensor([0, 1, 2, 3, 4, 5, 0])
+    order = out.argsort(dim=1, descending=True).tolist()
+    top1 = sum(order[i][0] == int(y[i]) for i in range(7))
+    top5 = sum(int(y[i]) in order[i][:5] for i in range(7))
+    sums = batch_sums(torch.tensor(3.5), out, y)
+    assert sums.dtype == torch.float64 and sums.tolist() == [3.5, top1, top5, 7]
+    # Fewer than five classes: top-5 is every class.
+    assert batch_sums(torch.tensor(0.0), out[:, :3], torch.tensor([2] * 7))[2] == 7

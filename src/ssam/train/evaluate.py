@@ -11,7 +11,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["evaluate"]
+__all__ = ["batch_sums", "evaluate"]
+
+
+def batch_sums(loss_sum: torch.Tensor, outputs: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """A batch's running sums, float64 on the batch's device: (loss summed over the examples, top-1 hits, top-5
+    hits, examples); the train loop and the evaluation add them up the same way."""
+    hit = outputs.topk(min(5, outputs.shape[1]), 1).indices == y[:, None]
+    count = torch.tensor(float(len(y)), device=outputs.device, dtype=torch.float64)
+    return torch.stack([loss_sum.double(), hit[:, 0].sum().double(), hit.any(1).sum().double(), count])
 
 
 @torch.no_grad()
@@ -46,12 +54,9 @@ def evaluate(
                 x = x.contiguous(memory_format=torch.channels_last)
             with autocast():
                 out = model(x)
-            loss = F.cross_entropy(out.float(), y, reduction="sum")
-            hit = out.topk(min(5, out.shape[1]), 1).indices == y[:, None]
             if predictions is not None:
                 predictions.append(out.argmax(1).cpu())
-            count = torch.tensor(float(len(y)), device=device, dtype=torch.float64)
-            tot += torch.stack([loss.double(), hit[:, 0].sum().double(), hit.any(1).sum().double(), count])
+            tot += batch_sums(F.cross_entropy(out.float(), y, reduction="sum"), out, y)
     if reduce is not None:
         reduce(tot)
     model.train(was)

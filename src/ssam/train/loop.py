@@ -49,7 +49,7 @@ from .distributed import (
     unwrap,
     weights_agree,
 )
-from .evaluate import evaluate
+from .evaluate import batch_sums, evaluate
 from .memorization import memorization
 from .progress import Progress
 from .report import StepLog, epoch_line, epoch_record, run_header, run_summary
@@ -174,23 +174,19 @@ class Trainer:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.autocast_dtype)
 
-    def train_step(self, epoch: int, step: int, x: torch.Tensor, y: torch.Tensor):
+    def train_step(self, epoch: int, step: int, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One optimizer step on a batch: its ``batch_sums`` and a flag, read later, of a non-finite loss/gradient."""
         cfg, opt, sparse = self.cfg, self.opt, self.sparse
-        x = x.to(self.device, non_blocking=True)
-        y = y.to(self.device, non_blocking=True)
+        x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
         if cfg.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         refresh = self.refresh
         # Mid-epoch resumes start at step > 0 with the checkpoint's mask; a run started at --start_epoch off the
         # update grid gets its first mask here too (refresh_mask makes one when there is none).
-        if (
-            step == 0
-            and sparse is not None
-            and refresh_before_epoch(
-                sparse, epoch, unwrap(self.model), self.fisher_source, cfg.seed, rank_world=(self.rank, self.world)
-            )
-        ):
-            check_masks_agree(sparse, self.world, epoch)
+        if step == 0 and sparse is not None:
+            fisher = (unwrap(self.model), self.fisher_source, cfg.seed)
+            if refresh_before_epoch(sparse, epoch, *fisher, rank_world=(self.rank, self.world)):
+                check_masks_agree(sparse, self.world, epoch)
 
         # The schedule's decision, known before pass one; a plain step is one synchronised pass.
         ascend = self.sam is not None and self.sam.ascent_due()
@@ -247,9 +243,7 @@ class Trainer:
         else:
             per_example = 1.0 if not ascend else (self._first_pass_cost if skip else 1.0) + 1.0
         self.progress.count(per_example, len(y) * self.world)
-        top5 = res.outputs.topk(min(5, res.outputs.shape[1]), dim=1).indices
-        hit = top5 == y[:, None]
-        return res.loss_sum, hit[:, 0].sum(), hit.any(1).sum(), res.nonfinite
+        return batch_sums(res.loss_sum, res.outputs, y), res.nonfinite
 
     # ---------------------------------------------------------------- epochs
     def evaluate(self, loader: Any = None, prefix: str = "test", predictions: list | None = None) -> dict:
@@ -319,19 +313,12 @@ class Trainer:
                 x, y = next(batches)
             except StopIteration:
                 break
-            loss_sum, c1, c5, bad = self.train_step(epoch, step, x, y)
+            sums, bad = self.train_step(epoch, step, x, y)
             # Read the previous step's flag now, so the check costs no pipeline stall.
             if pending is not None:
                 self._raise_if_bad(pending, epoch)
-            pending = (bad, loss_sum, step)
-            acc += torch.stack(
-                [
-                    loss_sum.double(),
-                    c1.double(),
-                    c5.double(),
-                    torch.tensor(float(len(y)), dtype=torch.float64, device=self.device),
-                ]
-            )
+            pending = (bad, sums[0], step)
+            acc += sums
             bar.step(step, steps, acc)
             save_now = cfg.save_every_steps and (step + 1) % cfg.save_every_steps == 0 and step + 1 < steps
             if save_now or self.stop_signal is not None:
