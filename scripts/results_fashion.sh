@@ -21,7 +21,7 @@
 #   bash scripts/results_fashion.sh report           # tables and plots of every folder from what has finished
 #   bash scripts/results_fashion.sh archive          # copy the finished runs' results (no checkpoints) to docs/results/data
 #   bash scripts/results_fashion.sh restore          # copy them back into $OUT, so that finished runs are not retrained
-# Environment: OUT (default runs), DATADIR (default: the Debian package's folder, which --dataset FashionMNIST
+# Environment: OUT (default runs), PY (the Python that imports ssam; default .venv/bin/python, else python3), DATADIR (default: the Debian package's folder, which --dataset FashionMNIST
 # reads without --datadir; on a machine without it copy the four .gz files into e.g. runs/fashion-data and pass
 # DATADIR=runs/fashion-data), SSAM (default: .venv/bin/ssam if present, else ssam), JOBS (runs at once; default:
 # the recipe's 2), ARCHIVE (default docs/results/data: where archive writes and restore reads). Each part appends
@@ -35,6 +35,11 @@ SEED=${2:-}
 if [[ -z ${SSAM:-} ]]; then
     if [[ -x .venv/bin/ssam ]]; then SSAM=.venv/bin/ssam; else SSAM=ssam; fi
 fi
+if [[ -z ${PY:-} ]]; then
+    if [[ -x .venv/bin/python ]]; then PY=.venv/bin/python; else PY=python3; fi
+fi
+# What a finished run is and which of its files an archive keeps are ssam.runfolder's rules, not written again here.
+runfolder() { "$PY" -m ssam.runfolder "$@"; }
 DATA=()
 [[ -n ${DATADIR:-} ]] && DATA=(--datadir "$DATADIR")
 [[ -n ${JOBS:-} ]] && DATA+=(--jobs "$JOBS")
@@ -81,11 +86,10 @@ copy_finished() {
         for table in "$from/$f"/*.{log,yaml,md,csv,png}; do
             [[ -f $table ]] && cp "$table" "$to/$f/"
         done
-        for run in "$from/$f"/runs/*/; do
-            [[ -f $run/summary.json ]] && grep -q '"finished": true' "$run/summary.json" || continue
+        while IFS= read -r run; do
             mkdir -p "$to/$f/runs/$(basename "$run")"
-            find "$run" -maxdepth 1 -type f ! -name '*.pt' -exec cp {} "$to/$f/runs/$(basename "$run")/" \;
-        done
+            runfolder archive-files "$run" | while IFS= read -r file; do cp "$file" "$to/$f/runs/$(basename "$run")/"; done
+        done < <(runfolder finished "$from/$f"/runs/*/)
     done
 }
 
@@ -95,8 +99,7 @@ copy_finished() {
 # sweep, is read from its own config.yaml, so that the recipe stays the one place that sets it.
 share_grid() {
     local noise=$1 folder=$OUT/$2 seeds=${SEED:-*} run seed name from rho
-    for from in "$OUT"/fashion_cpu/runs/{sgd,sam}_noise"$noise"_seed$seeds; do
-        [[ -f $from/summary.json ]] && grep -q '"finished": true' "$from/summary.json" || continue
+    while IFS= read -r from; do
         run=$(basename "$from"); seed=${run##*_seed}
         if [[ $run == sgd_* ]]; then
             name=sgd_seed$seed
@@ -109,15 +112,14 @@ share_grid() {
         cp -rp "$from" "$folder/runs/$name"  # -p: the kept mtime keeps the Hessian cache valid
         echo "== $(date -u +%FT%TZ) note: runs/$name copied from fashion_cpu/runs/$run (same settings), not retrained" \
             | tee -a "$folder/parts.log"
-    done
+    done < <(runfolder finished "$OUT"/fashion_cpu/runs/{sgd,sam}_noise"$noise"_seed$seeds)
 }
 
 # share_mem: the rho sweep's SAM and SSAM-F runs at the recipe's rho are the memorization grid's runs (same
 # settings, checked by compare); copied in instead of retrained, with a note in parts.log.
 share_mem() {
     local folder=$OUT/fashion_mem_rho seeds=${SEED:-*} from run seed rho name
-    for from in "$OUT"/fashion_mem/runs/{sam,ssamf}_seed$seeds; do
-        [[ -f $from/summary.json ]] && grep -q '"finished": true' "$from/summary.json" || continue
+    while IFS= read -r from; do
         run=$(basename "$from"); seed=${run##*_seed}
         rho=$(sed -n 's/^rho: *//p' "$from/config.yaml")
         name=${run%%_seed*}_rho${rho}_seed$seed
@@ -126,7 +128,7 @@ share_mem() {
         cp -rp "$from" "$folder/runs/$name"
         echo "== $(date -u +%FT%TZ) note: runs/$name copied from fashion_mem/runs/$run (same settings), not retrained" \
             | tee -a "$folder/parts.log"
-    done
+    done < <(runfolder finished "$OUT"/fashion_mem/runs/{sam,ssamf}_seed$seeds)
 }
 
 need_seed() { [[ $SEED =~ ^[0-9]+$ ]] || { echo "results_fashion.sh $PART: give a seed, e.g. 1234" >&2; exit 2; }; }

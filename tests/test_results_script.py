@@ -19,7 +19,7 @@ def run(tmp_path, *args, **env):
     return subprocess.run(
         ["bash", str(SCRIPT), *args],
         cwd=ROOT,
-        env={**os.environ, "OUT": str(tmp_path / "out"), "SSAM": "echo", **env},
+        env={**os.environ, "OUT": str(tmp_path / "out"), "SSAM": "echo", "PY": sys.executable, **env},
         capture_output=True,
         text=True,
         timeout=60,
@@ -122,3 +122,23 @@ def test_gain_share_against_hand_computed_shares(tmp_path):
     assert plotted.returncode == 0 and (tmp_path / "f.png").stat().st_size > 5000
     missing = subprocess.run([sys.executable, str(script), str(tmp_path / "nothing")], capture_output=True, text=True)
     assert missing.returncode == 2 and "runs.csv not found" in missing.stderr
+
+
+def test_runfolder_rules_for_scripts(tmp_path, capsys):
+    """What the script asks of ssam.runfolder: which runs are finished, which files an archive keeps."""
+    from ssam.runfolder import main
+
+    done = grid_run(tmp_path, "a")
+    (done / "metrics.jsonl").write_text("{}\n")
+    grid_run(tmp_path, "b", finished=False)
+    torn = grid_run(tmp_path, "c")
+    (torn / "summary.json").write_text('{"finished": tr')  # a killed write: not finished
+    missing = tmp_path / "nothing"
+    assert main(["finished", str(done), str(done.parent / "b"), str(torn), str(missing)]) == 0
+    assert capsys.readouterr().out.splitlines() == [str(done)]
+    assert main(["archive-files", str(done)]) == 0
+    names = [Path(p).name for p in capsys.readouterr().out.splitlines()]
+    assert names == ["config.yaml", "metrics.jsonl", "summary.json"]  # last.pt is not kept
+    assert main(["archive"]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "got 'archive'; allowed: finished DIR..." in err

@@ -1,14 +1,16 @@
 """A run folder: the one place that names its files and knows what they say.
 
 ``ssam train`` writes one (``train.rundir`` adds the writing), ``ssam compare`` plans and reports over them, the
-analysis commands read their checkpoints, and ``scripts/results_fashion.sh`` archives them. A run is *finished*
-when its ``summary.json`` says so; it *holds a run* once any of its checkpoint, summary or metrics exists.
+analysis commands read their checkpoints, and ``scripts/results_fashion.sh`` archives and shares them through
+``python -m ssam.runfolder`` (below). A run is *finished* when its ``summary.json`` says so; it *holds a run* once
+any of its checkpoint, summary or metrics exists.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +30,7 @@ class RunFolder:
     SUMMARY = "summary.json"  # written when the run ends: finished, accuracies, times, costs
     MASKS = "masks.json"  # SSAM runs: the final mask per parameter tensor
     HESSIAN = "hessian.json"  # ssam compare's cached sharpness of the final model
+    CHECKPOINT_SUFFIX = ".pt"  # LAST, BEST: the large files, left out of an archive
 
     def __init__(self, path: str | os.PathLike) -> None:
         self.path = Path(path)
@@ -86,6 +89,12 @@ class RunFolder:
         """The checkpoint an analysis reads from this folder: best.pt, else last.pt (which need not exist)."""
         return self.best if self.best.is_file() else self.last
 
+    def archive_files(self) -> list[Path]:
+        """The folder's own files but the checkpoints: a few kB that keep a finished run's results."""
+        if not self.path.is_dir():
+            return []
+        return sorted(f for f in self.path.iterdir() if f.is_file() and f.suffix != self.CHECKPOINT_SUFFIX)
+
     def read(self, name: str) -> Any:
         """A JSON file of the folder (masks, hessian), or None."""
         try:
@@ -102,3 +111,25 @@ def _json_dict(path: Path) -> dict | None:
     except (OSError, ValueError):
         return None
     return obj if isinstance(obj, dict) else None
+
+
+def main(argv: list[str] | None = None) -> int:
+    """For scripts (``scripts/results_fashion.sh``), the one rule of what is finished and what an archive keeps:
+    ``finished DIR...`` prints the finished runs among DIR..., ``archive-files DIR`` the files of DIR an archive
+    keeps (no checkpoints); one path a line."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    if args[:1] == ["finished"]:
+        paths = [d for d in args[1:] if RunFolder(d).finished()]
+    elif args[:1] == ["archive-files"] and len(args) == 2:
+        paths = [str(f) for f in RunFolder(args[1]).archive_files()]
+    else:
+        got = " ".join(args) or "no arguments"
+        print(f"python -m ssam.runfolder: got {got!r}; allowed: finished DIR... | archive-files DIR", file=sys.stderr)
+        return 2
+    for path in paths:
+        print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
