@@ -142,3 +142,58 @@ def test_runfolder_rules_for_scripts(tmp_path, capsys):
     assert main(["archive"]) == 2
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1 and "got 'archive'; allowed: finished DIR..." in err
+
+
+def _compare_folder(root, runs):
+    """A folder as ssam compare leaves it: runs.csv and, per run, config.yaml, metrics.jsonl and summary.json."""
+    root.mkdir(parents=True)
+    header = ["name", "variant", "seed", "finished", "final_acc1", "early_stopped_acc1", "final_noisy_memorized"]
+    lines = [",".join(header)]
+    for name, variant, seed, rho, val, test, finished in runs:
+        lines.append(f"{name},{variant},{seed},{finished},{test},{test - 1},0.25")
+        run = root / "runs" / name
+        run.mkdir(parents=True)
+        (run / "config.yaml").write_text("" if rho is None else f"rho: {rho}\n")
+        metrics = [{"epoch": 0, "val_acc1": 10.0}, {"epoch": 1, "val_acc1": val}]
+        (run / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in metrics))
+        (run / "summary.json").write_text(json.dumps({"finished": finished}))
+    (root / "runs.csv").write_text("\n".join(lines) + "\n")
+
+
+def test_pick_rho_chooses_by_final_validation_accuracy_not_test(tmp_path, capsys):
+    sys.path.insert(0, str(ROOT / "scripts"))
+    try:
+        import pick_rho
+    finally:
+        sys.path.pop(0)
+    a, b = tmp_path / "a", tmp_path / "b"
+    _compare_folder(
+        a,
+        [
+            ("sgd_seed1", "sgd", 1, None, 40.0, 70.0, True),
+            ("sam_seed1", "sam", 1, 0.2, 50.0, 86.0, True),
+            ("sam_seed2", "sam", 2, 0.2, 52.0, 86.0, True),
+            ("ssamf_seed1", "ssamf", 1, 0.2, 50.0, 80.0, True),
+        ],
+    )
+    _compare_folder(
+        b,
+        [
+            ("sam_seed1", "sam", 1, 0.3, 53.0, 84.0, True),  # val mean 52 > 51: chosen, though its test is lower
+            ("sam_seed2", "sam", 2, 0.3, 51.0, 84.0, True),
+            ("sam_seed3", "sam", 3, 0.3, 10.0, 10.0, False),  # unfinished: not counted
+            ("ssamf_seed1", "ssamf", 1, 0.3, 50.0, 83.0, True),  # a tie with 0.2: the smaller rho
+        ],
+    )
+    groups = pick_rho.collect([str(a), str(b)])
+    assert set(groups) == {("sam", 0.2), ("sam", 0.3), ("ssamf", 0.2), ("ssamf", 0.3)}
+    assert sorted(groups[("sam", 0.3)]) == ["1", "2"] and groups[("sam", 0.3)]["1"]["final_val_acc1"] == 53.0
+    assert pick_rho.chosen(groups) == {"sam": 0.3, "ssamf": 0.2}
+    assert pick_rho.main([str(a), str(b)]) == 0
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.endswith("| yes |")]
+    assert rows == [
+        "| sam | 0.3 | 2 | 52.00 | 84.00 | 83.00 | 0.250 | yes |",
+        "| ssamf | 0.2 | 1 | 50.00 | 80.00 | 79.00 | 0.250 | yes |",
+    ]
+    assert pick_rho.main([str(tmp_path / "none")]) == 2
+    assert "runs.csv not found" in capsys.readouterr().err
