@@ -16,6 +16,7 @@
 #   bash scripts/results_fashion.sh mem-rho-ssamd [SEED]  # after mem-rho: SSAM-D 0.5 at rho 0.05, 0.1, 0.3 (0.2: mem's)
 #   bash scripts/results_fashion.sh mem-full-rho [SEED]   # after mem-rho: SAM, SSAM-F, SSAM-D at rho 0.3 on the headline
 #   bash scripts/results_fashion.sh mem-full-rho-wide RHO [SEED]  # after mem-full-rho: the same three at RHO 0.4 or 0.5
+#   bash scripts/results_fashion.sh mem-full-rho-ssamd RHO [SEED] # after -wide chose SSAM-D's largest rho: RHO 0.6 or 0.7
 #   bash scripts/results_fashion.sh gpu SEED         # 4 runs, ResNet-18, one seed (about 10 min on one H200)
 #   bash scripts/results_fashion.sh gpu-noise SEED   # the same with 40% label noise
 #   bash scripts/results_fashion.sh gpu-rho SEED     # SGD and SAM at the four rhos, one seed
@@ -31,7 +32,7 @@
 # checkpoints: summary, metrics, masks, Hessian, config and log, a few kB).
 set -euo pipefail
 OUT=${OUT:-runs}
-PART=${1:?usage: results_fashion.sh mem|mem-clean|mem-rho|mem-full|mem-sched|mem-sched-clean|mem-m [SEED]|mem-m-ssamf M [SEED]|mem-m1-rho|mem-rho-ssamd|mem-full-sched|mem-full-rho [SEED]|mem-full-rho-wide 0.4|0.5 [SEED]|cpu [SEED]|cpu-rho [SEED]|cpu-noise-rho [SEED]|gpu SEED|gpu-noise SEED|gpu-rho SEED|report|archive|restore}
+PART=${1:?usage: results_fashion.sh mem|mem-clean|mem-rho|mem-full|mem-sched|mem-sched-clean|mem-m [SEED]|mem-m-ssamf M [SEED]|mem-m1-rho|mem-rho-ssamd|mem-full-sched|mem-full-rho [SEED]|mem-full-rho-wide 0.4|0.5 [SEED]|mem-full-rho-ssamd 0.6|0.7 [SEED]|cpu [SEED]|cpu-rho [SEED]|cpu-noise-rho [SEED]|gpu SEED|gpu-noise SEED|gpu-rho SEED|report|archive|restore}
 SEED=${2:-}
 if [[ -z ${SSAM:-} ]]; then
     if [[ -x .venv/bin/ssam ]]; then SSAM=.venv/bin/ssam; else SSAM=ssam; fi
@@ -47,7 +48,8 @@ DATA=()
 ARCHIVE=${ARCHIVE:-docs/results/data}
 FOLDERS="fashion_cpu fashion_cpu_rho fashion_cpu_noise_rho fashion_gpu fashion_gpu_noise40 fashion_gpu_rho
 fashion_mem fashion_mem_clean fashion_mem_rho fashion_mem_full fashion_mem_sched fashion_mem_sched_clean fashion_mem_m fashion_mem_m_ssamf fashion_mem_m1_rho fashion_mem_full_sched
-fashion_mem_rho_ssamd fashion_mem_full_rho fashion_mem_full_rho0.4 fashion_mem_full_rho0.5"
+fashion_mem_rho_ssamd fashion_mem_full_rho fashion_mem_full_rho0.4 fashion_mem_full_rho0.5
+fashion_mem_full_rho0.6 fashion_mem_full_rho0.7"
 MEM=recipes/fashion_mnist_memorization.yaml
 MEM_RHOS=0.05,0.1,0.2,0.3
 MEM_FULL=(--train_subset 60000 --val_split 5000 --epochs 50)
@@ -161,6 +163,11 @@ case $PART in
                R=${2:-}; SEED=${3:-}
                [[ $R == 0.4 || $R == 0.5 ]] || { echo "results_fashion.sh mem-full-rho-wide: got rho '$R'; allowed: 0.4 or 0.5" >&2; exit 2; }
                part fashion_mem_full_rho$R --config $MEM $(seeds) "${MEM_FULL[@]}" --opts sam,ssamf,ssamd --rho "$R" ;;
+    # After mem-full-rho-wide: SSAM-D's validation chose 0.5, the largest radius run; two beyond it, same rule.
+    mem-full-rho-ssamd)
+               R=${2:-}; SEED=${3:-}
+               [[ $R == 0.6 || $R == 0.7 ]] || { echo "results_fashion.sh mem-full-rho-ssamd: got rho '$R'; allowed: 0.6 or 0.7" >&2; exit 2; }
+               part fashion_mem_full_rho$R --config $MEM $(seeds) "${MEM_FULL[@]}" --opts ssamd --rho "$R" ;;
     mem-m1-rho) part fashion_mem_m1_rho --config $MEM $(seeds) --opts sam --sam_micro_batch 1 --rho 0.01,0.02,0.05 ;;
     mem-sched) part fashion_mem_sched --config $MEM $(seeds) --opts sgd,sam,ssamf --sweep sam_schedule=$MEM_SCHEDULES ;;
     mem-sched-clean)
@@ -192,6 +199,6 @@ case $PART in
         [[ -d $OUT/fashion_gpu_noise40 ]] && part fashion_gpu_noise40 --config $GPU --label_noise 0.4 --report_only
         [[ -d $OUT/fashion_gpu_rho ]] && part fashion_gpu_rho --config $GPU --opts sgd,sam --rho $RHOS --report_only
         true ;;
-    *) echo "results_fashion.sh: unknown part '$PART'; allowed: cpu, cpu-rho, cpu-noise-rho, mem, mem-clean, mem-rho, mem-full, mem-sched, mem-sched-clean, mem-m, mem-m-ssamf, mem-m1-rho, mem-full-sched, mem-rho-ssamd, mem-full-rho, mem-full-rho-wide, gpu, gpu-noise, gpu-rho, report, archive, restore" >&2
+    *) echo "results_fashion.sh: unknown part '$PART'; allowed: cpu, cpu-rho, cpu-noise-rho, mem, mem-clean, mem-rho, mem-full, mem-sched, mem-sched-clean, mem-m, mem-m-ssamf, mem-m1-rho, mem-full-sched, mem-rho-ssamd, mem-full-rho, mem-full-rho-wide, mem-full-rho-ssamd, gpu, gpu-noise, gpu-rho, report, archive, restore" >&2
        exit 2 ;;
 esac
