@@ -89,10 +89,13 @@ copy_finished() {
         for table in "$from/$f"/*.{log,yaml,md,csv,png}; do
             [[ -f $table ]] && cp "$table" "$to/$f/"
         done
-        while IFS= read -r run; do
-            mkdir -p "$to/$f/runs/$(basename "$run")"
-            runfolder archive-files "$run" | while IFS= read -r file; do cp "$file" "$to/$f/runs/$(basename "$run")/"; done
-        done < <(runfolder finished "$from/$f"/runs/*/)
+        # Every finished run's small files, listed by one Python call per folder: the run is the file's folder.
+        mapfile -t run < <(runfolder finished "$from/$f"/runs/*/)
+        (( ${#run[@]} )) || continue
+        while IFS= read -r file; do
+            mkdir -p "$to/$f/runs/$(basename "$(dirname "$file")")"
+            cp "$file" "$to/$f/runs/$(basename "$(dirname "$file")")/"
+        done < <(runfolder archive-files "${run[@]}")
     done
 }
 
@@ -134,6 +137,14 @@ share_mem() {
     done < <(runfolder finished "$OUT"/fashion_mem/runs/{sam,ssamf}_seed$seeds)
 }
 
+# radius RHO ALLOWED...: a part's rho argument, one of the values fixed for it (else one line, exit 2).
+radius() {
+    local rho=$1 a; shift
+    for a; do [[ $rho == "$a" ]] && return 0; done
+    local allowed="$*"
+    echo "results_fashion.sh $PART: got rho '$rho'; allowed: ${allowed// / or }" >&2; exit 2
+}
+
 need_seed() { [[ $SEED =~ ^[0-9]+$ ]] || { echo "results_fashion.sh $PART: give a seed, e.g. 1234" >&2; exit 2; }; }
 
 case $PART in
@@ -160,13 +171,11 @@ case $PART in
     # After mem-full-rho found rho 0.2 short for SAM too on the full set: two larger radii, one folder each (so that
     # the two can run side by side, one per core); each optimizer's rho is then chosen by its final validation accuracy.
     mem-full-rho-wide)
-               R=${2:-}; SEED=${3:-}
-               [[ $R == 0.4 || $R == 0.5 ]] || { echo "results_fashion.sh mem-full-rho-wide: got rho '$R'; allowed: 0.4 or 0.5" >&2; exit 2; }
+               R=${2:-}; SEED=${3:-}; radius "$R" 0.4 0.5
                part fashion_mem_full_rho$R --config $MEM $(seeds) "${MEM_FULL[@]}" --opts sam,ssamf,ssamd --rho "$R" ;;
     # After mem-full-rho-wide: SSAM-D's validation chose 0.5, the largest radius run; two beyond it, same rule.
     mem-full-rho-ssamd)
-               R=${2:-}; SEED=${3:-}
-               [[ $R == 0.6 || $R == 0.7 ]] || { echo "results_fashion.sh mem-full-rho-ssamd: got rho '$R'; allowed: 0.6 or 0.7" >&2; exit 2; }
+               R=${2:-}; SEED=${3:-}; radius "$R" 0.6 0.7
                part fashion_mem_full_rho$R --config $MEM $(seeds) "${MEM_FULL[@]}" --opts ssamd --rho "$R" ;;
     mem-m1-rho) part fashion_mem_m1_rho --config $MEM $(seeds) --opts sam --sam_micro_batch 1 --rho 0.01,0.02,0.05 ;;
     mem-sched) part fashion_mem_sched --config $MEM $(seeds) --opts sgd,sam,ssamf --sweep sam_schedule=$MEM_SCHEDULES ;;

@@ -82,7 +82,12 @@ def test_archive_keeps_small_files_and_tables(tmp_path):
 
 @pytest.mark.parametrize(
     ("args", "needle"),
-    [(("sweep",), "unknown part 'sweep'; allowed: cpu, cpu-rho, cpu-noise-rho"), (("gpu", "x1"), "give a seed")],
+    [
+        (("sweep",), "unknown part 'sweep'; allowed: cpu, cpu-rho, cpu-noise-rho"),
+        (("gpu", "x1"), "give a seed"),
+        (("mem-full-rho-wide", "0.3"), "mem-full-rho-wide: got rho '0.3'; allowed: 0.4 or 0.5"),
+        (("mem-full-rho-ssamd",), "mem-full-rho-ssamd: got rho ''; allowed: 0.6 or 0.7"),
+    ],
 )
 def test_bad_part_or_seed_is_one_line_exit_2(tmp_path, args, needle):
     done = run(tmp_path, *args)

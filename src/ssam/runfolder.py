@@ -115,16 +115,18 @@ def _json_dict(path: Path) -> dict | None:
 
 def main(argv: list[str] | None = None) -> int:
     """For scripts (``scripts/results_fashion.sh``), the one rule of what is finished and what an archive keeps:
-    ``finished DIR...`` prints the finished runs among DIR..., ``archive-files DIR`` the files of DIR an archive
-    keeps (no checkpoints); one path a line."""
+    ``finished DIR...`` prints the finished runs among DIR..., ``archive-files DIR...`` the files of each DIR an
+    archive keeps (no checkpoints); one path a line, so that a script starts Python once per folder, not per run."""
     args = list(sys.argv[1:] if argv is None else argv)
     if args[:1] == ["finished"]:
         paths = [d for d in args[1:] if RunFolder(d).finished()]
-    elif args[:1] == ["archive-files"] and len(args) == 2:
-        paths = [str(f) for f in RunFolder(args[1]).archive_files()]
+    elif args[:1] == ["archive-files"]:
+        paths = [str(f) for d in args[1:] for f in RunFolder(d).archive_files()]
     else:
         got = " ".join(args) or "no arguments"
-        print(f"python -m ssam.runfolder: got {got!r}; allowed: finished DIR... | archive-files DIR", file=sys.stderr)
+        print(
+            f"python -m ssam.runfolder: got {got!r}; allowed: finished DIR... | archive-files DIR...", file=sys.stderr
+        )
         return 2
     for path in paths:
         print(path)

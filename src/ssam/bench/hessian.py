@@ -25,16 +25,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..analysis.commands.common import (
-    Loader,
-    check_positive,
-    check_tolerances,
-    checkpoint_file,
-    output_dir,
-    pick_device,
-    settings_of,
-)
-from ..analysis.commands.hessian import parse_graph_memory
+from ..analysis.commands.common import Loader, check_positive, settings_of
+from ..analysis.commands.hessian import check_and_locate
 from ..analysis.trace import TRACE_METHODS
 from ..errors import ArgumentParser, UsageError
 from ..io import write_json
@@ -323,16 +315,12 @@ def _spec(args: argparse.Namespace, source_keys: tuple[str, ...], trace_samples:
 
 def run_hessian_profile(args: argparse.Namespace) -> int:
     """``ssam hessian --profile``: both tools on the checkpoint's analysis data; writes ``profile.json``."""
-    check_positive(args, "num_samples", "batch_size", "max_iter", "trace_max_iter", "profile_rounds")
-    check_tolerances(args, "tol", "trace_tol")
+    check_positive(args, "profile_rounds")
+    graph_memory, device, out = check_and_locate(args)
     if args.params or args.density or args.per_layer:
         raise UsageError(
             "--profile times lambda_max (and --trace) on all parameters; leave out --params, --density and --per_layer"
         )
-    graph_memory = parse_graph_memory(args.graph_memory)
-    device = pick_device(args.device)
-    args.checkpoint = checkpoint_file(args.checkpoint)
-    out = output_dir(args, [args.checkpoint])
     # Read here first: a bad checkpoint is one line and exit 2, not a failed worker process.
     Loader(args).check([args.checkpoint])
     tools = ("ssam", "pyhessian") if available("pyhessian") else ("ssam",)

@@ -26,7 +26,7 @@ from ..checkpoint import VERSION
 from ..data import GPULoader
 from ..errors import Diverged, Interrupted, UsageError
 from ..models import build_model
-from ..optim import SAM, SparseSAM, TwoPassScaler, registry
+from ..optim import SAM, SparseSAM, TwoPassScaler
 from ..optim.refresh import refresh_after_first_backward, refresh_before_epoch
 from .builders import (
     EpochLR,
@@ -37,7 +37,7 @@ from .builders import (
     model_args,
     set_loader_epoch,
 )
-from .config import parse_opt, to_plain
+from .config import to_plain
 from .cost import pass_cost
 from .distributed import (
     all_reduce_mean,
@@ -77,7 +77,6 @@ class Trainer:
             # torchrun --max-restarts relaunched us after a rank died: continue from the last checkpoint.
             cfg.resume = True
         self.run.prepare(cfg, replace=False)  # refuse early; --overwrite replaces only once the data is read
-        self.wrapper, _ = parse_opt(cfg.opt)
         seed_everything(cfg.seed)
         if cfg.deterministic:
             torch.use_deterministic_algorithms(True, warn_only=True)
@@ -101,7 +100,7 @@ class Trainer:
         self.scaler = TwoPassScaler(enabled=cfg.amp == "fp16")
         self.autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.amp)
         # How the optimizer's mask is refreshed (None: it has none); see ssam.optim.refresh.
-        self.refresh: str | None = registry.family(self.wrapper).mask_refresh
+        self.refresh: str | None = self.sparse.mask_refresh if self.sparse is not None else None
         # On a CPU, freed gradients come back as fresh pages to fault in on every backward (two per SAM step):
         # zeroing them in place measured ~3% faster for ResNet-18. Every parameter of these models gets a gradient
         # in every pass, so zeros and None step the same (train_step sets None itself when --skip_dead).

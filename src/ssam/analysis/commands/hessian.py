@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from torch import nn
 
 from ...errors import UsageError
@@ -98,7 +99,9 @@ def parse_graph_memory(value: str) -> int | None:
     return int(gib * 2**30)
 
 
-def run_hessian(args: argparse.Namespace) -> int:
+def check_and_locate(args: argparse.Namespace) -> tuple[int | None, torch.device, Path]:
+    """The command's flags checked (one line and exit 2 for a bad one), then the graph memory in bytes, the device,
+    and the output folder of the checkpoint (``args.checkpoint`` becomes the file); also what ``--profile`` runs on."""
     check_positive(
         args,
         "num_samples",
@@ -115,7 +118,11 @@ def run_hessian(args: argparse.Namespace) -> int:
     graph_memory = parse_graph_memory(args.graph_memory)
     device = pick_device(args.device)
     args.checkpoint = checkpoint_file(args.checkpoint)
-    out = output_dir(args, [args.checkpoint])
+    return graph_memory, device, output_dir(args, [args.checkpoint])
+
+
+def run_hessian(args: argparse.Namespace) -> int:
+    graph_memory, device, out = check_and_locate(args)
     loader = Loader(args)
     model, ckpt, (dataset, datadir) = loader.load(args.checkpoint)
     model.to(device)
