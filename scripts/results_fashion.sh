@@ -17,6 +17,8 @@
 #   bash scripts/results_fashion.sh mem-full-rho [SEED]   # after mem-rho: SAM, SSAM-F, SSAM-D at rho 0.3 on the headline
 #   bash scripts/results_fashion.sh mem-full-rho-wide RHO [SEED]  # after mem-full-rho: the same three at RHO 0.4 or 0.5
 #   bash scripts/results_fashion.sh mem-full-rho-ssamd RHO [SEED] # after -wide chose SSAM-D's largest rho: RHO 0.6 or 0.7
+#   bash scripts/results_fashion.sh cnn [SEED]       # the CNN with BatchNorm (cnn_bn): SGD, SAM, SSAM-F, SSAM-D x rho 0.1, 0.2, 0.4
+#   bash scripts/results_fashion.sh noise RATE [SEED]  # the noise-rate curve on the MLP: SGD, SAM, SSAM-F x rho 0.05-0.3 at RATE 0, 0.2 or 0.6
 #   bash scripts/results_fashion.sh gpu SEED         # 4 runs, ResNet-18, one seed (about 10 min on one H200)
 #   bash scripts/results_fashion.sh gpu-noise SEED   # the same with 40% label noise
 #   bash scripts/results_fashion.sh gpu-rho SEED     # SGD and SAM at the four rhos, one seed
@@ -49,8 +51,10 @@ ARCHIVE=${ARCHIVE:-docs/results/data}
 FOLDERS="fashion_cpu fashion_cpu_rho fashion_cpu_noise_rho fashion_gpu fashion_gpu_noise40 fashion_gpu_rho
 fashion_mem fashion_mem_clean fashion_mem_rho fashion_mem_full fashion_mem_sched fashion_mem_sched_clean fashion_mem_m fashion_mem_m_ssamf fashion_mem_m1_rho fashion_mem_full_sched
 fashion_mem_rho_ssamd fashion_mem_full_rho fashion_mem_full_rho0.4 fashion_mem_full_rho0.5
-fashion_mem_full_rho0.6 fashion_mem_full_rho0.7"
+fashion_mem_full_rho0.6 fashion_mem_full_rho0.7
+fashion_cnn fashion_mem_noise0 fashion_mem_noise0.2 fashion_mem_noise0.6"
 MEM=recipes/fashion_mnist_memorization.yaml
+CNN=recipes/fashion_mnist_memorization_cnn.yaml
 MEM_RHOS=0.05,0.1,0.2,0.3
 MEM_FULL=(--train_subset 60000 --val_split 5000 --epochs 50)
 MEM_SCHEDULES=none,every:2,every:5,looksam:2,looksam:5,aesam:0,aesam:1,late:0.5,late:0.25
@@ -137,13 +141,14 @@ share_mem() {
     done < <(runfolder finished "$OUT"/fashion_mem/runs/{sam,ssamf}_seed$seeds)
 }
 
-# radius RHO ALLOWED...: a part's rho argument, one of the values fixed for it (else one line, exit 2).
-radius() {
-    local rho=$1 a; shift
-    for a; do [[ $rho == "$a" ]] && return 0; done
+# one_of WHAT VALUE ALLOWED...: a part's argument, one of the values fixed for it (else one line, exit 2).
+one_of() {
+    local what=$1 value=$2 a; shift 2
+    for a; do [[ $value == "$a" ]] && return 0; done
     local allowed="$*"
-    echo "results_fashion.sh $PART: got rho '$rho'; allowed: ${allowed// / or }" >&2; exit 2
+    echo "results_fashion.sh $PART: got $what '$value'; allowed: ${allowed// / or }" >&2; exit 2
 }
+radius() { one_of rho "$@"; }
 
 need_seed() { [[ $SEED =~ ^[0-9]+$ ]] || { echo "results_fashion.sh $PART: give a seed, e.g. 1234" >&2; exit 2; }; }
 
@@ -177,6 +182,11 @@ case $PART in
     mem-full-rho-ssamd)
                R=${2:-}; SEED=${3:-}; radius "$R" 0.6 0.7
                part fashion_mem_full_rho$R --config $MEM $(seeds) "${MEM_FULL[@]}" --opts ssamd --rho "$R" ;;
+    # The CNN's grid (its recipe fixes the rho grid and the reading rule) and the MLP's noise-rate curve: each rate's
+    # rho chosen per optimizer by mean final validation accuracy from the 40% sweep's grid (fixed before these ran).
+    cnn)       part fashion_cnn --config $CNN $(seeds) ;;
+    noise)     R=${2:-}; SEED=${3:-}; one_of "noise rate" "$R" 0 0.2 0.6
+               part fashion_mem_noise$R --config $MEM $(seeds) --opts sgd,sam,ssamf --rho $MEM_RHOS --label_noise "$R" ;;
     mem-m1-rho) part fashion_mem_m1_rho --config $MEM $(seeds) --opts sam --sam_micro_batch 1 --rho 0.01,0.02,0.05 ;;
     mem-sched) part fashion_mem_sched --config $MEM $(seeds) --opts sgd,sam,ssamf --sweep sam_schedule=$MEM_SCHEDULES ;;
     mem-sched-clean)
@@ -195,6 +205,11 @@ case $PART in
         [[ -d $OUT/fashion_cpu_noise_rho ]] && part fashion_cpu_noise_rho --config $CPU --opts sgd,sam \
             --rho $NOISE_RHOS --label_noise 0.4 --report_only
         [[ -d $OUT/fashion_mem ]] && part fashion_mem --config $MEM --report_only
+        [[ -d $OUT/fashion_cnn ]] && part fashion_cnn --config $CNN --report_only
+        for R in 0 0.2 0.6; do
+            [[ -d $OUT/fashion_mem_noise$R ]] && part fashion_mem_noise$R --config $MEM --opts sgd,sam,ssamf --rho $MEM_RHOS \
+                --label_noise $R --report_only
+        done
         [[ -d $OUT/fashion_mem_clean ]] && part fashion_mem_clean --config $MEM --label_noise 0 --rho 0.05 --report_only
         [[ -d $OUT/fashion_mem_rho ]] && part fashion_mem_rho --config $MEM --opts sam,ssamf --rho $MEM_RHOS --report_only
         [[ -d $OUT/fashion_mem_full ]] && part fashion_mem_full --config $MEM "${MEM_FULL[@]}" --report_only

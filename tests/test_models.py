@@ -19,6 +19,7 @@ def on_meta(name, **kw):
 
 EXPECTED_NAMES = {
     "mlp",
+    "cnn_bn",
     "resnet18",
     "resnet34",
     "resnet50",

@@ -1,7 +1,8 @@
 """Model zoo: ``build_model(name, num_classes, in_channels, image_size)``.
 
-Every constructor in ``MODELS`` takes ``(num_classes, in_channels=3, image_size=32)``; ``mlp`` also takes ``width``
-(``--mlp_width``), which a checkpoint's ``model_args`` records so that the analysis commands rebuild the model.
+Every constructor in ``MODELS`` takes ``(num_classes, in_channels=3, image_size=32)``; ``mlp`` and ``cnn_bn`` also take
+``width`` (``--mlp_width``, ``--cnn_width``: ``WIDTH_FLAGS`` is the one table of which flag sets which model's width),
+which a checkpoint's ``model_args`` records so that the analysis commands rebuild the model.
 """
 
 from __future__ import annotations
@@ -9,7 +10,8 @@ from __future__ import annotations
 from torch import nn
 
 from ..errors import UsageError, did_you_mean
-from .mlp import MLP, mlp
+from .cnn_bn import CNNBN, DEFAULT_CNN_WIDTH, cnn_bn
+from .mlp import DEFAULT_WIDTH, MLP, mlp
 from .resnet import CifarResNet, resnet18, resnet34, resnet50, resnet101, resnet152
 from .small import SmallCNN, cnn_small, resnet8
 from .vgg import VGG, vgg11_bn, vgg13_bn, vgg16_bn, vgg19_bn
@@ -29,10 +31,12 @@ MODELS = {
     "wideresnet34x10": wideresnet34x10,
     "resnet8": resnet8,
     "cnn_small": cnn_small,
+    "cnn_bn": cnn_bn,
     "mlp": mlp,
 }
-# Models with a width setting (the others have fixed shapes).
-WIDTH_MODELS = ("mlp",)
+# Models with a width setting (the others have fixed shapes): model -> (its flag's name, its default width).
+WIDTH_FLAGS = {"mlp": ("mlp_width", DEFAULT_WIDTH), "cnn_bn": ("cnn_width", DEFAULT_CNN_WIDTH)}
+WIDTH_MODELS = tuple(WIDTH_FLAGS)
 
 
 TIMM_PREFIX = "timm:"
@@ -93,6 +97,9 @@ __all__ = [
     "MODELS",
     "MODEL_FORMS",
     "WIDTH_MODELS",
+    "WIDTH_FLAGS",
+    "CNNBN",
+    "cnn_bn",
     "check_model_name",
     "build_model",
     "MLP",

@@ -12,6 +12,7 @@ from torch.utils.data import BatchSampler, DataLoader, Dataset, Sampler
 
 from ..data import GPULoader, TrainingData, build_training_data
 from ..errors import UsageError, flag_error
+from ..models import WIDTH_FLAGS
 from ..optim import registry
 from ..optim.factory import create_optimizer
 from ..optim.msharp import vectorise_refusal
@@ -193,9 +194,16 @@ def model_args(cfg: Namespace, info: Any) -> dict:
         "in_channels": info.in_channels,
         "image_size": info.image_size,
     }
-    if cfg.mlp_width is not None:
-        args["width"] = cfg.mlp_width
+    width = model_width(cfg)
+    if width is not None:
+        args["width"] = width
     return args
+
+
+def model_width(cfg: Namespace) -> int | None:
+    """The width flag of the run's model (``--mlp_width``, ``--cnn_width``), or None for a fixed-shape model."""
+    flag = WIDTH_FLAGS.get(cfg.model)
+    return None if flag is None else getattr(cfg, flag[0])
 
 
 @dataclass

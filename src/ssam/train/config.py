@@ -13,8 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import UsageError, flag_error
-from ..models import WIDTH_MODELS
-from ..models.mlp import DEFAULT_WIDTH
+from ..models import WIDTH_FLAGS
 from ..optim import groups
 from ..optim.factory import canonical_opt
 from ..optim.factory import parse_opt as _parse_opt
@@ -89,8 +88,10 @@ def resolve(cfg: argparse.Namespace) -> None:
             setattr(cfg, key, value)
     if cfg.num_workers is None:
         cfg.num_workers = 0 if cfg.dataset in IN_PROCESS_DATASETS else min(4, os.cpu_count() or 1)
-    if cfg.model in WIDTH_MODELS and cfg.mlp_width is None:
-        cfg.mlp_width = DEFAULT_WIDTH
+    if cfg.model in WIDTH_FLAGS:
+        flag, default = WIDTH_FLAGS[cfg.model]
+        if getattr(cfg, flag) is None:
+            setattr(cfg, flag, default)
     parse_opt(cfg.opt)
     cfg.opt = canonical_opt(cfg.opt)  # "SSAMF" and "ssamf" are "ssamf-sgd": one spelling, one run identity
     cfg.sparsity_given = cfg.sparsity is not None

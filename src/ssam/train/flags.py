@@ -69,6 +69,13 @@ def build_parser(prog: str = "ssam train") -> argparse.ArgumentParser:
         help="--model mlp: width of its two hidden layers (default 512)",
     )
     g.add_argument(
+        "--cnn_width",
+        type=int,
+        default=None,
+        metavar="W",
+        help="--model cnn_bn: channels of its first conv (the second has 2W, the head 16W; default 16)",
+    )
+    g.add_argument(
         "--augment",
         default="standard",
         choices=("standard", "none"),

@@ -12,7 +12,7 @@ import operator
 from collections.abc import Callable
 from typing import Any
 
-from ..models import WIDTH_MODELS
+from ..models import WIDTH_FLAGS
 from ..optim import registry
 from ..optim.factory import parse_opt
 
@@ -48,7 +48,7 @@ def _only_when(cfg: dict[str, Any]) -> dict[str, bool]:
     relevant = {k: registry.applies(k, wrapper, base) for k in cfg if k in registry.owned_settings()}
     return {
         **relevant,
-        "mlp_width": cfg.get("model") in WIDTH_MODELS,
+        **{flag: cfg.get("model") == model for model, (flag, _) in WIDTH_FLAGS.items()},
         "eta_min": cosine, "milestone": not cosine, "gamma": not cosine, "warmup_init_lr": cfg["warmup_epoch"] > 0,
     }  # fmt: skip
 

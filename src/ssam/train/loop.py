@@ -35,6 +35,7 @@ from .builders import (
     build_optimizer,
     micro_batch_plan,
     model_args,
+    model_width,
     set_loader_epoch,
 )
 from .config import to_plain
@@ -87,7 +88,7 @@ class Trainer:
         self.train_ds, self.test_ds, self.train_plain, self.val_ds = data.train, data.test, data.train_plain, data.val
         self.model_args = model_args(cfg, data.info)
         self.model = build_model(
-            cfg.model, data.info.num_classes, data.info.in_channels, data.info.image_size, width=cfg.mlp_width
+            cfg.model, data.info.num_classes, data.info.in_channels, data.info.image_size, width=model_width(cfg)
         ).to(self.device)
         self.run.prepare(cfg)
         if cfg.channels_last:

@@ -10,7 +10,7 @@ from typing import Any
 
 from ..data import DATASETS
 from ..errors import UsageError, did_you_mean
-from ..models import WIDTH_MODELS, check_model_name
+from ..models import WIDTH_FLAGS, check_model_name
 from ..optim import registry
 from ..optim.factory import parse_opt  # resolve() has already turned a bad --opt into one line
 from ..optim.sparse import STRATEGIES
@@ -83,16 +83,13 @@ def validate(cfg: argparse.Namespace) -> None:
             else "the number of training examples"
         ),
     )
-    need(
-        cfg.mlp_width is None or cfg.mlp_width >= 1,
-        f"--mlp_width {cfg.mlp_width} is out of range; allowed: an integer >= 1",
-    )
-    if cfg.mlp_width is not None and cfg.model not in WIDTH_MODELS:
-        print(
-            f"ssam: warning: --mlp_width {cfg.mlp_width} has no effect with --model {cfg.model} (only mlp uses it)",
-            file=sys.stderr,
+    for model, (flag, _) in WIDTH_FLAGS.items():
+        width = getattr(cfg, flag)
+        need(width is None or width >= 1, f"--{flag} {width} is out of range; allowed: an integer >= 1")
+        need(
+            width is None or cfg.model == model,
+            f"--{flag} {width} was given with --model {cfg.model}; allowed: --{flag} with --model {model} only",
         )
-        cfg.mlp_width = None
     need(0 <= cfg.drop_rate <= 1, f"--drop_rate {cfg.drop_rate!r} is out of range; allowed: [0, 1]")
     need(cfg.num_samples >= 1, f"--num_samples {cfg.num_samples} is out of range; allowed: an integer >= 1")
     need(cfg.update_freq >= 1, f"--update_freq {cfg.update_freq} is out of range; allowed: an integer >= 1 (epochs)")
