@@ -17,6 +17,8 @@
 #   bash scripts/results_fashion.sh mem-full-rho [SEED]   # after mem-rho: SAM, SSAM-F, SSAM-D at rho 0.3 on the headline
 #   bash scripts/results_fashion.sh mem-full-rho-wide RHO [SEED]  # after mem-full-rho: the same three at RHO 0.4 or 0.5
 #   bash scripts/results_fashion.sh mem-full-rho-ssamd RHO [SEED] # after -wide chose SSAM-D's largest rho: RHO 0.6 or 0.7
+#   bash scripts/results_fashion.sh cheap DIRECTION [SEED]  # a cheap ascent on every step (SAM, 40% noise) over its rho grid:
+#                                                   # subbatch:0.25 | subbatch:0.125 | previous | momentum | msam
 #   bash scripts/results_fashion.sh cnn [SEED]       # the CNN with BatchNorm (cnn_bn): SGD, SAM, SSAM-F, SSAM-D x rho 0.1, 0.2, 0.4
 #   bash scripts/results_fashion.sh noise RATE [SEED]  # the noise-rate curve on the MLP: SGD, SAM, SSAM-F x rho 0.05-0.3 at RATE 0, 0.2 or 0.6
 #   bash scripts/results_fashion.sh gpu SEED         # 4 runs, ResNet-18, one seed (about 10 min on one H200)
@@ -52,7 +54,9 @@ FOLDERS="fashion_cpu fashion_cpu_rho fashion_cpu_noise_rho fashion_gpu fashion_g
 fashion_mem fashion_mem_clean fashion_mem_rho fashion_mem_full fashion_mem_sched fashion_mem_sched_clean fashion_mem_m fashion_mem_m_ssamf fashion_mem_m1_rho fashion_mem_full_sched
 fashion_mem_rho_ssamd fashion_mem_full_rho fashion_mem_full_rho0.4 fashion_mem_full_rho0.5
 fashion_mem_full_rho0.6 fashion_mem_full_rho0.7
-fashion_cnn fashion_mem_noise0 fashion_mem_noise0.2 fashion_mem_noise0.6"
+fashion_cnn fashion_mem_noise0 fashion_mem_noise0.2 fashion_mem_noise0.6
+fashion_mem_cheap_subbatch-0.25 fashion_mem_cheap_subbatch-0.125 fashion_mem_cheap_previous fashion_mem_cheap_momentum
+fashion_mem_cheap_msam"
 MEM=recipes/fashion_mnist_memorization.yaml
 CNN=recipes/fashion_mnist_memorization_cnn.yaml
 MEM_RHOS=0.05,0.1,0.2,0.3
@@ -62,6 +66,17 @@ CPU=recipes/fashion_mnist_cpu.yaml
 GPU=recipes/fashion_mnist_gpu.yaml
 RHOS=0.02,0.05,0.1,0.2
 NOISE_RHOS=0.02,0.05,0.1   # under label noise: rho 0.2 already cost SAM 3 points on clean labels
+# The cheap ascents' radius grids (fixed before their seeds ran; the point is chosen by mean final validation
+# accuracy, scripts/pick_rho.py): around the radius the plain-loop pilot found for each (ANCHORS.md: the sub-batch
+# wanted more than SAM's 0.2, the one-pass directions collapsed at 0.3), and for msam spanning its published rho 3.
+cheap_rhos() {
+    case $1 in
+        subbatch:0.25|subbatch:0.125) echo 0.2,0.3,0.4 ;;
+        previous|momentum)            echo 0.15,0.2,0.25 ;;
+        msam)                         echo 0.3,1,3 ;;
+        *) echo "results_fashion.sh cheap: got direction '$1'; allowed: subbatch:0.25 or subbatch:0.125 or previous or momentum or msam" >&2; exit 2 ;;
+    esac
+}
 
 machine() {
     echo "host $(hostname), $(nproc) cores, load $(cut -d' ' -f1-3 /proc/loadavg)"
@@ -184,6 +199,8 @@ case $PART in
                part fashion_mem_full_rho$R --config $MEM $(seeds) "${MEM_FULL[@]}" --opts ssamd --rho "$R" ;;
     # The CNN's grid (its recipe fixes the rho grid and the reading rule) and the MLP's noise-rate curve: each rate's
     # rho chosen per optimizer by mean final validation accuracy from the 40% sweep's grid (fixed before these ran).
+    cheap)     D=${2:-}; SEED=${3:-}; RHOS_D=$(cheap_rhos "$D")
+               part "fashion_mem_cheap_${D/:/-}" --config $MEM $(seeds) --opts sam --rho "$RHOS_D" --sam_ascent "$D" ;;
     cnn)       part fashion_cnn --config $CNN $(seeds) ;;
     noise)     R=${2:-}; SEED=${3:-}; one_of "noise rate" "$R" 0 0.2 0.6
                part fashion_mem_noise$R --config $MEM $(seeds) --opts sgd,sam,ssamf --rho $MEM_RHOS --label_noise "$R" ;;

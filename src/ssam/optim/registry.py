@@ -31,7 +31,15 @@ __all__ = [
 ]
 
 # Settings of every SAM-family optimizer, then of the sparse ones, then of one family alone.
-SAM_SETTINGS = ("rho", "adaptive", "sam_first_pass", "freeze_bn_second_pass", "sam_schedule", "sam_micro_batch")
+SAM_SETTINGS = (
+    "rho",
+    "adaptive",
+    "sam_first_pass",
+    "freeze_bn_second_pass",
+    "sam_schedule",
+    "sam_micro_batch",
+    "sam_ascent",
+)
 SPARSE_SETTINGS = ("sparsity", "granularity", "cost_aware", "skip_dead", "renormalize", "update_freq")
 FISHER_SETTINGS = ("num_samples", "fisher_mode", "fisher_method")
 DYNAMIC_SETTINGS = ("drop_rate", "drop_strategy", "growth_strategy")
@@ -75,7 +83,7 @@ BASES: dict[str, BaseInfo] = {
     "adamw": BaseInfo("adamw", torch.optim.AdamW, ("betas", "eps")),
 }
 # Settings whose flag is named apart from the optimizer's keyword (the flag says it is SAM's).
-KEYWORD_OF = {"sam_schedule": "schedule", "sam_micro_batch": "micro_batch"}
+KEYWORD_OF = {"sam_schedule": "schedule", "sam_micro_batch": "micro_batch", "sam_ascent": "ascent"}
 DEFAULT_BASE = "sgd"  # of a bare wrapper name (``ssamf``) in create_optimizer and on the command line
 
 

@@ -30,6 +30,7 @@ import torch
 from torch import Tensor
 
 from .arguments import build_base, plain_group, strip_names
+from .ascent import PREVIOUS_KEY, AscentDirection, check_composes, check_momentum_base, parse_ascent
 from .mask import MaskSegment
 from .msharp import check_micro_batch
 from .perturb import grad_norm, perturb_, restore_, use_foreach
@@ -96,6 +97,7 @@ class SAM(ScheduledSteps, TorchShapedState, torch.optim.Optimizer):  # type: ign
         closure_passes: str = "second",
         schedule: str | None = None,
         micro_batch: int | None = None,
+        ascent: str | None = None,
         **base_kwargs: Any,
     ) -> None:
         plan = parse_schedule(schedule)
@@ -105,6 +107,8 @@ class SAM(ScheduledSteps, TorchShapedState, torch.optim.Optimizer):  # type: ign
                 f"schedule: got {str(plan)!r} with micro_batch={micro_batch}; allowed: 'every:K' or 'late:F' "
                 "(LookSAM's direction and AE-SAM's norm are defined for one perturbation per step)"
             )
+        direction = parse_ascent(ascent)
+        check_composes(direction, plan.kind, micro_batch)
         settings = {
             "rho": check_rho(rho),
             "adaptive": check_bool("adaptive")(adaptive),
@@ -113,6 +117,7 @@ class SAM(ScheduledSteps, TorchShapedState, torch.optim.Optimizer):  # type: ign
             "closure_passes": check_choice("closure_passes", CLOSURE_PASSES)(closure_passes),
             "schedule": str(plan),
             "micro_batch": micro_batch,
+            "ascent": str(direction),
         }
         self._param_names: dict[int, str] = {}
         params = list(params)
@@ -132,6 +137,8 @@ class SAM(ScheduledSteps, TorchShapedState, torch.optim.Optimizer):  # type: ign
         self.defaults.update(self.base_optimizer.defaults)
         for i, g in enumerate(self.param_groups):
             self._stamp_group(g, i)
+        check_momentum_base(direction, self.base_optimizer)
+        self._ascent = direction  # where the perturbation's direction comes from (ssam.optim.ascent)
         # Parameters perturbed by the last first_step, with their saved weights, for restore to copy back.
         self._perturbed: tuple[list[Tensor], list[Tensor]] | None = None
         self._stepped = False  # a base step was taken or a state_dict loaded: opt.state lists ssam's state too
@@ -142,6 +149,11 @@ class SAM(ScheduledSteps, TorchShapedState, torch.optim.Optimizer):  # type: ign
                 f"schedule: got {str(plan)!r} with FSDP-sharded parameters; allowed: 'every:K' or 'late:F' there "
                 "(LookSAM's and AE-SAM's norms are not summed over shards)"
             )
+
+    @property
+    def direction(self) -> AscentDirection:
+        """The parsed ``ascent`` setting: where the perturbation's direction comes from (ssam.optim.ascent)."""
+        return self._ascent
 
     def _set_layout(self) -> None:
         """FSDP2-sharded parameters (``ssam.optim.sharded``): SAM then works on the local shards with one
@@ -185,8 +197,12 @@ class SAM(ScheduledSteps, TorchShapedState, torch.optim.Optimizer):  # type: ign
         return None
 
     def _perturbable(self, group: dict) -> list[Tensor]:
-        """The group's parameters that the perturbation covers and that have a gradient."""
-        return [p for p in group["params"] if p.grad is not None]
+        """The group's parameters that the perturbation covers and that have a direction (ssam.optim.ascent)."""
+        return [p for p in group["params"] if self._direction(p) is not None]
+
+    def _direction(self, p: Tensor) -> Tensor | None:
+        """p's ascent direction this step: its gradient at w, or what ``ascent`` stores (ssam.optim.ascent)."""
+        return self._ascent.vector(p, self._own.get(p, {}), self.base_optimizer.state.get(p, {}))
 
     def _dead_params(self) -> list[Tensor]:
         """Parameters whose perturbation is zero whatever their gradient (SSAM: no live mask entry)."""
@@ -215,7 +231,9 @@ class SAM(ScheduledSteps, TorchShapedState, torch.optim.Optimizer):  # type: ign
     # ------------------------------------------------------------------ the two passes
     @torch.no_grad()
     def first_step(self, zero_grad: bool = False) -> None:
-        """Move every parameter with a gradient from w to w + e. Raises when no parameter has a gradient."""
+        """Move every parameter with a direction from w to w + e. The direction is the gradient at w (``ascent``
+        ``gradient`` or ``subbatch:F``: raises when no parameter has one) or a stored one (``previous``,
+        ``momentum``, ``msam``: needs no gradient; before any exists nothing moves and the step is a plain one)."""
         self._check_ready()
         if self._perturbed is not None:
             raise RuntimeError("first_step called twice without second_step; call second_step to restore the weights")
@@ -223,7 +241,10 @@ class SAM(ScheduledSteps, TorchShapedState, torch.optim.Optimizer):  # type: ign
         for group in self.param_groups:
             ps = self._perturbable(group)
             if ps:
-                by_group.append((group, ps, cast("list[Tensor]", [p.grad for p in ps])))
+                by_group.append((group, ps, cast("list[Tensor]", [self._direction(p) for p in ps])))
+        if not by_group and self._ascent.one_pass:  # no direction yet: pass two runs at w, a plain step
+            self._perturbed = ([], [])
+            return
         if not by_group:
             raise RuntimeError(
                 f"{type(self).__name__}.first_step: no parameter has a gradient, so there is nothing to perturb "
@@ -255,7 +276,7 @@ class SAM(ScheduledSteps, TorchShapedState, torch.optim.Optimizer):  # type: ign
                 self._locals(gs),
                 saved,
                 [self._mask_for(p) for p in ps],
-                scale=group["rho"] / (norm + group["perturb_eps"]),
+                scale=self._ascent.sign * group["rho"] / (norm + group["perturb_eps"]),
                 adaptive=group["adaptive"],
                 foreach=foreach,
                 segment=segment,
@@ -341,6 +362,13 @@ class SAM(ScheduledSteps, TorchShapedState, torch.optim.Optimizer):  # type: ign
             self._plain_step()
             return None
         closure = torch.enable_grad()(closure)
+        if self._ascent.one_pass:  # the closure runs once, at w + e
+            return self._one_pass_step(closure)
+        if self._ascent.kind == "subbatch" and self.closure_passes == "both":
+            raise ValueError(
+                f"ascent: got {self.defaults['ascent']!r} with step(closure) and closure_passes='both'; allowed: "
+                "step(closure, batch=(inputs, targets)), which gives pass one the sub-batch"
+            )
         first_loss = None
         due = self.ascent_due()
         if self.closure_passes == "both":
@@ -369,11 +397,12 @@ class SAM(ScheduledSteps, TorchShapedState, torch.optim.Optimizer):  # type: ign
     @torch.no_grad()
     def _finish(self) -> None:
         """Pass two is done: back to w, base step with its gradient."""
+        ascended = self._perturbed is None or bool(self._perturbed[0])  # (a one-pass step before any direction)
         self.restore()
         if self._schedule.schedule.kind == "looksam":
             ps = [p for p in self._all_params() if LOOKSAM_KEY in self._own.get(p, {}) and p.grad is not None]
             looksam_store([self._own[p][LOOKSAM_KEY] for p in ps], [cast(Tensor, p.grad) for p in ps])
-        self._step_after_ascent()
+        self._step_after_ascent(ascended)
 
     @contextlib.contextmanager
     def first_pass(self) -> Iterator[SAM]:
@@ -412,9 +441,10 @@ class SAM(ScheduledSteps, TorchShapedState, torch.optim.Optimizer):  # type: ign
 
     # ------------------------------------------------------------------ state_dict (ssam.optim.state)
     def _saved_own(self, p: Tensor) -> dict[str, Any]:
-        """ssam's saved per-parameter state of p: LookSAM's direction (and the masks: see SparseSAM)."""
-        gv = self._own.get(p, {}).get(LOOKSAM_KEY)
-        return {} if gv is None else {LOOKSAM_KEY: gv}
+        """ssam's saved per-parameter state of p: LookSAM's direction, ``previous``'s gradient (and the masks: see
+        SparseSAM)."""
+        own = self._own.get(p, {})
+        return {k: own[k] for k in (LOOKSAM_KEY, PREVIOUS_KEY) if own.get(k) is not None}
 
     def _extra_state(self) -> dict[str, Any]:
         """The optimizer's own counters, saved under ``"ssam"`` in one parameter's entry."""
@@ -427,8 +457,9 @@ class SAM(ScheduledSteps, TorchShapedState, torch.optim.Optimizer):  # type: ign
         """Take ssam's loaded state: per-parameter entries (LookSAM's direction; masks: SparseSAM) and the
         counters."""
         for p, entry in own.items():
-            if LOOKSAM_KEY in entry:
-                self._own[p][LOOKSAM_KEY] = entry[LOOKSAM_KEY].to(p.device)
+            for key in (LOOKSAM_KEY, PREVIOUS_KEY):
+                if key in entry:
+                    self._own[p][key] = entry[key].to(p.device)
         self._load_extra_state(extra)
 
     def _load_extra_state(self, extra: dict[str, Any]) -> None:

@@ -198,7 +198,7 @@ class SparseSAM(SAM):
         ids = self._maskable_ids
         if ids is None:
             return super()._perturbable(group)
-        return [p for p in group["params"] if p.grad is not None and id(p) in ids]
+        return [p for p in super()._perturbable(group) if id(p) in ids]
 
     def _dead_params(self) -> list[Tensor]:
         if self._mask_layout is not None:  # a shard may be dead on one rank only: nothing is frozen

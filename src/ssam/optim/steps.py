@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any, cast
 import torch
 from torch import Tensor
 
+from .ascent import PREVIOUS_KEY
 from .msharp import ascend_by_chunks, split_batch
 from .schedule import looksam_apply
 
@@ -34,8 +35,14 @@ class ScheduledSteps:
     defaults: dict
     _stepped: bool
 
+    _ascent: Any
+
     if TYPE_CHECKING:  # SAM's, which this mixin is part of
         micro_batch: int | None
+
+        def first_step(self, zero_grad: bool = False) -> None: ...
+        def restore(self) -> None: ...
+        def _finish(self) -> None: ...
 
         def _locals(self, tensors: list[Tensor]) -> list[Tensor]: ...
         def _all_params(self) -> list[Tensor]: ...
@@ -66,11 +73,48 @@ class ScheduledSteps:
             self._schedule.record(float(sum((g.double() ** 2).sum() for g in self._locals(grads))))
 
     @torch.no_grad()
-    def _step_after_ascent(self) -> None:
-        """The base step of an ascending step (w already restored), counted by the schedule."""
+    def _step_after_ascent(self, ascended: bool = True) -> None:
+        """The base step of an ascending step (w already restored), counted by the schedule (``ascended`` False: a
+        one-pass direction had nothing to perturb with yet)."""
+        self._keep_previous()
         self.base_optimizer.step()
-        self._schedule.done(ascended=True)
+        self._schedule.done(ascended=ascended)
         self._stepped = True
+
+    @torch.no_grad()
+    def _keep_previous(self) -> None:
+        """``ascent='previous'``: keep the gradient the base optimizer is about to step with (one buffer per
+        parameter, reused; in the state dict). It was reduced over the ranks already: no extra all-reduce."""
+        if self._ascent.kind != "previous":
+            return
+        for p in self._all_params():
+            if p.grad is None:
+                continue
+            own = self._own[p]
+            buf = own.get(PREVIOUS_KEY)
+            if buf is None or buf.shape != p.grad.shape or buf.dtype != p.grad.dtype or buf.device != p.grad.device:
+                own[PREVIOUS_KEY] = p.grad.detach().clone()
+            else:
+                buf.copy_(p.grad)
+
+    def _one_pass_step(self, closure: Callable[[], Any]) -> Any:
+        """``step(closure)`` with a one-pass direction: perturb along the stored direction (nothing before one
+        exists), call the closure once at w + e, restore, base step. On a plain step of the schedule the closure
+        runs at w. Returns the closure's loss, detached."""
+        due = self.ascent_due()
+        if due:
+            self.first_step()
+        self.zero_grad()
+        try:
+            loss = closure()
+        except BaseException:
+            self.restore()
+            raise
+        if due:
+            self._finish()
+        else:
+            self._take_plain_step([p.grad for p in self._all_params() if p.grad is not None])
+        return loss.detach() if isinstance(loss, Tensor) else loss
 
     @torch.no_grad()
     def _plain_step(self) -> None:
@@ -105,6 +149,7 @@ class ScheduledSteps:
                 [self._own[p][LOOKSAM_KEY] for p in ps],
                 self._schedule.schedule.alpha,
             )
+        self._keep_previous()
         self.base_optimizer.step()
         self._schedule.done(ascended=False)
         self._stepped = True
@@ -118,6 +163,11 @@ class ScheduledSteps:
             raise ValueError("closure: got None with batch=...; allowed: closure(*chunk) -> loss, after backward")
         if not isinstance(batch, (tuple, list)):
             batch = (batch,)
+        step_closure = torch.enable_grad()(closure)
+        if self._ascent.one_pass:
+            return self._one_pass_step(lambda: step_closure(*batch))
+        if self._ascent.kind == "subbatch" and self.ascent_due():
+            return self._subbatch_step(step_closure, tuple(batch))
         if not self.ascent_due():
             self.zero_grad()
             loss = closure(*batch)
@@ -126,3 +176,19 @@ class ScheduledSteps:
         n = batch[0].shape[0] if isinstance(batch[0], Tensor) else 0
         chunks = split_batch(batch, self.micro_batch or max(1, n))
         return ascend_by_chunks(cast(Any, self), chunks, lambda chunk, first: torch.enable_grad()(closure)(*chunk))
+
+    def _subbatch_step(self, closure: Callable[..., Any], batch: tuple) -> Tensor:
+        """``ascent='subbatch:F'`` from a batch: pass one on its first ceil(F * n) examples, pass two on all of it;
+        returns pass two's loss (the whole batch's), detached."""
+        n = batch[0].shape[0]
+        k = self._ascent.pass_one_size(n)
+        self.zero_grad()
+        closure(*(t[:k] for t in batch))
+        self.first_step(zero_grad=True)
+        try:
+            loss = closure(*batch)
+        except BaseException:
+            self.restore()
+            raise
+        self._finish()
+        return loss.detach()

@@ -11,6 +11,7 @@ from collections.abc import Callable
 from ..data import DATASETS
 from ..errors import ArgumentParser
 from ..models import MODEL_FORMS
+from ..optim.ascent import parse_ascent
 from ..optim.fisher import FISHER_METHODS
 from ..optim.groups import parse_granularity
 from ..optim.schedule import parse_schedule
@@ -34,6 +35,7 @@ def _canonical(parse: Callable[[str], object], flag: str) -> Callable[[str], str
 
 
 schedule_type = _canonical(parse_schedule, "sam_schedule")  # "every:2", "looksam:5:0.7"
+ascent_type = _canonical(parse_ascent, "sam_ascent")  # "subbatch:0.25", "previous"
 granularity_type = _canonical(parse_granularity, "granularity")  # "2:4", "tensor"
 
 
@@ -178,6 +180,15 @@ def build_parser(prog: str = "ssam train") -> argparse.ArgumentParser:
         metavar="FORM",
         help="on which steps SAM ascends (the others: one plain pass): none, every:K, looksam:K[:ALPHA], "
         "aesam[:C] or late:FRACTION (docs/optimizers.md, Ascent schedules)",
+    )
+    g.add_argument(
+        "--sam_ascent",
+        default="gradient",
+        type=ascent_type,
+        metavar="FORM",
+        help="where the perturbation's direction comes from: gradient (pass one on the batch), subbatch:F (pass "
+        "one on a fraction F of it), previous (the last step's gradient), momentum or msam (the base optimizer's "
+        "momentum, uphill or downhill): the last three take one pass (docs/optimizers.md, Ascent directions)",
     )
     g.add_argument(
         "--sam_micro_batch",

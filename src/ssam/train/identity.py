@@ -81,6 +81,8 @@ def run_name(cfg: dict[str, Any], defaults: dict[str, Any], _colon: bool = False
         parts.append(f"sp{cfg['sparsity']:g}{grain}")
     if wrapper and cfg.get("sam_schedule", "none") != "none":
         parts.append(cfg["sam_schedule"].replace(":", "-"))
+    if wrapper and cfg.get("sam_ascent", "gradient") != "gradient":
+        parts.append(cfg["sam_ascent"].replace(":", "-"))
     if wrapper and cfg.get("sam_micro_batch"):
         parts.append(f"m{cfg['sam_micro_batch']}")
     if cfg.get("train_subset"):

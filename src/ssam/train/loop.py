@@ -192,6 +192,7 @@ class Trainer:
         ascend = self.sam is not None and self.sam.ascent_due()
         # An SSAM-D refresh reads the dense gradient: the epoch's first step runs a full first pass.
         skip = cfg.skip_dead and ascend and not (step == 0 and refresh == "first_backward")
+        direction = self.sam.direction if self.sam is not None else None
 
         def after_first_backward() -> None:
             if skip:  # what the skipping pass computed: the tensors that took a gradient
@@ -240,6 +241,11 @@ class Trainer:
             )
         if chunked:  # two passes per example (a skipping first pass not modelled), plus the refresh's pass
             per_example = 2.0 + float(first_backward)
+        elif ascend and direction is not None and direction.one_pass:
+            per_example = 1.0
+        elif ascend and direction is not None and direction.kind == "subbatch":
+            micro = y.chunk(cfg.grad_accum)
+            per_example = 1.0 + sum(direction.pass_one_size(len(c)) for c in micro) / len(y)
         else:
             per_example = 1.0 if not ascend else (self._first_pass_cost if skip else 1.0) + 1.0
         self.progress.count(per_example, len(y) * self.world)

@@ -4,7 +4,9 @@ A SAM-family step, as in the paper:
     pass one: forward + backward at w, accumulated over micro-batches
     (``after_first_backward``: where the trainer refreshes an SSAM-D mask from that gradient)
     perturb to w + e, pass two: forward + backward there, restore w, base optimizer step
-A plain optimizer (SGD, AdamW) takes pass one and steps.
+A plain optimizer (SGD, AdamW) takes pass one and steps. With ``ascent='subbatch:F'`` pass one sees the first
+ceil(F * b) examples of each micro-batch; with a one-pass direction (``previous``, ``momentum``, ``msam``) there is
+no pass one, and the step's outputs and loss are pass two's (as for ``subbatch``).
 """
 
 from __future__ import annotations
@@ -118,28 +120,41 @@ def train_step(
     # as a gradient, so gradients go back to None.
     to_none = grads_to_none or skip
 
-    first_pass = opt.first_pass() if skip and isinstance(opt, SAM) else contextlib.nullcontext()
-    with first_pass:
-        outs, loss_sum = _forward_backward(
-            net,
-            model,
-            micro_batches,
-            loss_fn,
-            scaler,
-            autocast,
-            no_sync,
-            sync_last=sync_first_pass and not skip,
-            freeze_bn=False,
-        )
-    if skip and no_sync is not None and sync_first_pass:
-        reduce_first_grads([p.grad for p in model.parameters() if p.grad is not None])  # type: ignore[misc]
-    bad = _nonfinite(model, loss_sum, scaler)
-    if after_first_backward is not None:
-        after_first_backward()
+    # Where the perturbation's direction comes from (ssam.optim.ascent): pass one on the batch, on a sub-batch of
+    # each micro-batch, or no pass one at all (a stored direction); the base step's gradient is pass two's always.
+    direction = opt.direction if sam and isinstance(opt, SAM) else None
+    one_pass = direction is not None and direction.one_pass
+    if direction is not None and direction.kind == "subbatch":
+        first_batches = [(x[: direction.pass_one_size(len(x))], y[: direction.pass_one_size(len(x))])
+                         for x, y in micro_batches]  # fmt: skip
+    else:
+        first_batches = list(micro_batches)
+    outs: list[Tensor] = []
+    loss_sum = torch.zeros((), device=micro_batches[0][0].device)
+    bad = torch.zeros((), dtype=torch.bool, device=loss_sum.device)
+    if not one_pass:
+        first_pass = opt.first_pass() if skip and isinstance(opt, SAM) else contextlib.nullcontext()
+        with first_pass:
+            outs, loss_sum = _forward_backward(
+                net,
+                model,
+                first_batches,
+                loss_fn,
+                scaler,
+                autocast,
+                no_sync,
+                sync_last=sync_first_pass and not skip,
+                freeze_bn=False,
+            )
+        if skip and no_sync is not None and sync_first_pass:
+            reduce_first_grads([p.grad for p in model.parameters() if p.grad is not None])  # type: ignore[misc]
+        bad = _nonfinite(model, loss_sum, scaler)
+        if after_first_backward is not None:
+            after_first_backward()
     if sam:
         if scaler.first_step(opt, zero_grad=False):
             opt.zero_grad(set_to_none=to_none)
-            _forward_backward(
+            outs_two, loss_two = _forward_backward(
                 net,
                 model,
                 micro_batches,
@@ -150,6 +165,13 @@ def train_step(
                 sync_last=True,
                 freeze_bn=freeze_bn_second_pass,
             )
+            if direction is not None and not direction.at_w:
+                # The step's loss is pass two's, over the whole batch (pass one saw a sub-batch or did not run).
+                outs, loss_sum = outs_two, loss_two
+            if one_pass:
+                bad = _nonfinite(model, loss_two, scaler)
+                if after_first_backward is not None:  # (SSAM-D's refresh scores this gradient, at w + e)
+                    after_first_backward()
             scaler.second_step(opt, zero_grad=False)
     else:
         scaler.step(opt)

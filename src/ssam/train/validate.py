@@ -12,7 +12,9 @@ from ..data import DATASETS
 from ..errors import UsageError, did_you_mean
 from ..models import WIDTH_FLAGS, check_model_name
 from ..optim import registry
+from ..optim.ascent import check_composes, parse_ascent
 from ..optim.factory import parse_opt  # resolve() has already turned a bad --opt into one line
+from ..optim.schedule import parse_schedule
 from ..optim.sparse import STRATEGIES
 from .flags import SCHEDULERS
 
@@ -133,6 +135,19 @@ def validate(cfg: argparse.Namespace) -> None:
         os.sep not in cfg.output_name and cfg.output_name not in ("", ".", ".."),
         f"--output_name {cfg.output_name!r} must be a plain folder name (no '{os.sep}')",
     )
+    if not registry.family(wrapper).sam:  # a SAM setting given to a plain optimizer: said, not silently ignored
+        for flag, on in (
+            ("sam_ascent", cfg.sam_ascent != "gradient"),
+            ("sam_schedule", cfg.sam_schedule != "none"),
+            ("sam_micro_batch", cfg.sam_micro_batch is not None),
+        ):
+            if on:
+                print(
+                    f"ssam: warning: --{flag} {getattr(cfg, flag)} has no effect with --opt {cfg.opt} (only "
+                    + ", ".join(f"{n}-*" for n in registry.WRAPPERS)
+                    + " use it)",
+                    file=sys.stderr,
+                )
     sparse = registry.family(wrapper).sparse
     for flag, on in (
         ("sparsity", cfg.sparsity_given),
@@ -152,6 +167,20 @@ def validate(cfg: argparse.Namespace) -> None:
         not (cfg.sam_schedule.startswith("aesam") and cfg.sam_first_pass == "local"),
         f"--sam_schedule {cfg.sam_schedule} with --sam_first_pass local: each rank would judge its own gradient "
         "norm and the ranks could disagree on which steps ascend; allowed: --sam_first_pass sync",
+    )
+    try:  # the optimizer's own rule, in the flags' names
+        check_composes(
+            parse_ascent(cfg.sam_ascent),
+            parse_schedule(cfg.sam_schedule).kind,
+            cfg.sam_micro_batch,
+            ("--sam_ascent", "--sam_schedule", "--sam_micro_batch"),
+        )
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    need(
+        not (cfg.skip_dead and parse_ascent(cfg.sam_ascent).one_pass),
+        f"--skip_dead with --sam_ascent {cfg.sam_ascent}: a one-pass direction has no first pass to skip; allowed: "
+        "--skip_dead with --sam_ascent gradient or subbatch:F",
     )
     m = cfg.sam_micro_batch
     if m is not None:
