@@ -505,3 +505,16 @@ def test_bench_cheap_section_times_schedules_and_micro_batches(tmp_path):
     # Expected per-step cost of a schedule: share x SAM + (1 - share) x plain, from the same run's medians.
     sam, plain = steps["SAM"]["median_s"], steps["plain"]["median_s"]
     assert report["cheap"]["schedules"]["every:2"]["vs_sam"] == pytest.approx((0.5 * sam + 0.5 * plain) / sam)
+
+
+def test_bench_cheap_section_times_every_direction_with_its_state(tmp_path):
+    args = ["--quick", "--model", "mlp", "--dataset", "digits", "--section", "cheap", "--batch_size", "16"]
+    report = run(parse_args([*args, "--output", str(tmp_path)]))
+    steps = report["cheap"]["steps"]
+    assert {"subbatch:0.25", "subbatch:0.125", "previous", "momentum", "msam"} <= set(steps)
+    assert steps["SGD"]["vs_sgd"] == 1.0
+    # fp32 MLP: SGD keeps its momentum (4 B); SAM adds the saved w (4 B); 'previous' adds its gradient (4 B).
+    assert steps["SGD"]["state_bytes_per_param"] == 4.0
+    assert steps["SAM"]["state_bytes_per_param"] == 8.0
+    assert steps["momentum"]["state_bytes_per_param"] == 8.0
+    assert steps["previous"]["state_bytes_per_param"] == 12.0

@@ -31,6 +31,8 @@ from typing import Any, NamedTuple
 
 from torch import Tensor
 
+from .ascent import PREVIOUS_KEY
+
 # The optimizer is typed Any here: importing SAM (which imports this module) would make a cycle.
 SAM = Any
 
@@ -51,9 +53,9 @@ __all__ = [
 FORMAT = 2
 #: Key, in one parameter's entry, of the optimizer's own counters and the format version.
 STATE_KEY = "ssam"
-#: ssam's per-parameter keys: ``mask`` and ``looksam_gv`` (LookSAM's direction) are saved, ``w_saved`` (scratch
-#: between the passes) is not.
-OWN_KEYS = ("mask", "w_saved", "looksam_gv")
+#: ssam's per-parameter keys: ``mask``, ``looksam_gv`` (LookSAM's direction) and ``ascent_previous`` (the direction
+#: of ``ascent='previous'``) are saved, ``w_saved`` (scratch between the passes) is not.
+OWN_KEYS = ("mask", "w_saved", "looksam_gv", PREVIOUS_KEY)
 #: The keys of OWN_KEYS that ``opt.state[p][key] = value`` may write (a mask changes through the mask methods).
 SETTABLE_KEYS = tuple(k for k in OWN_KEYS if k != "mask")
 

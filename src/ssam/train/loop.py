@@ -414,6 +414,10 @@ class Trainer:
         if self.sparse is not None:
             run.write_json(RunDir.MASKS, self.sparse.mask_stats())
         summary = run_summary(progress, last, cfg.epochs, cfg.start_epoch)
+        # Which pass the logged training loss and accuracy are of: pass one at w (the gradient direction, and the
+        # plain optimizers), else pass two at w + e over the whole batch (ssam.train.step).
+        at_w = self.sam is None or self.sam.direction.at_w
+        summary["train_loss_pass"] = "one (at w)" if at_w else "two (at w + e)"
         if self.world > 1:
             summary["ranks_agree"] = weights_agree(self.model, self.sparse, self.world)
         # A resume with no epoch left keeps the summary of the run that trained them.

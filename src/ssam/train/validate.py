@@ -37,7 +37,7 @@ def validate(cfg: argparse.Namespace) -> None:
         f"unknown --dataset {cfg.dataset!r}; choose from: {', '.join(DATASETS)}" + did_you_mean(cfg.dataset, DATASETS),
     )
     check_model_name(cfg.model)
-    wrapper, _ = parse_opt(cfg.opt)
+    wrapper, base = parse_opt(cfg.opt)
     need(
         cfg.lr_scheduler in SCHEDULERS,
         f"unknown --lr_scheduler {cfg.lr_scheduler!r}; choose from: {', '.join(SCHEDULERS)}",
@@ -177,6 +177,11 @@ def validate(cfg: argparse.Namespace) -> None:
         )
     except ValueError as e:
         raise UsageError(str(e)) from None
+    need(
+        not (parse_ascent(cfg.sam_ascent).kind in ("momentum", "msam") and base == "sgd" and cfg.momentum == 0),
+        f"--sam_ascent {cfg.sam_ascent} with --momentum 0: SGD keeps no momentum to read; allowed: --momentum > 0, "
+        "or an Adam-type base (--opt sam-adamw)",
+    )
     need(
         not (cfg.skip_dead and parse_ascent(cfg.sam_ascent).one_pass),
         f"--skip_dead with --sam_ascent {cfg.sam_ascent}: a one-pass direction has no first pass to skip; allowed: "
