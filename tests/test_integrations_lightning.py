@@ -354,3 +354,43 @@ def test_ddp_two_gloo_processes_match_one_process(tmp_path):
     assert torch.equal(got["mask"], opt.flat_mask())
     for k, v in model.state_dict().items():
         torch.testing.assert_close(got["model"][k], v, atol=1e-5, rtol=0, msg=k)
+
+
+def one_pass_loop(ascent, epochs=2, batch_size=8):
+    """A one-pass direction by hand: first_step (no gradient needed), one pass at w + e, second_step."""
+    net = make_net()
+    opt = ssam.create_optimizer(net, "sam-sgd", **OPT_KW, ascent=ascent)
+    data = make_data()
+    for _ in range(epochs):
+        for i in range(0, len(data), batch_size):
+            x, y = data[i : i + batch_size]
+            opt.zero_grad()
+            opt.first_step()
+            F.cross_entropy(net(x), y).backward()
+            opt.second_step()
+    return net
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("ascent", ["previous", "momentum", "msam"])
+def test_one_pass_direction_matches_the_hand_loop_with_one_forward_per_step(ascent):
+    module = Net(ascent=ascent)
+    calls = []
+    forward = module.forward
+    module.forward = lambda x: calls.append(1) or forward(x)
+    fit(module)
+    assert_same_weights(module.net, one_pass_loop(ascent))
+    assert len(calls) == 2 * 6  # two epochs of six batches, one forward each
+
+
+@pytest.mark.parametrize(
+    "kw, says",
+    [
+        ({"ascent": "subbatch:0.5"}, "ascent 'subbatch:0.5' is not supported under Lightning"),
+        ({"ascent": "previous", "accum": 2}, "with accumulate_grad_batches=2"),
+    ],
+)
+def test_directions_lightning_cannot_drive_are_refused_in_one_line(kw, says):
+    accum = kw.pop("accum", 1)
+    with pytest.raises(ValueError, match=says):
+        fit(Net(**kw), epochs=1, accumulate_grad_batches=accum)

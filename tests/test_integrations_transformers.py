@@ -161,3 +161,39 @@ def test_example_loss_falls():
     first, last = last_value(out, "loss")
     assert last < first
     assert last_value(out, "mask_density") == [pytest.approx(0.5, abs=0.01)]
+
+
+def one_pass_or_subbatch_loop(data, ascent, batch_size, accum):
+    """By hand: pass one on the first ceil(F b) examples of each micro-batch (subbatch) or none (a stored
+    direction), first_step, the window at w + e, second_step."""
+    import ssam
+
+    model = example.tiny_bert()
+    opt = ssam.create_optimizer(
+        model, "sam-sgd", lr=0.05, no_decay_bias_norm=True, rho=0.1, ascent=ascent, momentum=0.9
+    )
+    micro = [default_data_collator(data[i : i + batch_size]) for i in range(0, len(data), batch_size)]
+    windows = [micro[i : i + accum] for i in range(0, len(micro), accum)]
+    model.train()
+    for window in windows:
+        opt.zero_grad()
+        if not opt.direction.one_pass:
+            for b in window:
+                k = opt.direction.pass_one_size(len(b["labels"]))
+                (model(**{n: v[:k] for n, v in b.items()}).loss / len(window)).backward()
+        opt.first_step(zero_grad=True)
+        for b in window:
+            (model(**b).loss / len(window)).backward()
+        opt.second_step(zero_grad=True)
+    return model
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("ascent, accum", [("momentum", 1), ("previous", 2), ("subbatch:0.5", 2)])
+def test_sam_trainer_directions_match_the_hand_loop(tmp_path, ascent, accum):
+    trainer = train(
+        tmp_path, {"opt": "sam-sgd", "rho": 0.1, "ascent": ascent, "momentum": 0.9}, accum=accum, batch_size=16 // accum
+    )
+    ref = one_pass_or_subbatch_loop(example.synthetic(64), ascent, 16 // accum, accum)
+    for (n, p), q in zip(trainer.model.named_parameters(), ref.parameters()):
+        torch.testing.assert_close(p.detach(), q.detach(), atol=1e-5, rtol=0, msg=n)

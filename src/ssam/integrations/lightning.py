@@ -108,6 +108,7 @@ class SAMCallback(L.Callback):
             self._fisher_target(pl_module)  # a module SSAM-F cannot call is refused now, not inside the Fisher
         k = trainer.accumulate_grad_batches
         for opt in self._opts:
+            _check_direction(opt, k)
             opt.closure_passes = "both" if k == 1 else "second"
         if k > 1:
             # Pass one of the window's last micro-batch runs before step; the closure given to step replays the
@@ -219,6 +220,24 @@ class SAMCallback(L.Callback):
         return optimizer_step
 
 
+def _check_direction(opt: SAM, k: int) -> None:
+    """The ascent directions Lightning's loop can drive: the gradient at w (any accumulation) and the one-pass
+    directions without accumulation (the closure then runs once, at w + e). A sub-batch needs a pass one on part of
+    the batch, which Lightning's closure (training_step on the whole batch) cannot give."""
+    d = opt.direction
+    if d.kind == "subbatch":
+        raise ValueError(
+            f"SAMCallback: ascent {str(d)!r} is not supported under Lightning (its closure runs training_step on the "
+            "whole batch); allowed: 'gradient', 'previous', 'momentum' or 'msam', or ssam train / "
+            "opt.step(closure, batch=...) for a sub-batch"
+        )
+    if d.one_pass and k > 1:
+        raise ValueError(
+            f"SAMCallback: ascent {str(d)!r} with accumulate_grad_batches={k}: Lightning runs the earlier "
+            "micro-batches at w before the step; allowed: accumulate_grad_batches=1 with a one-pass direction"
+        )
+
+
 class SAMMixedPrecision(MixedPrecision):
     """Lightning's 16-mixed precision with a loss scale that SAM's two passes can use.
 
@@ -244,6 +263,23 @@ class SAMMixedPrecision(MixedPrecision):
                 out = scaler.skip(optimizer)
             scaler.update()
             return out
+        if optimizer.direction.one_pass:  # no pass one: perturb along the stored direction, one closure at w + e
+            due = optimizer.ascent_due()
+            if due:
+                optimizer.first_step()
+            optimizer.zero_grad()
+            try:
+                loss = closure()
+            except BaseException:
+                optimizer.restore()
+                raise
+            if scaler.unscale_(optimizer):
+                self._after_closure(model, optimizer)
+                optimizer.step()  # finishes the pending step (or a plain one of the schedule)
+            else:
+                scaler.skip(optimizer)
+            scaler.update()
+            return loss
         loss = None
         if optimizer.closure_passes == "both":
             optimizer.zero_grad()

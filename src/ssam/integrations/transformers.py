@@ -93,6 +93,7 @@ class SAMTrainer(Trainer):
         self.fisher_dataset = fisher_dataset
         self.fisher_seed = int(fisher_seed)
         self._window: list[tuple[dict, Any]] = []
+        self._one_pass_micro = 0  # micro-batches of the window run at w + e so far (one-pass directions)
         self._epoch = 0
         self.add_callback(_EpochHooks(self))
 
@@ -163,9 +164,21 @@ class SAMTrainer(Trainer):
 
     # ------------------------------------------------------------------ the two passes
     def training_step(self, model: nn.Module, inputs: dict, num_items_in_batch: Any = None) -> Tensor:
+        direction = self.sam.direction
+        if direction.one_pass:
+            return self._one_pass_training_step(model, inputs, num_items_in_batch)
+        if direction.kind == "subbatch":  # pass one on the first ceil(F * b) examples of each micro-batch
+            self._window.append((dict(inputs), num_items_in_batch))
+            sub = _first_examples(inputs, direction.pass_one_size(_batch_size(inputs)))
+            loss = super().training_step(model, sub, None)
+            return self._after_window(model, loss)
         # compute_loss may pop keys (labels) from the dict: keep a copy for pass two.
         self._window.append((dict(inputs), num_items_in_batch))
         loss = super().training_step(model, inputs, num_items_in_batch)
+        return self._after_window(model, loss)
+
+    def _after_window(self, model: nn.Module, loss: Tensor) -> Tensor:
+        """Pass one of a micro-batch is done; at the window's last one, perturb and replay the window at w + e."""
         if not self.accelerator.sync_gradients:
             return loss  # an earlier micro-batch: its gradient at w joins the window's
         window, self._window = self._window, []
@@ -188,9 +201,36 @@ class SAMTrainer(Trainer):
         # began (second_step: restore w, base step with pass two's gradient).
         return loss
 
+    def _one_pass_training_step(self, model: nn.Module, inputs: dict, num_items_in_batch: Any) -> Tensor:
+        """A one-pass direction: the window's first micro-batch perturbs along the stored direction, every
+        micro-batch runs once at w + e, and the Trainer's optimizer.step() restores w and steps."""
+        sam = self.sam
+        if self._one_pass_micro == 0 and sam.ascent_due():
+            sam.first_step()
+        self._one_pass_micro += 1
+        try:
+            loss = super().training_step(model, inputs, num_items_in_batch)
+        except BaseException:
+            sam.restore()
+            raise
+        if self.accelerator.sync_gradients:
+            self._one_pass_micro = 0
+            refresh_after_first_backward(sam, self._epoch)  # SSAM-D: its refresh scores this gradient (at w + e)
+        return loss
+
     def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
         if "loss" in logs and self.optimizer is not None:
             density = mask_density(self.sam)
             if density is not None:
                 logs["mask_density"] = density
         super().log(logs, *args, **kwargs)
+
+
+def _batch_size(inputs: dict) -> int:
+    return next(v.shape[0] for v in inputs.values() if isinstance(v, Tensor) and v.dim() > 0)
+
+
+def _first_examples(inputs: dict, k: int) -> dict:
+    """The first k examples of a batch dict (every tensor with the batch's leading size; the rest as it is)."""
+    n = _batch_size(inputs)
+    return {key: v[:k] if isinstance(v, Tensor) and v.dim() > 0 and v.shape[0] == n else v for key, v in inputs.items()}
