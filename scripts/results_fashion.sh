@@ -19,6 +19,12 @@
 #   bash scripts/results_fashion.sh mem-full-rho-ssamd RHO [SEED] # after -wide chose SSAM-D's largest rho: RHO 0.6 or 0.7
 #   bash scripts/results_fashion.sh cheap DIRECTION [SEED]  # a cheap ascent on every step (SAM, 40% noise) over its rho grid:
 #                                                   # subbatch:0.25 | subbatch:0.125 | previous | momentum | msam
+#   bash scripts/results_fashion.sh cheap-sparse DIRECTION [SEED]  # after cheap: SSAM-F 0.5 and SSAM-D 0.5 with the chosen direction, its grid
+#   bash scripts/results_fashion.sh cheap-clean DIRECTION RHO [SEED]  # after cheap: the chosen setting on clean labels
+#   bash scripts/results_fashion.sh cheap-full DIRECTION RHO [SEED]   # after cheap: the chosen setting on the headline (60,000)
+#   bash scripts/results_fashion.sh cnn-cheap DIRECTION [SEED]  # after cheap: a direction on the CNN over its grid
+#   bash scripts/results_fashion.sh cnn-more RHO_SAM RHO_SSAMF [SEED]  # after cnn: channel and 2:4 SSAM-F with skipping,
+#                                                   # LookSAM:2, SAM with pass two's BN statistics frozen, at the chosen radii
 #   bash scripts/results_fashion.sh cnn [SEED]       # the CNN with BatchNorm (cnn_bn): SGD, SAM, SSAM-F, SSAM-D x rho 0.1, 0.2, 0.4
 #   bash scripts/results_fashion.sh noise RATE [SEED]  # the noise-rate curve on the MLP: SGD, SAM, SSAM-F x rho 0.05-0.3 at RATE 0, 0.2 or 0.6
 #   bash scripts/results_fashion.sh gpu SEED         # 4 runs, ResNet-18, one seed (about 10 min on one H200)
@@ -56,7 +62,11 @@ fashion_mem_rho_ssamd fashion_mem_full_rho fashion_mem_full_rho0.4 fashion_mem_f
 fashion_mem_full_rho0.6 fashion_mem_full_rho0.7
 fashion_cnn fashion_mem_noise0 fashion_mem_noise0.2 fashion_mem_noise0.6
 fashion_mem_cheap_subbatch-0.25 fashion_mem_cheap_subbatch-0.125 fashion_mem_cheap_previous fashion_mem_cheap_momentum
-fashion_mem_cheap_msam"
+fashion_mem_cheap_msam fashion_cnn_more fashion_cnn_looksam fashion_cnn_bnfrozen"
+# The follow-ups of the cheap ascents: one folder per direction (run names carry the rho and seed, not the direction).
+for d in subbatch-0.25 subbatch-0.125 previous momentum msam; do
+    FOLDERS+=" fashion_mem_cheap_sparse_$d fashion_mem_cheap_clean_$d fashion_mem_cheap_full_$d fashion_cnn_cheap_$d"
+done
 MEM=recipes/fashion_mnist_memorization.yaml
 CNN=recipes/fashion_mnist_memorization_cnn.yaml
 MEM_RHOS=0.05,0.1,0.2,0.3
@@ -74,7 +84,7 @@ cheap_rhos() {
         subbatch:0.25|subbatch:0.125) echo 0.2,0.3,0.4 ;;
         previous|momentum)            echo 0.15,0.2,0.25 ;;
         msam)                         echo 0.3,1,3 ;;
-        *) echo "results_fashion.sh cheap: got direction '$1'; allowed: subbatch:0.25 or subbatch:0.125 or previous or momentum or msam" >&2; exit 2 ;;
+        *) echo "results_fashion.sh $PART: got direction '$1'; allowed: subbatch:0.25 or subbatch:0.125 or previous or momentum or msam" >&2; exit 2 ;;
     esac
 }
 
@@ -201,6 +211,23 @@ case $PART in
     # rho chosen per optimizer by mean final validation accuracy from the 40% sweep's grid (fixed before these ran).
     cheap)     D=${2:-}; SEED=${3:-}; RHOS_D=$(cheap_rhos "$D")
                part "fashion_mem_cheap_${D/:/-}" --config $MEM $(seeds) --opts sam --rho "$RHOS_D" --sam_ascent "$D" ;;
+    # After cheap (each direction's radius chosen on validation): the chosen direction with sparse masks, on clean
+    # labels and on the headline, and on the CNN; the direction and radius are arguments, checked against the grids.
+    cheap-sparse) D=${2:-}; SEED=${3:-}; RHOS_D=$(cheap_rhos "$D")
+               part "fashion_mem_cheap_sparse_${D/:/-}" --config $MEM $(seeds) --opts ssamf,ssamd --rho "$RHOS_D" \
+                   --sam_ascent "$D" ;;
+    cheap-clean|cheap-full)
+               D=${2:-}; R=${3:-}; SEED=${4:-}; RHOS_D=$(cheap_rhos "$D"); radius "$R" ${RHOS_D//,/ }
+               if [[ $PART == cheap-clean ]]; then EXTRA=(--label_noise 0); else EXTRA=("${MEM_FULL[@]}"); fi
+               part "fashion_mem_${PART//-/_}_${D/:/-}" --config $MEM $(seeds) --opts sam --rho "$R" --sam_ascent "$D" \
+                   "${EXTRA[@]}" ;;
+    cnn-cheap) D=${2:-}; SEED=${3:-}; RHOS_D=$(cheap_rhos "$D")
+               part "fashion_cnn_cheap_${D/:/-}" --config $CNN $(seeds) --opts sam --rho "$RHOS_D" --sam_ascent "$D" ;;
+    cnn-more)  RS=${2:-}; RF=${3:-}; SEED=${4:-}; radius "$RS" 0.1 0.2 0.4; radius "$RF" 0.1 0.2 0.4
+               part fashion_cnn_more --config $CNN $(seeds) --opts ssamf --rho "$RF" \
+                   --sweep granularity=channel,2:4 --skip_dead
+               part fashion_cnn_looksam --config $CNN $(seeds) --opts sam --rho "$RS" --sam_schedule looksam:2
+               part fashion_cnn_bnfrozen --config $CNN $(seeds) --opts sam --rho "$RS" --freeze_bn_second_pass ;;
     cnn)       part fashion_cnn --config $CNN $(seeds) ;;
     noise)     R=${2:-}; SEED=${3:-}; one_of "noise rate" "$R" 0 0.2 0.6
                part fashion_mem_noise$R --config $MEM $(seeds) --opts sgd,sam,ssamf --rho $MEM_RHOS --label_noise "$R" ;;
