@@ -192,16 +192,6 @@ def test_profile_command_runs_each_tool_in_its_own_process(run_folder, tmp_path,
         run_hessian_profile(hessian_args(root / "runA", out, "--profile", "--per_layer"))
 
 
-def test_profile_old_module_name_warns_and_gives_the_bench_functions():
-    import ssam.analysis.profile as old
-    import ssam.bench.hessian as new
-
-    for name in ("format_profile", "measure", "run_profile"):
-        with pytest.warns(DeprecationWarning, match="ssam.bench.hessian"):
-            assert getattr(old, name) is getattr(new, name)
-    with pytest.raises(AttributeError):
-        old.no_such_name  # noqa: B018
-
 
 def test_trace_method_flag(run_folder, tmp_path, capsys):
     """Both methods give the same trace from the command line; an unknown one is one line and exit 2."""

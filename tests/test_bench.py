@@ -429,7 +429,7 @@ def test_ssamd_ties_at_the_threshold_keep_the_count():
 def test_gpu_conv_path_agrees_on_cpu():
     """The GPU's unfold-and-batched-product route, run on CPU tensors, against the CPU routes (tiny budget: many
     chunks of examples and of output channels)."""
-    from ssam.optim.fisher import _conv_fisher, _conv_fisher_unfold
+    from ssam.optim.fisher_hooks import _conv_fisher, _conv_fisher_unfold
 
     g = torch.Generator().manual_seed(4)
     for stride, width in ((1, 16), (2, 9), (1, 5)):

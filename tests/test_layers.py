@@ -26,8 +26,8 @@ LAYERS = [
     {"cli", "__main__", "__init__"},
 ]
 RANK = {name: i for i, layer in enumerate(LAYERS) for name in layer}
-# Deprecated names kept for one release: each forwards to the new home lazily, with a warning.
-SHIMS = {"analysis/profile.py"}
+# Deprecated names kept for one release: each forwards to the new home lazily, with a warning (none since 0.2).
+SHIMS: set[str] = set()
 
 
 def _imports(source: str, rel: Path) -> list[tuple[int, list[str]]]:

@@ -454,12 +454,6 @@ def test_step_returns_a_detached_loss_that_converts_quietly(passes):
 
 
 # ---------------------------------------------------------------------------------------------- the sparse base class
-def test_sparse_base_class_is_public_and_the_old_module_a_shim():
+def test_sparse_base_class_is_public():
     assert ssam.SparseSAM is ssam.optim.SparseSAM is ssam.optim.sparse.SparseSAM is SparseSAM
     assert issubclass(SSAMF, SparseSAM) and issubclass(SSAMD, SparseSAM) and not issubclass(SAM, SparseSAM)
-    from ssam.optim.ssam import STRATEGIES
-
-    assert STRATEGIES == ssam.optim.STRATEGIES
-    with pytest.warns(DeprecationWarning, match="ssam.optim.sparse.SparseSAM"):
-        from ssam.optim.ssam import _SparseSAM
-    assert _SparseSAM is SparseSAM

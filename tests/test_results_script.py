@@ -35,6 +35,7 @@ def grid_run(tmp_path, name, finished=True):
     return folder
 
 
+@pytest.mark.slow  # bash runs Python once per folder
 def test_noise_sweep_copies_the_grids_runs_of_the_seed(tmp_path):
     for seed in (1, 2):
         for opt in ("sgd", "sam"):
@@ -64,6 +65,7 @@ def test_noise_sweep_copies_the_grids_runs_of_the_seed(tmp_path):
     assert sorted(p.name for p in clean.iterdir()) == ["sam_rho0.05_seed2", "sgd_seed2"]
 
 
+@pytest.mark.slow  # bash runs Python once per folder
 def test_archive_keeps_small_files_and_tables(tmp_path):
     grid_run(tmp_path, "sgd_noise0_seed1")
     grid_run(tmp_path, "sam_noise0_seed1", finished=False)
@@ -87,6 +89,10 @@ def test_archive_keeps_small_files_and_tables(tmp_path):
         (("gpu", "x1"), "give a seed"),
         (("mem-full-rho-wide", "0.3"), "mem-full-rho-wide: got rho '0.3'; allowed: 0.4 or 0.5"),
         (("mem-full-rho-ssamd",), "mem-full-rho-ssamd: got rho ''; allowed: 0.6 or 0.7"),
+        (("cheap", "sideways"), "cheap: got direction 'sideways'; allowed: subbatch:0.25 or subbatch:0.125"),
+        (("cheap-clean", "previous", "0.3"), "cheap-clean: got rho '0.3'; allowed: 0.15 or 0.2 or 0.25"),
+        (("noise", "0.3"), "noise: got noise rate '0.3'; allowed: 0 or 0.2 or 0.6"),
+        (("cnn-more", "0.2", "0.3"), "cnn-more: got rho '0.3'; allowed: 0.1 or 0.2 or 0.4"),
     ],
 )
 def test_bad_part_or_seed_is_one_line_exit_2(tmp_path, args, needle):

@@ -1,5 +1,7 @@
 """ssam: Sharpness-Aware Minimization with sparse perturbation (Mi et al., NeurIPS 2022)."""
 
+from importlib import metadata as _metadata
+
 from .optim import (
     SAM,
     SSAMD,
@@ -12,7 +14,10 @@ from .optim import (
     frozen_bn_stats,
 )
 
-__version__ = "0.1.0"
+try:  # one place for the version: the package metadata (pyproject.toml)
+    __version__ = _metadata.version("sparse-sam")
+except _metadata.PackageNotFoundError:  # a source tree on sys.path without an install
+    __version__ = "0+unknown"
 __all__ = [
     "SAM",
     "SparseSAM",

@@ -33,7 +33,6 @@ from .plan import (
     plan_runs,
     read_status,
     record_grid,
-    run_name,
 )
 from .recipe import PAPER_SEEDS, load_recipe, seed_count, seed_list
 from .report import aggregate, load_run, mean_std, report
@@ -53,7 +52,6 @@ __all__ = [
     "seed_list",
     "seed_count",
     "group_label",
-    "run_name",
     "grid_folder_name",
     "hessian_of_run",
     "Lock",

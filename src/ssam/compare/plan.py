@@ -67,12 +67,9 @@ def _name_part(flag: str, value: Any) -> str:
     return f"{flag}{text}" if isinstance(value, (int, float)) and not isinstance(value, bool) else f"{flag}-{text}"
 
 
-def grid_folder_name(variant: str, axes: dict | float | None, seed: int) -> str:
+def grid_folder_name(variant: str, axes: dict, seed: int) -> str:
     """A comparison's name for a run folder, ``ssamf_s0.5_seed1``, ``sam_rho0.05_noise0.4_seed1`` (not the hashed
-    name ``ssam train`` gives a run by itself, ``train.identity.run_name``); ``axes`` may be a sparsity (the old
-    signature)."""
-    if not isinstance(axes, dict):
-        axes = {} if axes is None else {"sparsity": axes}
+    name ``ssam train`` gives a run by itself, ``train.identity.run_name``)."""
     return "_".join([variant, *(_name_part(f, v) for f, v in axes.items()), f"seed{seed}"])
 
 
@@ -275,13 +272,3 @@ def record_grid(s: Settings, runs: list[Run]) -> None:
             sort_keys=False,
         ).encode(),
     )
-
-
-def run_name(variant: str, axes: dict | float | None, seed: int) -> str:
-    """Deprecated name of ``grid_folder_name`` (it clashed with ``train.identity.run_name``)."""
-    import warnings
-
-    warnings.warn(
-        "ssam.compare.run_name is deprecated; use ssam.compare.grid_folder_name", DeprecationWarning, stacklevel=2
-    )
-    return grid_folder_name(variant, axes, seed)

@@ -7,8 +7,8 @@ Layout: ``sam`` (the wrapper and the two-pass protocol), ``sparse`` (``SparseSAM
 drop and grow), ``select`` (the one top-k rule), ``fisher`` (the empirical Fisher; its batched path in
 ``fisher_hooks``), ``bn`` (BatchNorm statistics around pass two), ``amp`` (fp16 loss scaling for two passes),
 ``registry`` (the optimizer families), ``factory`` (optimizers by ``--opt`` name), ``refresh`` (the mask refresh
-protocol), ``schedule`` and ``steps`` (ascent schedules), ``msharp`` (m-sharpness). ``ssam.optim.ssam`` is the old
-name of ``sparse``, kept for one release.
+protocol), ``schedule`` and ``steps`` (ascent schedules), ``ascent`` (where the perturbation's direction comes from),
+``msharp`` (m-sharpness).
 """
 
 from .amp import TwoPassScaler

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .bn import frozen_bn_stats
-from .fisher_hooks import _conv_fisher, _conv_fisher_unfold, _fisher_hooks, chunks, hook_plan  # noqa: F401  (the formulas' tests import them here)
+from .fisher_hooks import _fisher_hooks, chunks, hook_plan
 
 __all__ = ["FISHER_METHODS", "auto_method", "empirical_fisher", "frozen_bn_stats", "hook_plan", "iter_examples"]
 

@@ -2,7 +2,7 @@
 
 Granularities (``parse_granularity``):
 
-- ``element``: every entry on its own (the paper's rule; handled by ``ssam.optim.ssam.top_k_mask``).
+- ``element``: every entry on its own (the paper's rule; handled by ``ssam.optim.select``).
 - ``channel``: a group is one index along dim 0 of a parameter: an output channel (a row) of a weight, and one
   entry of a 1-D parameter (a bias or normalisation entry is scored on its own). Pairing a bias or BN entry with
   "its" output channel needs the module graph (which BN follows which conv), which an optimizer does not see; a
