@@ -192,7 +192,6 @@ def test_profile_command_runs_each_tool_in_its_own_process(run_folder, tmp_path,
         run_hessian_profile(hessian_args(root / "runA", out, "--profile", "--per_layer"))
 
 
-
 def test_trace_method_flag(run_folder, tmp_path, capsys):
     """Both methods give the same trace from the command line; an unknown one is one line and exit 2."""
     from ssam.cli import main

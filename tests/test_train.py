@@ -295,6 +295,13 @@ RESUME_CASES = [
     ("ssamd-sgd", ("--granularity", "2:4"), "mid-epoch"),
     ("ssamf-sgd", ("--granularity", "tensor", "--skip_dead", "--cost_aware"), "epoch-end"),
     ("ssamd-sgd", ("--granularity", "2:4"), "epoch-end"),
+    # The ascent directions (a stored direction, a sub-batch) and the trajectory losses (SAF's table of logits,
+    # MESA's teacher), killed mid-epoch: each state must come back from last.pt.
+    ("sam-sgd", ("--sam_ascent", "previous"), "mid-epoch"),
+    ("sam-sgd", ("--sam_ascent", "subbatch:0.5"), "mid-epoch"),
+    ("ssamd-sgd", ("--sam_ascent", "momentum"), "mid-epoch"),
+    ("sgd", ("--saf", "0.3", "--kl_start", "1", "--saf_lag", "1"), "mid-epoch"),
+    ("sgd", ("--mesa", "0.8", "--kl_start", "0"), "mid-epoch"),
 ]
 TIMING = {"elapsed", "epoch_time", "images_per_s", "wall_time", "time_per_epoch"}
 
@@ -919,3 +926,25 @@ def test_skip_dead_under_ddp_averages_the_first_pass_itself():
         assert absent == [True, True], rank  # the dead layer took no gradient in the first pass
         for w, g in zip(want, got):
             torch.testing.assert_close(torch.from_numpy(g), torch.from_numpy(w), rtol=1e-5, atol=1e-6)
+
+
+def test_epoch_time_counts_the_whole_epoch_across_mid_epoch_saves(tmp_path, one_thread, monkeypatch):
+    """metrics.jsonl's epoch_time and images_per_s are of the epoch's steps, not of those since the last
+    mid-epoch save (a clock that advances one second per training step makes it exact)."""
+    import time as time_module
+
+    from ssam.train.loop import Trainer
+
+    clock = {"now": 1000.0}
+    step = Trainer.train_step
+
+    def timed_step(self, *args, **kwargs):
+        clock["now"] += 1.0
+        return step(self, *args, **kwargs)
+
+    monkeypatch.setattr(Trainer, "train_step", timed_step)
+    monkeypatch.setattr(time_module, "time", lambda: clock["now"])
+    assert train(tmp_path, "--opt", "sgd", *RESUME_ARGS) == 0  # 4 steps an epoch, a save every 2 steps
+    records = [json.loads(x) for x in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch_time"] for r in records] == [float(STEPS)] * 2
+    assert [r["images_per_s"] for r in records] == [16.0] * 2  # a batch of 16 a second

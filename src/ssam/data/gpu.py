@@ -52,6 +52,7 @@ class GPULoader:
         cutout_p: float = 0.5,
         seed: int = 0,
     ):
+        self.with_index = False  # True: yield (images, labels, indices)
         if batch_size <= 0:
             raise UsageError(f"batch size must be positive, got {batch_size}")
         device = torch.device(device if device is not None else "cpu")
@@ -142,7 +143,10 @@ class GPULoader:
             order = torch.arange(n, device=self.device)
         for b in range(len(self)):
             idx = order[b * self.batch_size : (b + 1) * self.batch_size]
-            yield self._augment(self.images[idx], gen), self.labels[idx]
+            if self.with_index:  # the examples' positions in the data set (SAF looks its logits up by them)
+                yield self._augment(self.images[idx], gen), self.labels[idx], idx
+            else:
+                yield self._augment(self.images[idx], gen), self.labels[idx]
 
     def _augment(self, x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
         x = x.float().div_(255) if x.dtype == torch.uint8 else x.float()

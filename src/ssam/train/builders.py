@@ -59,6 +59,7 @@ class SeededAugment(Dataset):
 
     def __init__(self, dataset: Dataset, seed: int) -> None:
         self.dataset, self.seed, self.epoch = dataset, seed, 0
+        self.with_index = False  # True: (input, target, index), for a loss that looks examples up (SAF)
 
     def __len__(self) -> int:
         return len(self.dataset)  # type: ignore[arg-type]
@@ -68,7 +69,8 @@ class SeededAugment(Dataset):
             # The CPU generator alone (what fork_rng saves): torch.manual_seed would also record a traceback per call
             # for lazy CUDA seeding, about 3 ms an example on a CPU. Same stream.
             torch.random.default_generator.manual_seed((self.seed * 1_000_003 + self.epoch) * 10_000_019 + index)
-            return self.dataset[index]
+            item = self.dataset[index]
+        return (*item, index) if self.with_index else item
 
 
 def train_loader(cfg: Namespace, dataset: Dataset, rank: int, world: int) -> DataLoader:
@@ -230,6 +232,8 @@ def build_loaders(cfg: Namespace, data: TrainingData, device: torch.device, rank
         )
     else:
         train = train_loader(cfg, data.train, rank, world)
+    if getattr(cfg, "saf", None) is not None:  # SAF looks each example's past logits up by its index
+        (train if cfg.gpu_data else train.dataset).with_index = True
     val_world = world if cfg.distributed_val else 1
     return Loaders(
         train=train,

@@ -13,10 +13,11 @@ linear layers (the MLP of the memorization recipe); for convolutions, parameter 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 from torch import Tensor
 
-__all__ = ["pass_cost"]
+__all__ = ["pass_cost", "step_passes"]
 
 FORWARD = INPUT_GRAD = WEIGHT_GRAD = 1.0
 
@@ -38,3 +39,20 @@ def pass_cost(params: Sequence[Tensor], live: Sequence[bool]) -> float:
     """One pass's cost relative to a full one, when only the tensors with ``live`` True take a gradient."""
     sizes = [p.numel() for p in params]
     return _work(sizes, live) / _work(sizes, [True] * len(sizes))
+
+
+def step_passes(
+    ascend: bool, chunked: bool, first_backward: bool, direction: Any, first_pass: float, sizes: Sequence[int]
+) -> float:
+    """Passes per example of one trainer step: a plain step 1; m-sharpness 2 (a skipping first pass not modelled),
+    plus 1 for the refresh's pass over the batch; a one-pass direction 1; a sub-batch 1 + its share of the batch
+    (ceil(F * b) of each micro-batch of ``sizes`` examples); else ``first_pass`` (1, or a skipping pass's cost) + 1."""
+    if not ascend:
+        return 1.0
+    if chunked:
+        return 2.0 + float(first_backward)
+    if direction is not None and direction.one_pass:
+        return 1.0
+    if direction is not None and direction.kind == "subbatch":
+        return 1.0 + sum(direction.pass_one_size(s) for s in sizes) / sum(sizes)
+    return first_pass + 1.0

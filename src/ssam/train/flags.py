@@ -16,6 +16,7 @@ from ..optim.fisher import FISHER_METHODS
 from ..optim.groups import parse_granularity
 from ..optim.schedule import parse_schedule
 from ..optim.sparse import STRATEGIES
+from .trajectory import KL_START, KL_TEMPERATURE, MESA_DECAY, MESA_LAMBDA, SAF_LAG, SAF_LAMBDA
 
 SCHEDULERS = ("CosineLRscheduler", "MultiStepLRscheduler")
 
@@ -203,6 +204,34 @@ def build_parser(prog: str = "ssam train") -> argparse.ArgumentParser:
         action="store_true",
         help="do not update BatchNorm running statistics in SAM's second forward pass",
     )
+
+    g = p.add_argument_group("trajectory losses: SAF and MESA (no ascent; with --opt sgd or adamw)")
+    g.add_argument(
+        "--saf",
+        type=float,
+        default=None,
+        metavar="LAMBDA",
+        help=f"SAF: add LAMBDA * T^2 * KL(the example's logits LAG epochs ago || now), one pass (paper: {SAF_LAMBDA})",
+    )
+    g.add_argument(
+        "--mesa",
+        type=float,
+        default=None,
+        metavar="LAMBDA",
+        help=f"MESA: the same KL against an EMA teacher's logits, one extra forward (paper: {MESA_LAMBDA})",
+    )
+    g.add_argument(
+        "--kl_temperature", type=float, default=KL_TEMPERATURE, metavar="T", help="SAF/MESA: the KL's temperature"
+    )
+    g.add_argument(
+        "--kl_start",
+        type=int,
+        default=KL_START,
+        metavar="EPOCH",
+        help="SAF/MESA: first epoch (from 0) with the KL term",
+    )
+    g.add_argument("--saf_lag", type=int, default=SAF_LAG, metavar="E", help="SAF: epochs between the logits compared")
+    g.add_argument("--mesa_decay", type=float, default=MESA_DECAY, help="MESA: the teacher's EMA decay per step")
 
     g = p.add_argument_group("schedule")
     g.add_argument("--epochs", type=int, default=None, help="epochs (default 200, 15 on digits)")

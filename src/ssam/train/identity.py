@@ -49,6 +49,10 @@ def _only_when(cfg: dict[str, Any]) -> dict[str, bool]:
     return {
         **relevant,
         **{flag: cfg.get("model") == model for model, (flag, _) in WIDTH_FLAGS.items()},
+        "kl_temperature": cfg.get("saf") is not None or cfg.get("mesa") is not None,
+        "kl_start": cfg.get("saf") is not None or cfg.get("mesa") is not None,
+        "saf_lag": cfg.get("saf") is not None,
+        "mesa_decay": cfg.get("mesa") is not None,
         "eta_min": cosine, "milestone": not cosine, "gamma": not cosine, "warmup_init_lr": cfg["warmup_epoch"] > 0,
     }  # fmt: skip
 
@@ -85,6 +89,9 @@ def run_name(cfg: dict[str, Any], defaults: dict[str, Any], _colon: bool = False
         parts.append(cfg["sam_ascent"].replace(":", "-"))
     if wrapper and cfg.get("sam_micro_batch"):
         parts.append(f"m{cfg['sam_micro_batch']}")
+    for loss in ("saf", "mesa"):
+        if cfg.get(loss) is not None:
+            parts.append(f"{loss}{cfg[loss]:g}")
     if cfg.get("train_subset"):
         parts.append(f"n{cfg['train_subset']}")
     if cfg["label_noise"]:

@@ -19,6 +19,7 @@ from typing import Any, cast
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 import yaml
 from torch.nn.parallel import DistributedDataParallel
 
@@ -39,7 +40,7 @@ from .builders import (
     set_loader_epoch,
 )
 from .config import to_plain
-from .cost import pass_cost
+from .cost import pass_cost, step_passes
 from .distributed import (
     all_reduce_mean,
     broadcast_masks,
@@ -57,6 +58,7 @@ from .report import StepLog, epoch_line, epoch_record, run_header, run_summary
 from .rng import rng_state, seed_everything, set_rng_state
 from .rundir import RunDir, Trackers, checkpoint_to_resume
 from .step import micro_batch_step, train_step
+from .trajectory import build_trajectory
 
 __all__ = ["Trainer", "train"]
 
@@ -98,6 +100,8 @@ class Trainer:
         self.sam: SAM | None = self.opt if isinstance(self.opt, SAM) else None
         self.sparse: SparseSAM | None = self.opt if isinstance(self.opt, SparseSAM) else None
         self.sched = EpochLR(self.opt, cfg)
+        # SAF or MESA: a loss term against the model's own past predictions (ssam.train.trajectory), or None.
+        self.trajectory = build_trajectory(cfg, self.model, len(data.train), data.info.num_classes, self.device)
         self.scaler = TwoPassScaler(enabled=cfg.amp == "fp16")
         self.autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.amp)
         # How the optimizer's mask is refreshed (None: it has none); see ssam.optim.refresh.
@@ -148,6 +152,8 @@ class Trainer:
         except (ValueError, KeyError) as e:
             raise UsageError(f"checkpoint optimizer state does not fit --opt {self.cfg.opt}: {e}") from None
         self.sched.load_state_dict(ckpt["scheduler"])
+        if self.trajectory is not None:
+            self.trajectory.load_state_dict(ckpt["trajectory"])
         if "scaler" in ckpt:
             self.scaler.load_state_dict(ckpt["scaler"])
         self.progress = Progress.from_checkpoint(ckpt)
@@ -163,6 +169,7 @@ class Trainer:
             "optimizer": self.opt.state_dict(),
             "scheduler": self.sched.state_dict(),
             "scaler": self.scaler.state_dict(),
+            **({"trajectory": self.trajectory.state_dict()} if self.trajectory is not None else {}),
             **self.progress.to_checkpoint(epoch, step, partial),
             "rng": rng_state(),
             "finished": finished,
@@ -174,9 +181,12 @@ class Trainer:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.autocast_dtype)
 
-    def train_step(self, epoch: int, step: int, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """One optimizer step on a batch: its ``batch_sums`` and a flag, read later, of a non-finite loss/gradient."""
-        cfg, opt, sparse = self.cfg, self.opt, self.sparse
+    def train_step(
+        self, epoch: int, step: int, x: torch.Tensor, y: torch.Tensor, index: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One optimizer step on a batch: its ``batch_sums`` and a flag, read later, of a non-finite loss/gradient.
+        ``index``: the examples' positions in the training set (the loaders yield it for SAF)."""
+        cfg, opt, sparse, traj = self.cfg, self.opt, self.sparse, self.trajectory
         x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
         if cfg.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
@@ -223,10 +233,13 @@ class Trainer:
                 before_ascent=after_first_backward if first_backward else None,
             )
         else:
+            k = cfg.grad_accum
+            extras = traj.extras(x, cast(torch.Tensor, index)) if traj is not None else ()
             res = train_step(
                 self.net,
                 opt,
-                list(zip(x.chunk(cfg.grad_accum), y.chunk(cfg.grad_accum))),
+                list(zip(x.chunk(k), y.chunk(k), *(e.chunk(k) for e in extras))),
+                traj.bind(epoch) if traj is not None else F.cross_entropy,
                 model=self.model,
                 scaler=self.scaler,
                 autocast=self._autocast,
@@ -239,15 +252,12 @@ class Trainer:
                 grads_to_none=self._grads_to_none,
                 ascend=ascend,
             )
-        if chunked:  # two passes per example (a skipping first pass not modelled), plus the refresh's pass
-            per_example = 2.0 + float(first_backward)
-        elif ascend and direction is not None and direction.one_pass:
-            per_example = 1.0
-        elif ascend and direction is not None and direction.kind == "subbatch":
-            micro = y.chunk(cfg.grad_accum)
-            per_example = 1.0 + sum(direction.pass_one_size(len(c)) for c in micro) / len(y)
-        else:
-            per_example = 1.0 if not ascend else (self._first_pass_cost if skip else 1.0) + 1.0
+        first_cost = self._first_pass_cost if skip else 1.0
+        sizes = [len(c) for c in y.chunk(cfg.grad_accum)]
+        per_example = step_passes(ascend, chunked, first_backward, direction, first_cost, sizes)
+        if traj is not None:
+            traj.after_step(self.model)
+            per_example += traj.extra_passes(epoch)
         self.progress.count(per_example, len(y) * self.world)
         return batch_sums(res.loss_sum, res.outputs, y), res.nonfinite
 
@@ -310,16 +320,18 @@ class Trainer:
         seen_before = acc[3].item()
         skipped0 = self.scaler.skipped_steps
         taken0 = self.sam.steps_taken if self.sam is not None else (0, 0)
-        t0 = time.time()
+        if start and progress.partial is not None and "taken" in progress.partial:
+            taken0 = tuple(int(t) for t in progress.partial["taken"])  # the epoch's counts from its first step
+        t0 = t_epoch = time.time()  # t0: since the last save (the run's elapsed time); t_epoch: this epoch's
         bar = StepLog(self.run.main, cfg.quiet, cfg.log_freq, epoch, cfg.epochs, steps - start)
         pending = None
         step = start
         for step in range(start, steps):
             try:
-                x, y = next(batches)
+                x, y, *index = next(batches)  # (x, y, index) for SAF
             except StopIteration:
                 break
-            sums, bad = self.train_step(epoch, step, x, y)
+            sums, bad = self.train_step(epoch, step, x, y, *index)
             # Read the previous step's flag now, so the check costs no pipeline stall.
             if pending is not None:
                 self._raise_if_bad(pending, epoch)
@@ -332,7 +344,7 @@ class Trainer:
                 pending = None
                 progress.elapsed += time.time() - t0
                 t0 = time.time()
-                self.run.save(RunDir.LAST, self.checkpoint(epoch, step + 1, {"acc": acc.cpu()}))
+                self.run.save(RunDir.LAST, self.checkpoint(epoch, step + 1, {"acc": acc.cpu(), "taken": torch.tensor(taken0)}))
                 if self.stop_signal is not None:
                     bar.close()
                     raise Interrupted(
@@ -344,8 +356,8 @@ class Trainer:
             self._raise_if_bad(pending, epoch)
         bar.close()
         progress.step, progress.partial = 0, None
-        dt = time.time() - t0
-        progress.elapsed += dt
+        progress.elapsed += time.time() - t0
+        dt = time.time() - t_epoch  # the epoch's steps (of this process: a resumed epoch counts from its resume)
         if self.world > 1:
             dist.all_reduce(acc)
         n = max(acc[3].item(), 1)

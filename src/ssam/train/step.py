@@ -26,7 +26,7 @@ from ..optim.msharp import ascend_by_chunks, split_batch, vectorised_ascent
 
 __all__ = ["StepResult", "train_step", "micro_batch_step"]
 
-LossFn = Callable[[Tensor, Tensor], Tensor]
+LossFn = Callable[..., Tensor]  # loss_fn(logits, targets, *extras): the extras ride along in each micro-batch
 
 
 @dataclass
@@ -41,7 +41,7 @@ class StepResult:
 def _forward_backward(
     net: nn.Module,
     model: nn.Module,
-    micro_batches: Sequence[tuple[Tensor, Tensor]],
+    micro_batches: Sequence[tuple[Tensor, ...]],
     loss_fn: LossFn,
     scaler: TwoPassScaler,
     autocast: Callable[[], AbstractContextManager[Any]],
@@ -50,16 +50,16 @@ def _forward_backward(
     freeze_bn: bool,
 ) -> tuple[list[Tensor], Tensor]:
     """Forward + backward over the micro-batches; under DDP only the last one all-reduces, and only if sync_last."""
-    n = sum(x.shape[0] for x, _ in micro_batches)
+    n = sum(mb[0].shape[0] for mb in micro_batches)
     outs: list[Tensor] = []
     loss_sum = torch.zeros((), device=micro_batches[0][0].device)
-    for i, (x, y) in enumerate(micro_batches):
+    for i, (x, y, *extras) in enumerate(micro_batches):
         sync = sync_last and i == len(micro_batches) - 1
         quiet = no_sync() if (no_sync is not None and not sync) else contextlib.nullcontext()
         bn = frozen_bn_stats(model) if freeze_bn else contextlib.nullcontext()
         with quiet, bn, autocast():
             out = net(x)
-            loss = loss_fn(out, y)
+            loss = loss_fn(out, y, *extras)
         # Weighted by the micro-batch's share, the accumulated gradient is that of the whole batch's mean loss.
         scaler.scale(loss * (x.shape[0] / n)).backward()
         outs.append(out.detach())
@@ -78,7 +78,7 @@ def _nonfinite(model: nn.Module, loss_sum: Tensor, scaler: TwoPassScaler) -> Ten
 def train_step(
     net: nn.Module,
     opt: torch.optim.Optimizer,
-    micro_batches: Sequence[tuple[Tensor, Tensor]],
+    micro_batches: Sequence[tuple[Tensor, ...]],
     loss_fn: LossFn = F.cross_entropy,
     *,
     model: nn.Module | None = None,
@@ -93,7 +93,8 @@ def train_step(
     grads_to_none: bool = True,
     ascend: bool = True,
 ) -> StepResult:
-    """One training step over ``micro_batches`` (a list of ``(inputs, targets)``; one pair for no accumulation).
+    """One training step over ``micro_batches`` (a list of ``(inputs, targets, *extras)``; one for no accumulation;
+    ``loss_fn(logits, targets, *extras)``: the extras are what a trajectory loss looks up, ssam.train.trajectory).
 
     net: the module called (a DDP or compiled wrapper); model: the plain module (BatchNorm, gradients), default net.
     scaler: ``TwoPassScaler`` for fp16 (default: a disabled one); autocast: a context factory for the passes.
@@ -125,8 +126,7 @@ def train_step(
     direction = opt.direction if sam and isinstance(opt, SAM) else None
     one_pass = direction is not None and direction.one_pass
     if direction is not None and direction.kind == "subbatch":
-        first_batches = [(x[: direction.pass_one_size(len(x))], y[: direction.pass_one_size(len(x))])
-                         for x, y in micro_batches]  # fmt: skip
+        first_batches = [tuple(t[: direction.pass_one_size(len(mb[0]))] for t in mb) for mb in micro_batches]
     else:
         first_batches = list(micro_batches)
     outs: list[Tensor] = []

@@ -25,12 +25,13 @@ def _show_value(value: Any) -> str:
     return f"{value:g}" if isinstance(value, float) else str(value)
 
 
+def need(cond: bool, msg: str) -> None:
+    if not cond:
+        raise UsageError(msg)
+
+
 def validate(cfg: argparse.Namespace) -> None:
     """Every range check of the command line, each failing with one line that names the value and the rule."""
-
-    def need(cond: bool, msg: str) -> None:
-        if not cond:
-            raise UsageError(msg)
 
     need(
         cfg.dataset in DATASETS,
@@ -187,6 +188,7 @@ def validate(cfg: argparse.Namespace) -> None:
         f"--skip_dead with --sam_ascent {cfg.sam_ascent}: a one-pass direction has no first pass to skip; allowed: "
         "--skip_dead with --sam_ascent gradient or subbatch:F",
     )
+    _check_trajectory(cfg, wrapper)
     m = cfg.sam_micro_batch
     if m is not None:
         micro = cfg.batch_size // cfg.grad_accum
@@ -210,3 +212,28 @@ def validate(cfg: argparse.Namespace) -> None:
         )
     if cfg.amp == "fp16" and cfg.device == "cpu":
         raise UsageError("--amp fp16 needs a CUDA device; on CPU use --amp bf16 or none")
+
+
+def _check_trajectory(cfg: argparse.Namespace, wrapper: str | None) -> None:
+    """SAF and MESA (ssam.train.trajectory): their settings, and the runs they can be part of."""
+    for flag in ("saf", "mesa"):
+        lam = getattr(cfg, flag)
+        need(lam is None or lam >= 0, f"--{flag} {lam} is out of range; allowed: a number >= 0 (the KL's weight)")
+    if cfg.saf is None and cfg.mesa is None:
+        return
+    need(cfg.saf is None or cfg.mesa is None, "--saf and --mesa together; allowed: one trajectory loss per run")
+    flag = "saf" if cfg.saf is not None else "mesa"
+    need(
+        not registry.family(wrapper).sam,
+        f"--{flag} with --opt {cfg.opt}: the trajectory loss replaces SAM's ascent; allowed: --opt sgd or adamw",
+    )
+    need(cfg.kl_temperature > 0, f"--kl_temperature {cfg.kl_temperature} is out of range; allowed: a number > 0")
+    need(cfg.kl_start >= 0, f"--kl_start {cfg.kl_start} is out of range; allowed: an integer >= 0 (an epoch)")
+    need(cfg.saf_lag >= 1, f"--saf_lag {cfg.saf_lag} is out of range; allowed: an integer >= 1 (epochs)")
+    need(0 <= cfg.mesa_decay < 1, f"--mesa_decay {cfg.mesa_decay} is out of range; allowed: 0 <= decay < 1")
+    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    need(
+        world == 1,
+        f"--{flag} under torchrun ({world} processes): each rank sees other examples each epoch and the "
+        "trajectory state is kept per process; allowed: one process",
+    )
