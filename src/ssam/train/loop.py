@@ -10,8 +10,6 @@ from __future__ import annotations
 import contextlib
 import itertools
 import json
-import signal
-import sys
 import time
 from argparse import Namespace
 from functools import partial
@@ -60,7 +58,7 @@ from .rundir import RunDir, Trackers, checkpoint_to_resume
 from .step import micro_batch_step, train_step
 from .trajectory import build_trajectory
 
-__all__ = ["Trainer", "train"]
+__all__ = ["Trainer"]
 
 
 # ------------------------------------------------------------------------------------------ the run
@@ -321,7 +319,8 @@ class Trainer:
         skipped0 = self.scaler.skipped_steps
         taken0 = self.sam.steps_taken if self.sam is not None else (0, 0)
         if start and progress.partial is not None and "taken" in progress.partial:
-            taken0 = tuple(int(t) for t in progress.partial["taken"])  # the epoch's counts from its first step
+            steps0, ascents0 = (int(t) for t in progress.partial["taken"])  # the epoch's counts from its first step
+            taken0 = (steps0, ascents0)
         t0 = t_epoch = time.time()  # t0: since the last save (the run's elapsed time); t_epoch: this epoch's
         bar = StepLog(self.run.main, cfg.quiet, cfg.log_freq, epoch, cfg.epochs, steps - start)
         pending = None
@@ -344,7 +343,9 @@ class Trainer:
                 pending = None
                 progress.elapsed += time.time() - t0
                 t0 = time.time()
-                self.run.save(RunDir.LAST, self.checkpoint(epoch, step + 1, {"acc": acc.cpu(), "taken": torch.tensor(taken0)}))
+                self.run.save(
+                    RunDir.LAST, self.checkpoint(epoch, step + 1, {"acc": acc.cpu(), "taken": torch.tensor(taken0)})
+                )
                 if self.stop_signal is not None:
                     bar.close()
                     raise Interrupted(
@@ -425,11 +426,8 @@ class Trainer:
             last = rec
         if self.sparse is not None:
             run.write_json(RunDir.MASKS, self.sparse.mask_stats())
-        summary = run_summary(progress, last, cfg.epochs, cfg.start_epoch)
-        # Which pass the logged training loss and accuracy are of: pass one at w (the gradient direction, and the
-        # plain optimizers), else pass two at w + e over the whole batch (ssam.train.step).
-        at_w = self.sam is None or self.sam.direction.at_w
-        summary["train_loss_pass"] = "one (at w)" if at_w else "two (at w + e)"
+        at_w = self.sam is None or self.sam.direction.at_w  # which pass the training loss is of
+        summary = run_summary(progress, last, cfg.epochs, cfg.start_epoch, loss_at_w=at_w)
         if self.world > 1:
             summary["ranks_agree"] = weights_agree(self.model, self.sparse, self.world)
         # A resume with no epoch left keeps the summary of the run that trained them.
@@ -438,28 +436,3 @@ class Trainer:
         if self.trackers:
             self.trackers.close()
         return summary
-
-
-def train(cfg: Namespace) -> dict:
-    """Run a whole training from a parsed configuration; exceptions carry the exit status (see cli)."""
-    trainer = Trainer(cfg)
-    previous = {}
-
-    def on_signal(signum, _frame):
-        if trainer.stop_signal is not None:  # a second Ctrl-C: stop now
-            raise KeyboardInterrupt
-        trainer.stop_signal = signum
-        print(f"\nssam: signal {signum} received; finishing the current step and writing last.pt", file=sys.stderr)
-
-    for s in (signal.SIGINT, signal.SIGTERM):
-        try:
-            previous[s] = signal.signal(s, on_signal)
-        except ValueError:  # not the main thread
-            pass
-    try:
-        return trainer.fit()
-    finally:
-        for s, h in previous.items():
-            signal.signal(s, h)
-        if dist.is_initialized():
-            dist.destroy_process_group()

@@ -120,8 +120,12 @@ def epoch_line(rec: dict, epochs: int, mask: bool, ascent: bool) -> str:
     )
 
 
-def run_summary(progress: Progress, last: dict, epochs: int, start_epoch: int) -> dict[str, Any]:
-    """summary.json of a finished run; ``last`` is the final epoch's record."""
+def run_summary(
+    progress: Progress, last: dict, epochs: int, start_epoch: int, loss_at_w: bool = True
+) -> dict[str, Any]:
+    """summary.json of a finished run; ``last`` is the final epoch's record. ``loss_at_w``: the logged training loss
+    is pass one's, at w (SAM's gradient direction, the plain optimizers), else pass two's at w + e over the whole
+    batch (the other ascent directions, ssam.train.step)."""
     summary: dict[str, Any] = {
         "finished": True,
         "best_acc1": progress.best_acc1,
@@ -132,6 +136,7 @@ def run_summary(progress: Progress, last: dict, epochs: int, start_epoch: int) -
         "time_per_epoch": progress.elapsed / max(1, epochs - start_epoch),
         "skipped_steps": progress.skipped_steps,
         "passes_per_example": progress.passes_per_example,
+        "train_loss_pass": "one (at w)" if loss_at_w else "two (at w + e)",
     }
     if progress.best_val:
         summary.update(
