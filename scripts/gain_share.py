@@ -16,10 +16,23 @@ import statistics
 import sys
 from pathlib import Path
 
-SETTINGS = ("sparsity", "rho", "granularity", "cost_aware", "skip_dead", "sam_schedule", "sam_micro_batch")
+from ssam.runfolder import RunFolder
 
-
-DEFAULTS = ("", "none", "False", "element")  # settings at these values are left out of a group's label
+SETTINGS = (
+    "sparsity",
+    "rho",
+    "granularity",
+    "cost_aware",
+    "skip_dead",
+    "sam_schedule",
+    "sam_micro_batch",
+    "sam_ascent",
+    "saf",
+    "mesa",
+)
+# Settings a folder may give all its runs as one flag (not a runs.csv column): read from each run's config.yaml.
+RUN_SETTINGS = ("sam_ascent", "saf", "mesa")
+DEFAULTS = ("", "none", "None", "False", "element", "gradient")  # settings at these values are left out of a label
 
 
 def _key(row: dict) -> tuple:
@@ -44,7 +57,11 @@ def main(argv: list[str]) -> int:
             print(f"gain_share.py: {path} not found; run ssam compare --report_only first", file=sys.stderr)
             return 2
         with open(path) as f:
-            rows += [r for r in csv.DictReader(f) if r["finished"] == "True" and r[args.metric]]
+            found = [r for r in csv.DictReader(f) if r["finished"] == "True" and r[args.metric]]
+        for r in found:
+            config = RunFolder(Path(folder) / "runs" / r["name"]).config() or {}
+            r.update({k: str(config[k]) for k in RUN_SETTINGS if not r.get(k) and config.get(k) is not None})
+        rows += found
     groups: dict[tuple, dict[str, dict]] = {}
     for r in rows:
         groups.setdefault(_key(r), {})[r["seed"]] = r
@@ -96,7 +113,12 @@ def _plot(path: str, points: list[tuple[str, float, float]], metric: str) -> Non
     import matplotlib.pyplot as plt
 
     def short(label: str) -> str:
-        return label.replace(" sam_schedule=", " ").replace(" sam_micro_batch=", " m=").replace(":0.7", "")
+        return (
+            label.replace(" sam_schedule=", " ")
+            .replace(" sam_micro_batch=", " m=")
+            .replace(" sam_ascent=", " ")
+            .replace(":0.7", "")
+        )
 
     floor = min(acc for label, _, acc in points if label.startswith("sgd")) - 3  # the base optimizer's, minus 3
     below = [short(label) for label, _, acc in points if acc < floor]
