@@ -92,7 +92,7 @@ cheap_rhos() {
 }
 
 machine() {
-    echo "host $(hostname), $(nproc) cores, load $(cut -d' ' -f1-3 /proc/loadavg)"
+    echo "host $(hostname), $(nproc --all) cores, load $(cut -d' ' -f1-3 /proc/loadavg)"
     command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total --format=csv,noheader || true
 }
 
