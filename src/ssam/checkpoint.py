@@ -29,22 +29,57 @@ from .errors import UsageError
 VERSION = 1
 
 
+def _first_line(e: BaseException) -> str:
+    """An exception's first line, whole (torch's messages are long; a cut one misleads), or its type."""
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def _unpickler_reason(e: BaseException) -> str:
+    """The reason inside torch's long weights-only message ("Unsupported global: GLOBAL x.Y ...", "Unsupported
+    operand 214"): its first sentence, on one line."""
+    text = str(e)
+    marker = "WeightsUnpickler error:"
+    if marker in text:
+        text = text.split(marker, 1)[1]
+    text = next((part for part in text.split("\n\n") if part.strip()), "")  # its first paragraph
+    words = " ".join(text.split())
+    return (words.split(". ")[0].rstrip(".") if words else type(e).__name__)[:300]
+
+
+def _not_a_torch_file(path: Path) -> str | None:
+    """Why the file cannot be a torch checkpoint (a zip archive since torch 1.6, a pickle before), or None."""
+    with open(path, "rb") as f:
+        head = f.read(64)
+    if not head:
+        return "is empty"
+    if head.startswith(b"version https://git-lfs"):
+        return "is a git-lfs pointer, not the checkpoint itself (fetch it with: git lfs pull)"
+    if head.startswith(b"PK\x03\x04") or head[:1] == b"\x80":
+        return None
+    return f"is not a torch checkpoint (a zip archive or a pickle): it starts with {head[:12]!r}"
+
+
 def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict:
     """Load a checkpoint safely; every failure becomes a one-line ``UsageError`` naming the file."""
     path = Path(path)
     if not path.is_file():
         raise UsageError(f"checkpoint not found: {path}")
+    not_torch = _not_a_torch_file(path)
+    if not_torch:
+        raise UsageError(f"checkpoint {path} is truncated or corrupt: it {not_torch}")
     try:
         obj = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UsageError(
-            f"refusing to load {path}: it holds objects that plain tensors and containers cannot express "
-            f"(possible code execution); only checkpoints written by ssam load ({first[:160]})"
-        ) from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UsageError(f"checkpoint {path} is truncated or corrupt: {first[:200]}") from None
+        why = _unpickler_reason(e)
+        if why.startswith("Unsupported global"):  # weights_only met a class or function: executable content
+            raise UsageError(
+                f"refusing to load {path}: it holds objects that plain tensors and containers cannot express "
+                f"(possible code execution); only checkpoints written by ssam load. torch said: {why}"
+            ) from None
+        raise UsageError(f"checkpoint {path} is truncated or corrupt: torch said: {why}") from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, KeyError, ValueError, IndexError) as e:
+        raise UsageError(f"checkpoint {path} is truncated or corrupt: {_first_line(e)}") from None
     if not isinstance(obj, dict) or "model" not in obj:
         raise UsageError(f"{path} is not an ssam checkpoint (no 'model' entry)")
     return obj
