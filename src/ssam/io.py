@@ -29,6 +29,8 @@ def write_atomic(path: str | os.PathLike, data: bytes | Callable[[BinaryIO], Non
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        # mkstemp makes the file 0600; a file written by open() gets 0666 less the umask, and so does this one.
+        os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, "wb") as f:
             if callable(data):
                 data(f)
@@ -48,6 +50,13 @@ def write_atomic(path: str | os.PathLike, data: bytes | Callable[[BinaryIO], Non
         except FileNotFoundError:
             pass
         raise
+
+
+def _umask() -> int:
+    """The process's umask (read by setting it, then putting it back: there is no other portable way)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def save_torch(obj: Any, path: str | os.PathLike) -> None:
