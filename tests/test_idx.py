@@ -291,3 +291,15 @@ def test_apply_label_noise_feeds_the_gpu_loader():
     train = apply_label_noise(build_datasets("digits", None)[0], 0.5, 0)
     loader = GPULoader.from_dataset(train, 2000, shuffle=False, augment=False)
     assert torch.equal(next(iter(loader))[1], train.targets)
+
+
+@pytest.mark.parametrize("setup", ["idx_truncated_gzip", "idx_missing_file"])
+def test_bad_files_through_the_command_line_have_no_stray_flag_prefix(tmp_path, capsys, setup):
+    from ssam.cli import main
+
+    IDX_SETUPS[setup](tmp_path)
+    out = tmp_path / "out"
+    assert main(["train", "--dataset", "FashionMNIST", "--datadir", str(tmp_path), "--output_dir", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("ssam train: error: ") and "--'" not in err and "--FashionMNIST" not in err
+    assert len(err.splitlines()) == 1 and not out.exists()

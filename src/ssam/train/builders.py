@@ -184,8 +184,8 @@ def build_data(cfg: Namespace) -> TrainingData:
             val_split=cfg.val_split,
             seed=cfg.seed,
         )
-    except ValueError as e:  # a size known only once the files are read (ImageNet_base)
-        raise UsageError(f"--{e}") from None
+    except ValueError as e:  # a size known only once the files are read; a bad data file (its own message)
+        raise UsageError(flag_error(e)) from None
 
 
 def model_args(cfg: Namespace, info: Any) -> dict:
