@@ -52,6 +52,12 @@ if [[ -z ${PY:-} ]]; then
 fi
 # What a finished run is and which of its files an archive keeps are ssam.runfolder's rules, not written again here.
 runfolder() { "$PY" -m ssam.runfolder "$@"; }
+# The parts that run Python say so at once when it cannot import ssam (a clone without `make setup`), not per file.
+need_ssam() {
+    "$PY" -c "import ssam" 2>/dev/null && return 0
+    echo "results_fashion.sh $PART: $PY cannot import ssam; run \`make setup\` first (or set PY to a Python that has it)" >&2
+    exit 2
+}
 DATA=()
 [[ -n ${DATADIR:-} ]] && DATA=(--datadir "$DATADIR")
 [[ -n ${JOBS:-} ]] && DATA+=(--jobs "$JOBS")
@@ -98,6 +104,7 @@ machine() {
 
 # part FOLDER ARGS...: one ssam compare call into $OUT/FOLDER, timed and logged.
 part() {
+    need_ssam
     local folder=$OUT/$1; shift
     mkdir -p "$folder"
     local cmd=("$SSAM" compare "$@" "${DATA[@]}" --output "$folder")
@@ -114,6 +121,7 @@ seeds() { if [[ -n $SEED ]]; then need_seed; echo --seeds "$SEED,"; fi; }
 # copy FROM TO: the small files of every finished run (summary.json says finished), plus each folder's own files.
 copy_finished() {
     local from=$1 to=$2 f run
+    need_ssam
     for f in $FOLDERS; do
         [[ -d $from/$f ]] || continue
         mkdir -p "$to/$f"

@@ -208,3 +208,10 @@ def test_pick_rho_chooses_by_final_validation_accuracy_not_test(tmp_path, capsys
     ]
     assert pick_rho.main([str(tmp_path / "none")]) == 2
     assert "runs.csv not found" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("args", [("restore",), ("archive",), ("mem",)])
+def test_a_python_without_ssam_stops_at_once_with_exit_2(tmp_path, args):
+    done = run(tmp_path, *args, PY="false")  # a "Python" that cannot import ssam
+    assert done.returncode == 2 and "cannot import ssam; run `make setup` first" in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1 and not (tmp_path / "out").exists()
