@@ -217,3 +217,9 @@ def test_ddp_ranks_take_the_same_decisions(tmp_path, schedule):
     assert summary["ranks_agree"] is True
     shares = [json.loads(x)["ascent_share"] for x in (tmp_path / "d" / "metrics.jsonl").read_text().splitlines()]
     assert all(0 < s <= 1 for s in shares)
+
+
+def test_aesam_with_a_negative_c_is_refused():
+    with pytest.raises(ValueError, match=r"whose C -1 is < 0; allowed: .*C >= 0"):
+        parse_schedule("aesam:-1")
+    assert parse_schedule("aesam:0").c == 0.0

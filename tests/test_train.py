@@ -948,3 +948,33 @@ def test_epoch_time_counts_the_whole_epoch_across_mid_epoch_saves(tmp_path, one_
     records = [json.loads(x) for x in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch_time"] for r in records] == [float(STEPS)] * 2
     assert [r["images_per_s"] for r in records] == [16.0] * 2  # a batch of 16 a second
+
+
+def test_a_train_yaml_typo_gets_a_suggestion(tmp_path, capsys):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("sam_shedule: every:2\n")
+    assert main(["train", "--config", str(cfg), "--output_dir", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert "unknown key 'sam_shedule' (did you mean 'sam_schedule'?)" in err and not (tmp_path / "o").exists()
+
+
+def test_a_flag_left_unset_is_shown_as_unset_not_none():
+    from ssam.train.identity import changed_flags
+
+    base = {"opt": "sam-sgd", "rho": 0.05, "lr_scheduler": "CosineLRscheduler", "warmup_epoch": 0}
+    lines = changed_flags({**base, "sam_micro_batch": None}, {**base, "sam_micro_batch": 8})
+    assert lines == ["--sam_micro_batch (unset) -> 8"]
+
+
+@pytest.mark.slow
+def test_training_goes_on_when_the_reader_of_stdout_goes_away(tmp_path):
+    """`ssam train ... | head -1`: the pipe closes after the first line; the run still finishes (exit 0)."""
+    cmd = [sys.executable, "-m", "ssam.cli", "train", *QUICK, "--opt", "sgd", "--output_dir", str(tmp_path)]
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, "OMP_NUM_THREADS": "1"}
+    )
+    proc.stdout.readline()
+    proc.stdout.close()  # the reader is gone
+    assert proc.wait(timeout=300) == 0, proc.stderr.read().decode()
+    summaries = list(tmp_path.glob("*/summary.json"))
+    assert len(summaries) == 1 and json.loads(summaries[0].read_text())["finished"] is True

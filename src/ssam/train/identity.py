@@ -130,4 +130,6 @@ def changed_flags(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:
 
 
 def _show(value: Any) -> str:
+    if value is None:  # a flag left unset, not Python's None
+        return "(unset)"
     return " ".join(map(str, value)) if isinstance(value, list) else str(value)

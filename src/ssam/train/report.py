@@ -14,6 +14,7 @@ from torch import Tensor
 
 from .memorization import KEYS as MEMORIZATION_KEYS
 from .progress import Progress
+from .rundir import say
 
 __all__ = ["PROGRESS_EVERY_S", "StepLog", "epoch_line", "epoch_record", "run_header", "run_summary"]
 
@@ -76,7 +77,7 @@ class StepLog:
             return
         self.last = time.time()
         if self.bar.disable and not self.quiet:
-            print(f"  epoch {self.epoch + 1} step {step + 1}/{steps} loss {mean_loss():.4f}", flush=True)
+            say(f"  epoch {self.epoch + 1} step {step + 1}/{steps} loss {mean_loss():.4f}")
         elif not self.bar.disable:
             self.bar.set_postfix(loss=f"{mean_loss():.4f}")
 

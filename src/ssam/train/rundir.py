@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 from argparse import Namespace
 from pathlib import Path
 from typing import Any
@@ -62,7 +63,7 @@ class RunDir(RunFolder):
     def log(self, line: str) -> None:
         """A line for the terminal and log.txt (--quiet hides the progress bar, never these lines)."""
         if self.main:
-            print(line, flush=True)
+            say(line)
             self.append(self.LOG, line)
 
     def save(self, name: str, obj: dict) -> None:
@@ -178,3 +179,14 @@ def checkpoint_to_resume(cfg: Namespace, run: RunDir, device: torch.device) -> t
     if "epochs" in saved and saved["epochs"] != cfg.epochs:
         changes.append(f"--epochs {saved['epochs']} -> {cfg.epochs}")
     return ckpt, changes
+
+
+def say(line: str) -> None:
+    """Print a line; when the reader of stdout went away (``ssam train ... | head``), keep training: later lines go
+    to log.txt only."""
+    try:
+        print(line, flush=True)
+    except BrokenPipeError:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # Python would also fail flushing stdout at exit
+        os.close(devnull)

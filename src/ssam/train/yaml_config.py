@@ -8,7 +8,7 @@ from typing import Any
 
 import yaml
 
-from ..errors import UsageError
+from ..errors import UsageError, did_you_mean
 
 __all__ = ["yaml_defaults"]
 
@@ -28,8 +28,8 @@ def yaml_defaults(parser: argparse.ArgumentParser, path: str) -> dict[str, Any]:
     for key, value in raw.items():
         if key not in actions:
             raise UsageError(
-                f"--config {path!r}: unknown key {key!r}; allowed keys are the flag names, e.g. "
-                f"{', '.join(sorted(actions)[:8])}, ..."
+                f"--config {path!r}: unknown key {key!r}{did_you_mean(str(key), actions)}; allowed keys are the flag "
+                f"names, e.g. {', '.join(sorted(actions)[:8])}, ..."
             )
         act = actions[key]
         out[key] = _check_type(path, key, act, value)
