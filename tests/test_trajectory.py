@@ -80,8 +80,8 @@ def test_mesa_teacher_is_an_ema_of_the_weights_and_its_logits_the_target():
     assert not mesa.teacher.training and not any(p.requires_grad for p in mesa.teacher.parameters())
 
 
-QUICK = ["--dataset", "digits", "--model", "mlp", "--mlp_width", "16", "--augment", "none", "--quiet",
-         "--opt", "sgd", "--momentum", "0.9", "--kl_start", "1", "--saf_lag", "1", "--limit_train_batches", "5"]  # fmt: skip
+QUICK = ["--dataset", "digits", "--model", "mlp", "--mlp_width", "16", "--augment", "none", "--quiet", "--opt", "sgd",
+         "--momentum", "0.9", "--kl_start", "1", "--saf_lag", "1", "--limit_train_batches", "5"]  # fmt: skip
 
 
 def test_mesa_counts_its_teacher_forward_as_a_third_of_a_pass(tmp_path, one_thread):
