@@ -141,3 +141,19 @@ def test_example_timm_runs():
     first, last = last_value(out, "loss after epoch")
     assert last < first
     assert last_value(out, "epoch") == [0.5, 0.5]  # "epoch E mask density D": sparsity 0.5, refreshed each epoch
+
+
+def test_default_fisher_mode_on_a_timm_resnet_is_eval_and_explicit_train_is_refused_before_writing(tmp_path, capsys):
+    from ssam.cli import main
+
+    flags = ["train", "--dataset", "digits", "--model", "timm:resnet10t", "--opt", "ssamf-sgd", "--epochs", "1",
+             "--limit_train_batches", "1", "--num_samples", "4", "--quiet", "--output_dir"]  # fmt: skip
+    assert main([*flags, str(tmp_path / "auto")]) == 0
+    (run,) = (tmp_path / "auto").iterdir()
+    assert "fisher_mode: eval" in (run / "config.yaml").read_text()
+    assert "fisher_mode auto: eval (a BatchNorm2d sees one value per channel" in (run / "log.txt").read_text()
+    capsys.readouterr()
+    assert main([*flags, str(tmp_path / "train"), "--fisher_mode", "train"]) == 2
+    err = capsys.readouterr().err
+    assert "--fisher_mode train: a BatchNorm2d sees one value per channel" in err and "--fisher_mode eval" in err
+    assert not (tmp_path / "train").exists()

@@ -459,3 +459,25 @@ def test_fisher_in_train_mode_on_1x1_batchnorm_says_use_eval(method):
         torch.isfinite(f).all()
         for f in ssam.optim.empirical_fisher(m, list(m.parameters()), [(x.float(), y)], 4, mode="eval", method=method)
     )
+
+
+def test_fisher_mode_auto_picks_train_where_it_runs_and_eval_on_1x1_batchnorm():
+    from ssam.optim.fisher import resolve_fisher_mode, train_mode_refusal
+
+    torch.manual_seed(0)
+    x, y = batch()
+    pooled = nn.Sequential(
+        nn.Conv2d(1, 4, 3), nn.AdaptiveAvgPool2d(1), nn.BatchNorm2d(4), nn.Flatten(), nn.Linear(4, 3)
+    )
+    spatial = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.Flatten(), nn.LazyLinear(3))
+    spatial(x[:2].float())  # materialise the lazy layer
+    assert "BatchNorm2d sees one value per channel" in train_mode_refusal(pooled, x[0].float())
+    assert train_mode_refusal(spatial, x[0].float()) is None
+    assert resolve_fisher_mode("auto", pooled, x[0].float()) == "eval"
+    assert resolve_fisher_mode("auto", spatial, x[0].float()) == "train"
+    data = [(x.float(), y)]
+    for model, concrete in ((pooled, "eval"), (spatial, "train")):  # auto gives the concrete mode's numbers
+        auto = ssam.optim.empirical_fisher(model, list(model.parameters()), data, 6, mode="auto", method="loop")
+        want = ssam.optim.empirical_fisher(model, list(model.parameters()), data, 6, mode=concrete, method="loop")
+        assert all(torch.equal(a, b) for a, b in zip(auto, want))
+    assert ssam.SSAMF(spatial.parameters(), torch.optim.SGD, lr=0.1).fisher_mode == "auto"  # the default

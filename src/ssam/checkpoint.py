@@ -36,14 +36,15 @@ def _first_line(e: BaseException) -> str:
 
 
 def _unpickler_reason(e: BaseException) -> str:
-    """The reason inside torch's long weights-only message ("Unsupported global: GLOBAL x.Y ...", "Unsupported
-    operand 214"): its first sentence, on one line."""
-    text = str(e)
-    marker = "WeightsUnpickler error:"
-    if marker in text:
-        text = text.split(marker, 1)[1]
-    text = next((part for part in text.split("\n\n") if part.strip()), "")  # its first paragraph
-    words = " ".join(text.split())
+    """The reason inside torch's long weights-only message ("Unsupported global: GLOBAL x.Y ...", "Trying to load
+    unsupported GLOBAL posix.system ...", "Unsupported operand 214"): its first sentence, on one line."""
+    text = str(e).split("WeightsUnpickler error:", 1)[-1]
+    paragraphs = [p for p in text.split("\n\n") if p.strip()]
+    chosen = next((p for p in paragraphs if "GLOBAL" in p), None) or next(
+        (p for p in paragraphs if not p.lstrip().startswith(("Weights only load failed", "Check the documentation"))),
+        paragraphs[0] if paragraphs else "",
+    )
+    words = " ".join(chosen.split())
     return (words.split(". ")[0].rstrip(".") if words else type(e).__name__)[:300]
 
 
@@ -72,7 +73,7 @@ def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict:
         obj = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
         why = _unpickler_reason(e)
-        if why.startswith("Unsupported global"):  # weights_only met a class or function: executable content
+        if "GLOBAL" in why:  # weights_only met a class or function: executable content
             raise UsageError(
                 f"refusing to load {path}: it holds objects that plain tensors and containers cannot express "
                 f"(possible code execution); only checkpoints written by ssam load. torch said: {why}"

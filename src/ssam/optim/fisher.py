@@ -16,6 +16,7 @@ running statistics are never touched: the Fisher pass is a measurement, not trai
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -26,10 +27,60 @@ from torch import Tensor, nn
 from .bn import frozen_bn_stats
 from .fisher_hooks import _fisher_hooks, chunks, hook_plan
 
-__all__ = ["FISHER_METHODS", "auto_method", "empirical_fisher", "frozen_bn_stats", "hook_plan", "iter_examples"]
+__all__ = [
+    "FISHER_METHODS",
+    "FISHER_MODES",
+    "auto_method",
+    "empirical_fisher",
+    "frozen_bn_stats",
+    "hook_plan",
+    "iter_examples",
+    "resolve_fisher_mode",
+    "train_mode_refusal",
+]
 
 #: How the per-example gradients are computed (see the module docstring); "auto" picks one.
 FISHER_METHODS = ("auto", "loop", "vmap", "hooks")
+#: The model's mode while the Fisher is measured: "train" (each example its own BatchNorm batch, the paper's code),
+#: "eval" (the running statistics), "auto" ("train" where every BatchNorm sees more than one value per channel in a
+#: batch of one, else "eval").
+FISHER_MODES = ("auto", "train", "eval")
+
+
+@torch.no_grad()
+def train_mode_refusal(model: nn.Module, example: Tensor) -> str | None:
+    """Why a per-example (batch of one) train-mode pass cannot run on ``model``: the first BatchNorm that would see
+    one value per channel (1x1 feature maps, or a BatchNorm1d on (N, C) features); None when every one sees more.
+    One forward of ``example`` in eval mode, so nothing is normalised or updated."""
+    bad: list[str] = []
+
+    def hook(module: nn.Module, inputs: tuple, output: Any) -> None:
+        x = inputs[0]
+        if x.shape[0] * (x[0, 0].numel() if x.dim() > 2 else 1) <= 1 and not bad:
+            bad.append(type(module).__name__)
+
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not norms:
+        return None
+    handles = [m.register_forward_hook(hook) for m in norms]
+    was_training = model.training
+    try:
+        model.eval()
+        device = next((p.device for p in model.parameters()), torch.device("cpu"))
+        model(torch.as_tensor(example).to(device)[None])
+    finally:
+        model.train(was_training)
+        for h in handles:
+            h.remove()
+    return f"a {bad[0]} sees one value per channel in a batch of one (1x1 feature maps)" if bad else None
+
+
+def resolve_fisher_mode(mode: str, model: nn.Module, example: Tensor) -> str:
+    """``"auto"`` -> ``"train"`` where per-example train mode runs on this model, else ``"eval"``; the others as
+    they are."""
+    if mode != "auto":
+        return mode
+    return "eval" if train_mode_refusal(model, example) else "train"
 
 
 def iter_examples(
@@ -86,8 +137,8 @@ def empirical_fisher(
     gradients already in ``.grad`` do not enter the sum. ``chunk_size``: examples per batched pass (``vmap`` and
     ``hooks``; default 32, and 64 on a CPU or 128 on a GPU).
     """
-    if mode not in ("train", "eval"):
-        raise ValueError(f"fisher_mode: got {mode!r}; allowed: 'train', 'eval'")
+    if mode not in FISHER_MODES:
+        raise ValueError(f"fisher_mode: got {mode!r}; allowed: 'auto', 'train', 'eval'")
     if method not in FISHER_METHODS:
         raise ValueError(f"fisher_method: got {method!r}; allowed: {', '.join(FISHER_METHODS)}")
     loss_fn = loss_fn or F.cross_entropy
@@ -105,6 +156,10 @@ def empirical_fisher(
     saved_grads = [p.grad for p in params]
     fisher = [torch.zeros_like(p, memory_format=torch.preserve_format) for p in params]
     examples = iter_examples(data, num_samples, generator)
+    if mode == "auto":  # decided on the first example, which is then measured like the others
+        first = next(examples, None)
+        mode = "train" if first is None else resolve_fisher_mode(mode, model, first[0])
+        examples = itertools.chain([] if first is None else [first], examples)
     try:
         model.train(mode == "train")
         with frozen_bn_stats(model):

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .fisher import FISHER_METHODS, empirical_fisher
+from .fisher import FISHER_METHODS, FISHER_MODES, empirical_fisher
 from .groups import mask_from_scores
 from .select import top_k_mask
 from .settings import Setting, check_choice, check_count
@@ -20,7 +20,7 @@ __all__ = ["SSAMF"]
 
 
 _check_samples = check_count("num_samples", "examples the Fisher is measured on")
-_check_mode = check_choice("fisher_mode", ("train", "eval"))
+_check_mode = check_choice("fisher_mode", FISHER_MODES)
 _check_method = check_choice("fisher_method", FISHER_METHODS)
 
 
@@ -35,7 +35,11 @@ class SSAMF(SparseSAM):
 
     mask_refresh = "before_epoch"
     num_samples = Setting(_check_samples, "Examples the Fisher is measured on.")
-    fisher_mode = Setting(_check_mode, "``'train'`` or ``'eval'``: the model's mode while the Fisher is measured.")
+    fisher_mode = Setting(
+        _check_mode,
+        "``'auto'`` (default), ``'train'`` or ``'eval'``: the model's mode while the Fisher is measured "
+        "(ssam.optim.fisher.FISHER_MODES).",
+    )
     fisher_method = Setting(_check_method, "How per-example gradients are computed (``FISHER_METHODS``).")
 
     def __init__(
@@ -48,7 +52,7 @@ class SSAMF(SparseSAM):
         update_freq: int = 1,
         renormalize: bool = False,
         adaptive: bool = False,
-        fisher_mode: str = "train",
+        fisher_mode: str = "auto",
         fisher_method: str = "auto",
         granularity: str = "element",
         cost_aware: bool = False,

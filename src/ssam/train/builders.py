@@ -15,8 +15,10 @@ from ..errors import UsageError, flag_error
 from ..models import WIDTH_FLAGS
 from ..optim import registry
 from ..optim.factory import create_optimizer
+from ..optim.fisher import train_mode_refusal
 from ..optim.msharp import vectorise_refusal
-from .config import parse_opt
+from .config import build_parser, parse_opt, to_plain
+from .identity import run_name
 
 
 # ------------------------------------------------------------------------------------------ data order
@@ -256,3 +258,26 @@ def micro_batch_plan(cfg: Namespace, model: torch.nn.Module, sam: bool, refresh:
     if m > 1 and why is None and (cfg.adaptive or refresh is not None):
         why = "a mask or ASAM with chunks of more than one example"
     return why is None, "vectorised (two batched passes)" if why is None else f"a loop over the chunks ({why})"
+
+
+def settle_fisher_mode(cfg: Namespace, model: torch.nn.Module, train_data: Any) -> str | None:
+    """SSAM-F's ``--fisher_mode``: ``auto`` becomes ``train`` where every BatchNorm of the model sees more than one
+    value per channel in a batch of one, else ``eval`` (the run's config and name record the concrete mode: a run
+    that ``train`` could train keeps its old name); an explicit ``train`` that cannot run is a UsageError. Returns
+    the line the log says once about the choice (None when there was none to make)."""
+    if not registry.applies("fisher_mode", parse_opt(cfg.opt)[0]) or cfg.eval_only:
+        return None
+    example = train_data[0][0]
+    refusal = train_mode_refusal(model, example)
+    if cfg.fisher_mode == "train" and refusal:
+        raise UsageError(
+            f"--fisher_mode train: {refusal}, which a per-example BatchNorm batch cannot normalise; allowed: "
+            "--fisher_mode eval (the running statistics) or auto"
+        )
+    if cfg.fisher_mode != "auto":
+        return None
+    cfg.fisher_mode = "eval" if refusal else "train"
+    if refusal and cfg.name_from_settings:  # 'eval' names the run ('auto' and 'train' name it alike: identity.py)
+        cfg.output_name = run_name(to_plain(cfg), to_plain(build_parser().parse_args([])))
+    why = f" ({refusal})" if refusal else " (every BatchNorm sees more than one value per channel in a batch of one)"
+    return f"fisher_mode auto: {cfg.fisher_mode}{why}"

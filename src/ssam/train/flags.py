@@ -12,7 +12,7 @@ from ..data import DATASETS
 from ..errors import ArgumentParser
 from ..models import MODEL_FORMS
 from ..optim.ascent import parse_ascent
-from ..optim.fisher import FISHER_METHODS
+from ..optim.fisher import FISHER_METHODS, FISHER_MODES
 from ..optim.groups import parse_granularity
 from ..optim.schedule import parse_schedule
 from ..optim.sparse import STRATEGIES
@@ -141,7 +141,12 @@ def build_parser(prog: str = "ssam train") -> argparse.ArgumentParser:
     g.add_argument("--update_freq", type=int, default=5, help="SSAM: epochs between mask updates")
     g.add_argument("--num_samples", type=int, default=1024, help="SSAM-F: examples for the Fisher")
     g.add_argument(
-        "--fisher_mode", default="train", choices=("train", "eval"), help="SSAM-F: model mode for the Fisher"
+        "--fisher_mode",
+        default="auto",
+        choices=FISHER_MODES,
+        help="SSAM-F: model mode for the Fisher: train (each example its own BatchNorm batch, the paper's), eval, or "
+        "auto (train where every BatchNorm sees more than one value per channel, else eval; the run's config "
+        "records the mode picked)",
     )
     g.add_argument(
         "--fisher_method",

@@ -38,6 +38,9 @@ NOT_SHAPING = frozenset({
 # May change on --resume besides those: the epoch count, so that a finished run can be extended. It is also left
 # out of the run name, so `--epochs 300 --resume` finds the 200-epoch run's folder.
 RESUME_MAY_CHANGE = frozenset({"epochs"})
+# Values a run's name leaves out beside the parser's defaults: --fisher_mode auto resolves to 'train' for every
+# model the old default 'train' could train, and those runs keep their names.
+NAME_OMITS = {"fisher_mode": ("auto", "train")}
 
 
 def _only_when(cfg: dict[str, Any]) -> dict[str, bool]:
@@ -97,7 +100,11 @@ def run_name(cfg: dict[str, Any], defaults: dict[str, Any], _colon: bool = False
     if cfg["label_noise"]:
         parts.append(f"noise{cfg['label_noise']:g}")
     parts.append(f"seed{cfg['seed']}")
-    settings = {k: v for k, v in run_settings(cfg).items() if k not in defaults or v != defaults[k]}
+    settings = {
+        k: v
+        for k, v in run_settings(cfg).items()
+        if (k not in defaults or v != defaults[k]) and v not in NAME_OMITS.get(k, ())
+    }
     digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:8]
     return "_".join(parts) + "_" + digest
 
@@ -116,6 +123,8 @@ def differing_settings(
     (``ssam compare`` reads configs back from YAML)."""
     then_settings = run_settings({**now, **saved})
     now_settings = run_settings(now)
+    if now_settings.get("fisher_mode") == "auto" and "fisher_mode" in then_settings:  # auto is what the run picked
+        now_settings["fisher_mode"] = then_settings["fisher_mode"]
     keys = sorted(k for k in now_settings.keys() | then_settings.keys() if k in saved and k in now)
     return [
         (k, then_settings.get(k), now_settings.get(k))

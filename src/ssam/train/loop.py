@@ -36,6 +36,7 @@ from .builders import (
     model_args,
     model_width,
     set_loader_epoch,
+    settle_fisher_mode,
 )
 from .config import to_plain
 from .cost import pass_cost, step_passes
@@ -73,11 +74,6 @@ class Trainer:
             torch.set_num_threads(cfg.threads)
         if cfg.gpu_data and self.world > 1:
             raise UsageError("--gpu_data is single-process; drop it under torchrun")
-        self.run = RunDir(cfg, self.rank)
-        if elastic_restart():
-            # torchrun --max-restarts relaunched us after a rank died: continue from the last checkpoint.
-            cfg.resume = True
-        self.run.prepare(cfg, replace=False)  # refuse early; --overwrite replaces only once the data is read
         seed_everything(cfg.seed)
         if cfg.deterministic:
             torch.use_deterministic_algorithms(True, warn_only=True)
@@ -90,6 +86,14 @@ class Trainer:
         self.model = build_model(
             cfg.model, data.info.num_classes, data.info.in_channels, data.info.image_size, width=model_width(cfg)
         ).to(self.device)
+        # SSAM-F's --fisher_mode auto becomes the mode this model allows (and names the run) before anything is
+        # written; an explicit 'train' the model cannot run is refused here.
+        self.fisher_note = settle_fisher_mode(cfg, self.model, data.train)
+        self.run = RunDir(cfg, self.rank)
+        if elastic_restart():
+            # torchrun --max-restarts relaunched us after a rank died: continue from the last checkpoint.
+            cfg.resume = True
+        self.run.prepare(cfg, replace=False)
         self.run.prepare(cfg)
         if cfg.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
@@ -403,6 +407,8 @@ class Trainer:
             run.log(line)
         if self.flag_changes:
             run.log(f"resumed with changed flags: {', '.join(self.flag_changes)}")
+        if self.fisher_note:
+            run.log(self.fisher_note)
         last: dict = {}
         if progress.epoch >= cfg.epochs:
             run.log("nothing to do: the run already finished all epochs")
