@@ -1,39 +1,110 @@
-"""How the SAM-family constructors read their arguments: parameters (plain, named or in group dicts) and the
-keywords that go on to the base optimizer."""
+"""How the SAM-family constructors read their arguments: parameters (plain, named or in group dicts, refused as
+torch refuses them), the keywords that go on to the base optimizer and the base optimizer built from them; and the
+param groups they make (``ParamGroups``: the settings in every group, ``add_param_group``, the names)."""
 
 from __future__ import annotations
 
 import inspect
+import types
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor
 
-__all__ = ["strip_names", "plain_group", "check_base_kwargs", "build_base"]
+from .settings import check_bool, check_perturb_eps, check_rho, stamp_group
+
+__all__ = [
+    "check_params",
+    "strip_names",
+    "plain_group",
+    "names_by_id",
+    "check_adaptive",
+    "check_base_kwargs",
+    "build_base",
+    "announce_once",
+    "ParamGroups",
+]
 
 RENAMED = {"eps": "perturb_eps", "foreach": "perturb_foreach"}  # SAM's own names before 0.2
 
 
-def strip_names(items: Iterable, names: dict[int, str]) -> list[Tensor]:
-    """Parameters or (name, parameter) pairs -> parameters; the names are recorded in ``names`` by id."""
-    out = []
+def check_params(params: Any) -> list:
+    """The ``params`` argument as a list, refused as torch refuses it: a lone tensor is a TypeError (iterating it
+    would give its rows), an empty list a ValueError."""
+    if isinstance(params, Tensor):
+        raise TypeError(
+            "params argument given to the optimizer should be an iterable of Tensors or dicts, but got "
+            + torch.typename(params)
+        )
+    params = list(params)
+    if len(params) == 0:
+        raise ValueError("params: got an empty parameter list; pass the model's parameters")
+    return params
+
+
+def strip_names(items: Iterable) -> tuple[list[Tensor], list[str] | None]:
+    """Parameters or (name, parameter) pairs -> the parameters and their names (None when none is named); some
+    named and some not is a ValueError, as in torch."""
+    out, names = [], []
     for item in items:
         if isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], str):
-            names[id(item[1])] = item[0]
+            names.append(item[0])
             item = item[1]
         if not isinstance(item, Tensor):
             raise ValueError(f"params: expected tensors or (name, tensor) pairs, got {type(item).__name__}")
         out.append(item)
-    return out
+    if names and len(names) != len(out):
+        raise ValueError(
+            f"params: {len(names)} of {len(out)} parameters are named; allowed: all named "
+            "(model.named_parameters()) or none"
+        )
+    return out, names or None
 
 
-def plain_group(group: dict, names: dict[int, str]) -> dict:
-    """A param-group dict with its (named) parameters as a list of tensors (a copy: the caller's stays)."""
+def plain_group(group: dict) -> dict:
+    """A param-group dict with its parameters as a list of tensors and, when they were named, their names under
+    ``"param_names"``, as torch >= 2.5 keeps them (a copy: the caller's dict stays)."""
     group = dict(group)
     ps = group["params"]
-    group["params"] = strip_names([ps] if isinstance(ps, Tensor) else ps, names)
+    if isinstance(ps, set):
+        raise TypeError(
+            "optimizer parameters need to be organized in ordered collections, but the ordering of tensors in sets "
+            "will change between runs. Please use a list instead."
+        )
+    group["params"], names = strip_names([ps] if isinstance(ps, Tensor) else ps)
+    if names is not None:
+        group["param_names"] = names
     return group
+
+
+def names_by_id(groups: list[dict]) -> dict[int, str]:
+    """Each named parameter's name, by id (the groups' ``"param_names"``)."""
+    return {id(p): n for g in groups for p, n in zip(g["params"], g.get("param_names", ()))}
+
+
+def check_adaptive(groups: list[dict]) -> None:
+    """ASAM's setting is one for the whole optimizer (one norm over every parameter), and ASAM takes real
+    parameters only: its scaling by |w| is written for real weights, and complex ones are not claimed."""
+    values = [bool(g["adaptive"]) for g in groups]
+    if len(set(values)) > 1:
+        raise ValueError(
+            f"adaptive: got True in param group {values.index(True)} and False in param group {values.index(False)}; "
+            "allowed: one value for every group (ASAM takes one norm over all parameters)"
+        )
+    if not any(values):
+        return
+    i = 0
+    for g in groups:
+        names = g.get("param_names", ())
+        for j, p in enumerate(g["params"]):
+            if p.is_complex():
+                name = names[j] if j < len(names) else f"param{i}"
+                raise ValueError(
+                    f"params: {name} is complex ({p.dtype}) and adaptive=True; allowed: real floating-point "
+                    "parameters with ASAM (complex parameters are not supported by adaptive=True)"
+                )
+            i += 1
 
 
 def _keywords(fn: Callable, skip: tuple[str, ...] = ()) -> tuple[list[str], bool]:
@@ -103,3 +174,85 @@ def build_base(
             f"whose settings are not named like {name}'s"
         )
     return built
+
+
+def _unannounced_step(self: torch.optim.Optimizer, *args: Any, **kwargs: Any) -> Any:
+    """``base.step`` as installed by ``announce_once``: the class's step with the base's own step hooks, without
+    torch's global ones."""
+    inner = type(self).step.__wrapped__  # type: ignore[attr-defined]
+    with torch.autograd.profiler.record_function(f"Optimizer.step#{type(self).__name__}.step"):
+        for hook in list(self._optimizer_step_pre_hooks.values()):
+            changed = hook(self, args, kwargs)
+            if changed is not None:
+                args, kwargs = changed
+        out = inner(self, *args, **kwargs)
+        self._optimizer_step_code()
+        for post in list(self._optimizer_step_post_hooks.values()):
+            post(self, args, kwargs)
+    return out
+
+
+def announce_once(base: torch.optim.Optimizer) -> None:
+    """Make the base optimizer's step, which the wrapper takes inside its own, run without torch's global step
+    hooks (``torch.optim.optimizer.register_optimizer_step_pre_hook`` / ``_post_hook``): the wrapper's step
+    announced this step already, and a hook counting steps must count one. Hooks registered on the base itself
+    still run. An instance that already has a ``step`` of its own (an lr scheduler attached to it before the
+    wrapper was built) is left as it is."""
+    step = getattr(type(base), "step", None)
+    if "step" in vars(base) or not getattr(step, "hooked", False) or not hasattr(step, "__wrapped__"):
+        return
+    base.step = types.MethodType(_unannounced_step, base)  # type: ignore[method-assign]
+
+
+_GROUP_CHECKS = {"rho": check_rho, "adaptive": check_bool("adaptive"), "perturb_eps": check_perturb_eps}
+
+
+class ParamGroups:
+    """The param groups of a SAM-family optimizer: a base of ``SAM`` (before ``torch.optim.Optimizer``). Its
+    settings stamped into every group (``ssam.optim.settings``), groups added to the wrapper and the base optimizer
+    at once, the parameters' names. It reads of its class: ``defaults``, ``param_groups`` (shared with
+    ``base_optimizer``), ``per_group_settings``, ``_settings`` (the settings' names), ``_param_names`` and
+    ``_set_layout()``."""
+
+    defaults: dict[str, Any]
+    param_groups: list[dict[str, Any]]
+    per_group_settings: tuple[str, ...]
+    base_optimizer: torch.optim.Optimizer
+    _settings: list[str]
+    _param_names: dict[int, str]
+    _set_layout: Callable[[], None]
+
+    def _add_settings(self, **settings: Any) -> None:
+        """A subclass's settings (checked by it), into ``defaults`` and every group."""
+        for k, v in settings.items():
+            self.defaults[k] = v
+            self._settings.append(k)
+        for i, g in enumerate(self.param_groups):
+            self._stamp_group(g, i)
+
+    def _stamp_group(self, group: dict, index: int, loaded: bool = False) -> None:
+        stamp_group(group, index, self, self._settings, _GROUP_CHECKS, loaded)
+
+    def _set_setting(self, name: str, value: Any) -> None:
+        self.defaults[name] = value
+        for g in self.param_groups:
+            g[name] = value
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Add a group to the wrapper and the base optimizer at once (named parameters accepted)."""
+        group = plain_group(param_group)
+        if "base_optimizer" not in self.__dict__:  # called by Optimizer.__init__, before the base exists
+            torch.optim.Optimizer.add_param_group(cast(Any, self), group)
+            return
+        self._stamp_group(group, len(self.param_groups))  # checked before the base takes it
+        check_adaptive([*self.param_groups, group])
+        self.base_optimizer.add_param_group(group)  # appends to the shared list, with the base's defaults
+        self._param_names = names_by_id(self.param_groups)
+        self._set_layout()
+
+    def _all_params(self) -> list[Tensor]:
+        return [p for g in self.param_groups for p in g["params"]]
+
+    def param_name(self, p: Tensor, index: int) -> str:
+        """p's name when named parameters were given, else ``param{index}`` (its position in the groups)."""
+        return self._param_names.get(id(p), f"param{index}")

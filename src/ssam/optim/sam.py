@@ -12,11 +12,12 @@ One step, as in Foret et al. (2021) and the SSAM paper (Mi et al., 2022):
 The math lives in ``ssam.optim.perturb`` (single-tensor and foreach paths); this class gathers the tensors. The
 wrapper and the base optimizer share one ``param_groups`` list, so a learning-rate scheduler attached to either
 changes both, and ``zero_grad`` on either clears every gradient. Settings live in ``defaults`` and the param groups
-(``ssam.optim.settings``); ``opt.state``, ``state_dict()`` and ``load_state_dict()`` have torch's shape
-(``ssam.optim.state.TorchShapedState``; the hooks ``_saved_own``, ``_extra_state``, ``_check_own``, ``_load_own``
-say what this class and the sparse ones add). Parameters
-sharded by FSDP2's ``fully_shard`` are perturbed shard by shard, with the norm summed over the ranks in one
-all-reduce (``ssam.optim.sharded``).
+(``ssam.optim.settings``), kept by ``ssam.optim.arguments.ParamGroups`` with the parameters' names; ``opt.state``,
+``state_dict()``, ``load_state_dict()`` and copies have torch's shape (``ssam.optim.state.TorchShapedState``; the
+hooks ``_saved_own``, ``_extra_state``, ``_check_own``, ``_load_own``, ``_after_copy`` say what this class and the
+sparse ones add). Parameters sharded by FSDP2's ``fully_shard`` are perturbed shard by shard, with the norm summed
+over the ranks in one all-reduce (``ssam.optim.sharded``). Hooks registered on the wrapper run as torch runs them;
+torch's global step hooks see one step per SAM step, the wrapper's.
 """
 
 from __future__ import annotations
@@ -29,13 +30,13 @@ from typing import Any, cast
 import torch
 from torch import Tensor
 
-from .arguments import build_base, plain_group, strip_names
+from .arguments import ParamGroups, announce_once, build_base, check_adaptive, check_params, names_by_id, plain_group
 from .ascent import PREVIOUS_KEY, AscentDirection, check_composes, check_momentum_base, parse_ascent
 from .mask import MaskSegment
 from .msharp import check_micro_batch
 from .perturb import grad_norm, perturb_, restore_, use_foreach
 from .schedule import ScheduleState, looksam_store, parse_schedule
-from .settings import Setting, check_bool, check_choice, check_foreach, check_perturb_eps, check_rho, stamp_group
+from .settings import Setting, check_bool, check_choice, check_foreach, check_perturb_eps, check_rho
 from .sharded import ShardLayout, local, shard_layout
 from .state import TorchShapedState
 from .steps import LOOKSAM_KEY, ScheduledSteps
@@ -43,11 +44,10 @@ from .steps import LOOKSAM_KEY, ScheduledSteps
 __all__ = ["SAM", "CLOSURE_PASSES"]
 
 CLOSURE_PASSES = ("second", "both")
-_GROUP_CHECKS = {"rho": check_rho, "adaptive": check_bool("adaptive"), "perturb_eps": check_perturb_eps}
 
 
 # The ignore: "state" is a view (TorchShapedState) where torch.optim.Optimizer declares a dict.
-class SAM(ScheduledSteps, TorchShapedState, torch.optim.Optimizer):  # type: ignore[misc]
+class SAM(ScheduledSteps, TorchShapedState, ParamGroups, torch.optim.Optimizer):  # type: ignore[misc]
     """Sharpness-Aware Minimization around any ``torch.optim`` optimizer.
 
     Args:
@@ -119,24 +119,22 @@ class SAM(ScheduledSteps, TorchShapedState, torch.optim.Optimizer):  # type: ign
             "micro_batch": micro_batch,
             "ascent": str(direction),
         }
-        self._param_names: dict[int, str] = {}
-        params = list(params)
-        if len(params) == 0:
-            raise ValueError("params: got an empty parameter list; pass the model's parameters")
-        if isinstance(params[0], dict):
-            groups: list = [plain_group(g, self._param_names) for g in params]
-        else:
-            groups = strip_names(params, self._param_names)
+        params = check_params(params)
+        groups = [plain_group(g) for g in params] if isinstance(params[0], dict) else [plain_group({"params": params})]
         super().__init__(groups, dict(settings))
         self._settings: list[str] = list(settings)
         # ssam's own per-parameter state: the masks (sparse) and w_saved, apart from the base optimizer's.
         self._own: defaultdict[Tensor, dict[str, Any]] = defaultdict(dict)
+        self._other_state: dict[Any, Any] = {}  # opt.state's entries under keys that are not tensors
         self.base_optimizer = build_base(type(self), SAM, base_optimizer, self.param_groups, base_kwargs, settings)
+        announce_once(self.base_optimizer)  # torch's global step hooks see the wrapper's step, not this one too
         # One list of groups for both: schedulers and add_param_group act on the pair.
         self.param_groups = self.base_optimizer.param_groups
         self.defaults.update(self.base_optimizer.defaults)
         for i, g in enumerate(self.param_groups):
             self._stamp_group(g, i)
+        check_adaptive(self.param_groups)
+        self._param_names = names_by_id(self.param_groups)
         check_momentum_base(direction, self.base_optimizer)
         self._ascent = direction  # where the perturbation's direction comes from (ssam.optim.ascent)
         # Parameters perturbed by the last first_step, with their saved weights, for restore to copy back.
@@ -159,33 +157,6 @@ class SAM(ScheduledSteps, TorchShapedState, torch.optim.Optimizer):  # type: ign
         """FSDP2-sharded parameters (``ssam.optim.sharded``): SAM then works on the local shards with one
         all-reduce for the norm. DTensors laid out otherwise keep dense SAM on DTensor operations."""
         self._layout: ShardLayout | None = shard_layout(self._all_params())[0]
-
-    # ------------------------------------------------------------------ settings (ssam.optim.settings)
-    def _add_settings(self, **settings: Any) -> None:
-        """A subclass's settings (checked by it), into ``defaults`` and every group."""
-        for k, v in settings.items():
-            self.defaults[k] = v
-            self._settings.append(k)
-        for i, g in enumerate(self.param_groups):
-            self._stamp_group(g, i)
-
-    def _stamp_group(self, group: dict, index: int, loaded: bool = False) -> None:
-        stamp_group(group, index, self, self._settings, _GROUP_CHECKS, loaded)
-
-    def _set_setting(self, name: str, value: Any) -> None:
-        self.defaults[name] = value
-        for g in self.param_groups:
-            g[name] = value
-
-    def add_param_group(self, param_group: dict[str, Any]) -> None:
-        """Add a group to the wrapper and the base optimizer at once (named parameters accepted)."""
-        group = plain_group(param_group, self._param_names)
-        if "base_optimizer" not in self.__dict__:  # called by Optimizer.__init__, before the base exists
-            super().add_param_group(group)
-            return
-        self._stamp_group(group, len(self.param_groups))  # checked before the base takes it
-        self.base_optimizer.add_param_group(group)  # appends to the shared list, with the base's defaults
-        self._set_layout()
 
     # ------------------------------------------------------------------ hooks for the sparse subclasses
     def _mask_for(self, p: Tensor) -> Tensor | None:
@@ -235,6 +206,7 @@ class SAM(ScheduledSteps, TorchShapedState, torch.optim.Optimizer):  # type: ign
         ``gradient`` or ``subbatch:F``: raises when no parameter has one) or a stored one (``previous``,
         ``momentum``, ``msam``: needs no gradient; before any exists nothing moves and the step is a plain one)."""
         self._check_ready()
+        check_adaptive(self.param_groups)  # (again: a group's "adaptive" may have been written since)
         if self._perturbed is not None:
             raise RuntimeError("first_step called twice without second_step; call second_step to restore the weights")
         by_group = []
@@ -258,8 +230,6 @@ class SAM(ScheduledSteps, TorchShapedState, torch.optim.Optimizer):  # type: ign
                 self._own[p][LOOKSAM_KEY] = g.detach().clone()
         # One norm over every parameter, as in the paper; ASAM takes it of |w| * g.
         adaptive = any(g["adaptive"] for g, _, _ in by_group)
-        if adaptive and not all(g["adaptive"] for g, _, _ in by_group):
-            raise ValueError("adaptive: mixed True/False across param groups is not supported; use one value")
         foreach = use_foreach(self.perturb_foreach, all_p)
         norm = self._grad_norm(all_p, all_g, adaptive, foreach)
 
@@ -466,15 +436,14 @@ class SAM(ScheduledSteps, TorchShapedState, torch.optim.Optimizer):  # type: ign
         """The counters of ``_extra_state``: the schedule's (an older state dict has none: counted from 0)."""
         self._schedule.load(extra.get("schedule") or {})
 
+    def _after_copy(self) -> None:
+        """After ``copy.deepcopy`` or unpickling (``ssam.optim.state``): what is kept by id is keyed again, and the
+        copied base optimizer steps without announcing itself again."""
+        self._param_names = names_by_id(self.param_groups)
+        announce_once(self.base_optimizer)
+
     def zero_grad(self, set_to_none: bool = True) -> None:
         self.base_optimizer.zero_grad(set_to_none=set_to_none)
-
-    def _all_params(self) -> list[Tensor]:
-        return [p for g in self.param_groups for p in g["params"]]
-
-    def param_name(self, p: Tensor, index: int) -> str:
-        """p's name when named parameters were given, else ``param{index}`` (its position in the groups)."""
-        return self._param_names.get(id(p), f"param{index}")
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(base={type(self.base_optimizer).__name__}, rho={self.defaults['rho']})"

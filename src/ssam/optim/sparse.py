@@ -124,6 +124,15 @@ class SparseSAM(SAM):
         ids = {id(p) for p in maskable}
         self._maskable_ids = None if len(ids) == len(self._all_params()) else ids
 
+    def _after_copy(self) -> None:
+        """A copy's masks (``ssam.optim.state``): the maskable set keyed by the copied parameters, and the masks one
+        buffer again (pickle copies the views of one buffer as separate tensors)."""
+        super()._after_copy()
+        flat = self._masks.flat() if self.has_masks() else None
+        self._set_maskable(self._maskable)
+        if flat is not None:
+            self._set_local(flat)
+
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a group; its parameters with ``requires_grad=True`` join the maskable set and the budget. SSAM-F then
         needs ``update_mask`` before its next step; SSAM-D draws the new entries' mask at random."""

@@ -7,7 +7,12 @@ never sees ssam's keys. ``opt.state`` follows torch's rule that an optimizer lis
 (``torch.distributed.checkpoint`` relies on it: it initialises an optimizer whose ``state`` is empty by stepping it
 at zero gradients and zero learning rate): until the first step or ``load_state_dict`` it lists the parameters the
 base optimizer holds state for (none, as a rule), from then on every parameter with any state. Any parameter can be
-looked up at any time: ``opt.state[p]["mask"]`` is there as soon as the mask is.
+looked up at any time: ``opt.state[p]["mask"]`` is there as soon as the mask is. A key that is not a tensor
+(``opt.state["k"] = 1``) is kept apart, as torch's ``defaultdict`` keeps it, and saved under its key.
+
+``state_dict()`` and ``load_state_dict()`` run the hooks registered on the optimizer as torch's do; a copy
+(``copy.deepcopy``, pickle) holds everything the optimizer does (base optimizer, masks, counters, generators), less
+those hooks, as torch's copies do.
 
 ``state_dict()`` is torch's layout (format 2)::
 
@@ -26,11 +31,13 @@ reads both.
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Callable, Iterator, Mapping, MutableMapping
 from typing import Any, NamedTuple
 
 from torch import Tensor
 
+from .arguments import names_by_id
 from .ascent import PREVIOUS_KEY
 
 # The optimizer is typed Any here: importing SAM (which imports this module) would make a cycle.
@@ -58,6 +65,18 @@ STATE_KEY = "ssam"
 OWN_KEYS = ("mask", "w_saved", "looksam_gv", PREVIOUS_KEY)
 #: The keys of OWN_KEYS that ``opt.state[p][key] = value`` may write (a mask changes through the mask methods).
 SETTABLE_KEYS = tuple(k for k in OWN_KEYS if k != "mask")
+#: torch.optim.Optimizer's hook registries: a copy of an optimizer starts with them empty, as torch's does.
+HOOK_REGISTRIES = tuple(
+    f"_optimizer_{kind}_hooks"
+    for kind in (
+        "step_pre",
+        "step_post",
+        "state_dict_pre",
+        "state_dict_post",
+        "load_state_dict_pre",
+        "load_state_dict_post",
+    )
+)
 
 
 class StateEntry(MutableMapping):
@@ -111,31 +130,46 @@ class StateEntry(MutableMapping):
 
 
 class JointState(MutableMapping):
-    """``opt.state`` of a SAM-family optimizer: parameter -> ``StateEntry`` (see the module docstring)."""
+    """``opt.state`` of a SAM-family optimizer: parameter -> ``StateEntry`` (see the module docstring). A key that
+    is not a tensor (``opt.state["k"] = 1``) holds its value as torch's ``defaultdict`` does (reading a missing one
+    gives a new empty dict), apart from the parameters' state, and ``state_dict()`` saves it under its key."""
 
     def __init__(self, opt: SAM) -> None:
         self._opt = opt
 
-    def __getitem__(self, p: Tensor) -> StateEntry:
+    def __getitem__(self, p: Any) -> Any:
+        if not isinstance(p, Tensor):
+            return self._opt._other_state.setdefault(p, {})
         return StateEntry(self._opt, p)
 
-    def __setitem__(self, p: Tensor, entry: Mapping) -> None:
+    def get(self, p: Any, default: Any = None) -> Any:
+        if not isinstance(p, Tensor):  # (no entry is created, as dict.get on torch's defaultdict)
+            return self._opt._other_state.get(p, default)
+        return super().get(p, default)
+
+    def __setitem__(self, p: Any, entry: Any) -> None:
+        if not isinstance(p, Tensor):
+            self._opt._other_state[p] = entry
+            return
         target = self[p]
         for key in [k for k in target if k not in entry]:
             del target[key]
         for key, value in entry.items():
             target[key] = value
 
-    def __delitem__(self, p: Tensor) -> None:
+    def __delitem__(self, p: Any) -> None:
+        if not isinstance(p, Tensor):
+            del self._opt._other_state[p]
+            return
         del self._opt.base_optimizer.state[p]
         self._opt._set_own(p, "w_saved", None)
 
-    def _keys(self) -> list[Tensor]:
+    def _keys(self) -> list[Any]:
         keys = list(self._opt.base_optimizer.state)
         if self._opt._stepped:
             seen = {id(p) for p in keys}
             keys += [p for p, own in self._opt._own.items() if own and id(p) not in seen]
-        return keys
+        return keys + list(self._opt._other_state)
 
     def __iter__(self) -> Iterator[Tensor]:
         return iter(self._keys())
@@ -144,6 +178,8 @@ class JointState(MutableMapping):
         return len(self._keys())
 
     def __contains__(self, p: object) -> bool:
+        if not isinstance(p, Tensor):
+            return p in self._opt._other_state
         return any(p is q for q in self._keys())
 
     def __repr__(self) -> str:
@@ -153,13 +189,16 @@ class JointState(MutableMapping):
 class Layout(NamedTuple):
     """A state_dict of any format, taken apart: ``groups`` (torch's param_groups, parameters as the dict names
     them: indices or, from torch.distributed.checkpoint, names), the base optimizer's ``state`` by those keys,
-    ssam's per-parameter ``own`` state (masks) by those keys, and ``extra``, the optimizer's own counters."""
+    ssam's per-parameter ``own`` state (masks) by those keys, ``extra``, the optimizer's own counters, and
+    ``other``: the entries under keys the param groups do not list (``opt.state["k"]``), kept as they are, as torch
+    keeps them."""
 
     groups: list[dict]
     base: dict[Any, dict]
     own: dict[Any, dict]
     extra: dict[str, Any]
     format: int
+    other: Mapping[Any, Any] = {}
 
 
 def read_state_dict(sd: Any, owner: str) -> Layout:
@@ -175,7 +214,11 @@ def read_state_dict(sd: Any, owner: str) -> Layout:
     base: dict[Any, dict] = {}
     own: dict[Any, dict] = {}
     extra: dict[str, Any] = {}
+    listed = {k for g in sd["param_groups"] for k in g["params"]}
+    other = {k: v for k, v in sd["state"].items() if k not in listed}
     for key, entry in sd["state"].items():
+        if key in other:
+            continue
         for name, value in entry.items():
             if name == STATE_KEY:
                 extra = dict(value)
@@ -189,7 +232,7 @@ def read_state_dict(sd: Any, owner: str) -> Layout:
         raise ValueError(
             f"state_dict: format {version}; allowed: {FORMAT} or older (it was written by a newer ssam: upgrade)"
         )
-    return Layout(list(sd["param_groups"]), base, own, extra, version)
+    return Layout(list(sd["param_groups"]), base, own, extra, version, other)
 
 
 def _format1(sd: Mapping, owner: str) -> Layout:
@@ -212,7 +255,8 @@ def pack(
     base: dict, params: list[Tensor], saved_own: Callable[[Tensor], dict], anchor: Tensor, extra: dict, opt: SAM
 ) -> dict[str, Any]:
     """Format 2 from the base optimizer's state_dict ``base`` (indexed as ``params``), ssam's per-parameter state
-    ``saved_own(p)`` and the counters ``extra``, which go to ``anchor``'s entry."""
+    ``saved_own(p)`` and the counters ``extra``, which go to ``anchor``'s entry; ``opt.state``'s entries under
+    keys that are not tensors are saved under those keys, as torch saves them."""
     state: dict[Any, dict] = {k: dict(v) for k, v in base["state"].items()}  # copies: the base's stay as they are
     for i, p in enumerate(params):
         own = saved_own(p)
@@ -228,6 +272,13 @@ def pack(
         entry.update(own)
     index = next(i for i, p in enumerate(params) if p is anchor)
     state.setdefault(index, {})[STATE_KEY] = {"format": FORMAT, **extra}
+    for key, value in opt._other_state.items():
+        if key in state or (isinstance(key, int) and 0 <= key < len(params)):
+            raise RuntimeError(
+                f"state[{key!r}]: a key of opt.state that is not a parameter names parameter {key!r}'s entry in "
+                "state_dict(); allowed: a key that is no parameter index (a string, say)"
+            )
+        state[key] = value
     return {"state": state, "param_groups": base["param_groups"]}
 
 
@@ -271,6 +322,27 @@ class TorchShapedState:
     _load_extra_state: Callable[[dict[str, Any]], None]
     _check_own: Callable[[dict[Tensor, dict], dict[str, Any]], None]
     _load_own: Callable[[dict[Tensor, dict], dict[str, Any]], None]
+    _after_copy: Callable[[], None]
+    _other_state: dict[Any, Any]
+    _param_names: dict[int, str]
+    _patch_step_function: Callable[[], None]
+    _optimizer_state_dict_pre_hooks: dict[int, Callable[[Any], None]]
+    _optimizer_state_dict_post_hooks: dict[int, Callable[[Any, dict], dict | None]]
+    _optimizer_load_state_dict_pre_hooks: dict[int, Callable[[Any, dict], dict | None]]
+    _optimizer_load_state_dict_post_hooks: dict[int, Callable[[Any], None]]
+
+    def __getstate__(self) -> dict[str, Any]:
+        """For ``copy.deepcopy`` and pickle: everything the optimizer holds (the base optimizer, the masks, the
+        schedule's counters, ssam's per-parameter state, the generators), less the hooks registered on it, which
+        torch leaves out of a copy too. (torch's own keeps ``defaults``, ``state`` and ``param_groups`` only.)"""
+        return {k: v for k, v in self.__dict__.items() if k not in HOOK_REGISTRIES}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        for name in HOOK_REGISTRIES:
+            setattr(self, name, OrderedDict())
+        self._patch_step_function()
+        self._after_copy()  # what is kept by id (names, the maskable set) is keyed by the copied tensors
 
     @property
     def state(self) -> JointState:
@@ -304,18 +376,35 @@ class TorchShapedState:
         """torch's layout, ``{"state": {index: entry}, "param_groups": [...]}`` (format 2, ``ssam.optim.state``):
         each entry holds the base optimizer's state and ssam's (``mask``); the first parameter that requires a
         gradient also holds ``"ssam"``: the format version and the optimizer's counters. Tensors are shared with
-        the optimizer, as torch's are."""
+        the optimizer, as torch's are. The hooks of ``register_state_dict_pre_hook`` run before (with the
+        optimizer), those of ``register_state_dict_post_hook`` after (with it and the dict; one may return a dict
+        to use instead), as torch runs them."""
+        for pre in list(self._optimizer_state_dict_pre_hooks.values()):
+            pre(self)
         base = self.base_optimizer.state_dict()  # one shared list of groups: its indices are ours
-        return pack(base, self._all_params(), self._saved_own, self._anchor(), self._extra_state(), self)
+        sd = pack(base, self._all_params(), self._saved_own, self._anchor(), self._extra_state(), self)
+        for post in list(self._optimizer_state_dict_post_hooks.values()):
+            changed = post(self, sd)
+            if changed is not None:
+                sd = changed
+        return sd
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a ``state_dict()`` of this version (also with parameter names for keys, as
         ``torch.distributed.checkpoint`` hands it back) or of ssam 0.1 (``{"state", "base_optimizer", "extra"}``:
         the checkpoints of ``ssam train``, Lightning and the Hugging Face Trainer). Per-group settings and the base
         optimizer's come from the state_dict; the whole optimizer's stay this optimizer's (``ssam.optim.settings``);
-        a setting an older state_dict lacks takes this optimizer's value."""
+        a setting an older state_dict lacks takes this optimizer's value. As torch does, the hooks of
+        ``register_load_state_dict_pre_hook`` get a shallow copy of the dict first (one may return a dict to load
+        instead), those of ``register_load_state_dict_post_hook`` the optimizer after."""
         if self._perturbed is not None:
             raise RuntimeError("load_state_dict between first_step and second_step; finish the step first")
+        if isinstance(state_dict, Mapping):
+            state_dict = dict(state_dict)
+        for pre in list(self._optimizer_load_state_dict_pre_hooks.values()):
+            changed = pre(self, state_dict)
+            if changed is not None:
+                state_dict = changed
         layout = read_state_dict(state_dict, type(self).__name__)
         by_key = param_keys(layout, self._all_params(), type(self).__name__)
         own = {by_key[k]: v for k, v in layout.own.items()}
@@ -326,4 +415,8 @@ class TorchShapedState:
             self._stamp_group(g, i, loaded=True)
         self._own.clear()  # (w_saved is scratch: allocated again at the next first_step)
         self._load_own(own, layout.extra)
+        self._other_state = dict(layout.other)
+        self._param_names = names_by_id(self.param_groups)  # (names a loaded dict holds replace this one's)
         self._stepped = True
+        for post in list(self._optimizer_load_state_dict_post_hooks.values()):
+            post(self)
