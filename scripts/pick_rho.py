@@ -22,20 +22,23 @@ from ssam.runfolder import RunFolder
 COLUMNS = ("final_val_acc1", "final_acc1", "early_stopped_acc1", "final_noisy_memorized")
 
 
-def collect(folders: list[str]) -> dict[tuple[str, float], dict[str, dict[str, float]]]:
-    """{(variant, rho): {seed: {column: value}}} over the finished runs with a validation split."""
+def collect(folders: list[str], setting: str = "rho") -> dict[tuple[str, float], dict[str, dict[str, float]]]:
+    """{(variant, value of ``setting``): {seed: {column: value}}} over the finished runs with a validation split
+    (SGD's runs only for a setting other than rho: SAF's and MESA's lambda)."""
     groups: dict[tuple[str, float], dict[str, dict[str, float]]] = {}
     for folder in folders:
         with open(Path(folder) / "runs.csv") as f:
-            rows = [r for r in csv.DictReader(f) if r["finished"] == "True" and r["variant"] != "sgd"]
+            rows = [
+                r for r in csv.DictReader(f) if r["finished"] == "True" and (r["variant"] != "sgd" or setting != "rho")
+            ]
         for r in rows:
             run = RunFolder(Path(folder) / "runs" / r["name"])
             cfg, metrics = run.config() or {}, run.metrics()
-            if "rho" not in cfg or not metrics or "val_acc1" not in metrics[-1]:
+            if cfg.get(setting) is None or not metrics or "val_acc1" not in metrics[-1]:
                 continue
             values = {"final_val_acc1": float(metrics[-1]["val_acc1"])}
             values.update({k: float(r[k]) for k in COLUMNS[1:] if r.get(k)})
-            groups.setdefault((r["variant"], float(cfg["rho"])), {})[r["seed"]] = values
+            groups.setdefault((r["variant"], float(cfg[setting])), {})[r["seed"]] = values
     return groups
 
 
@@ -52,18 +55,25 @@ def chosen(groups: dict[tuple[str, float], dict[str, dict[str, float]]]) -> dict
 def main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="pick_rho.py", description=__doc__.split("\n\n")[0])
     p.add_argument("folders", nargs="+")
+    p.add_argument("--setting", default="rho", help="the swept setting to choose (default rho; saf, mesa: lambda)")
     args = p.parse_args(argv)
     missing = [f for f in args.folders if not (Path(f) / "runs.csv").is_file()]
     if missing:
         where = f"{missing[0]}/runs.csv"
         print(f"pick_rho.py: {where} not found; allowed: folders written by ssam compare", file=sys.stderr)
         return 2
-    groups = collect(args.folders)
+    groups = collect(args.folders, args.setting)
     if not groups:
-        print("pick_rho.py: no finished run with a rho and a validation split in these folders", file=sys.stderr)
+        print(
+            f"pick_rho.py: no finished run with a {args.setting} and a validation split in these folders",
+            file=sys.stderr,
+        )
         return 2
     pick = chosen(groups)
-    print("| optimizer | rho | seeds | final val acc1 | final test acc1 | early-stopped | wrong labels fit | chosen |")
+    print(
+        f"| optimizer | {args.setting} | seeds | final val acc1 | final test acc1 | early-stopped | wrong labels fit "
+        "| chosen |"
+    )
     print("|---|---:|---:|---:|---:|---:|---:|---|")
     for (variant, rho), runs in sorted(groups.items()):
         mean = {k: statistics.mean(v[k] for v in runs.values() if k in v) for k in COLUMNS}

@@ -19,6 +19,9 @@
 #   bash scripts/results_fashion.sh mem-full-rho-ssamd RHO [SEED] # after -wide chose SSAM-D's largest rho: RHO 0.6 or 0.7
 #   bash scripts/results_fashion.sh cheap DIRECTION [SEED]  # a cheap ascent on every step (SAM, 40% noise) over its rho grid:
 #                                                   # subbatch:0.25 | subbatch:0.125 | previous | momentum | msam
+#   bash scripts/results_fashion.sh cheap-wide DIRECTION RHO [SEED]  # after cheap chose a grid's largest rho: two beyond it
+#   bash scripts/results_fashion.sh saf [SEED]       # SAF (no ascent: KL to the logits of 3 epochs ago), lambda 0.1, 0.3, 1
+#   bash scripts/results_fashion.sh mesa [SEED]      # MESA (KL to an EMA teacher, decay 0.999), lambda 0.3, 0.8, 2
 #   bash scripts/results_fashion.sh cheap-sparse DIRECTION [SEED]  # after cheap: SSAM-F 0.5 and SSAM-D 0.5 with the chosen direction, its grid
 #   bash scripts/results_fashion.sh cheap-clean DIRECTION RHO [SEED]  # after cheap: the chosen setting on clean labels
 #   bash scripts/results_fashion.sh cheap-full DIRECTION RHO [SEED]   # after cheap: the chosen setting on the headline (60,000)
@@ -68,10 +71,11 @@ fashion_mem_rho_ssamd fashion_mem_full_rho fashion_mem_full_rho0.4 fashion_mem_f
 fashion_mem_full_rho0.6 fashion_mem_full_rho0.7
 fashion_cnn fashion_mem_noise0 fashion_mem_noise0.2 fashion_mem_noise0.6
 fashion_mem_cheap_subbatch-0.25 fashion_mem_cheap_subbatch-0.125 fashion_mem_cheap_previous fashion_mem_cheap_momentum
-fashion_mem_cheap_msam fashion_cnn_more fashion_cnn_looksam fashion_cnn_bnfrozen"
+fashion_mem_cheap_msam fashion_cnn_more fashion_cnn_looksam fashion_cnn_bnfrozen fashion_mem_saf fashion_mem_mesa"
 # The follow-ups of the cheap ascents: one folder per direction (run names carry the rho and seed, not the direction).
 for d in subbatch-0.25 subbatch-0.125 previous momentum msam; do
     FOLDERS+=" fashion_mem_cheap_sparse_$d fashion_mem_cheap_clean_$d fashion_mem_cheap_full_$d fashion_cnn_cheap_$d"
+    for r in 0.3 0.35 0.5 0.6 10 30; do FOLDERS+=" fashion_mem_cheap_${d}_rho$r"; done
 done
 MEM=recipes/fashion_mnist_memorization.yaml
 CNN=recipes/fashion_mnist_memorization_cnn.yaml
@@ -224,6 +228,16 @@ case $PART in
                part "fashion_mem_cheap_${D/:/-}" --config $MEM $(seeds) --opts sam --rho "$RHOS_D" --sam_ascent "$D" ;;
     # After cheap (each direction's radius chosen on validation): the chosen direction with sparse masks, on clean
     # labels and on the headline, and on the CNN; the direction and radius are arguments, checked against the grids.
+    # After cheap: a direction whose validation chose its grid's largest radius, at two radii beyond it.
+    cheap-wide) D=${2:-}; R=${3:-}; SEED=${4:-}
+               case $D in subbatch:0.25|subbatch:0.125) radius "$R" 0.5 0.6 ;; previous|momentum) radius "$R" 0.3 0.35 ;;
+                   msam) radius "$R" 10 30 ;; *) cheap_rhos "$D" >/dev/null ;; esac
+               part "fashion_mem_cheap_${D/:/-}_rho$R" --config $MEM $(seeds) --opts sam --rho "$R" --sam_ascent "$D" ;;
+    # SAF and MESA: the trajectory losses with plain SGD, each lambda grid fixed here (SAF's paper uses 0.3, MESA's
+    # 0.8). MESA's paper decay 0.9998 is a 5,000-step time constant, twice this run's 2,340 steps; 0.999 (1,000 steps,
+    # about 13 epochs) keeps the teacher a few epochs behind, as SAF's lag does. Chosen by pick_rho.py --setting.
+    saf)       part fashion_mem_saf --config $MEM $(seeds) --opts sgd --sweep saf=0.1,0.3,1 ;;
+    mesa)      part fashion_mem_mesa --config $MEM $(seeds) --opts sgd --sweep mesa=0.3,0.8,2 --mesa_decay 0.999 ;;
     cheap-sparse) D=${2:-}; SEED=${3:-}; RHOS_D=$(cheap_rhos "$D")
                part "fashion_mem_cheap_sparse_${D/:/-}" --config $MEM $(seeds) --opts ssamf,ssamd --rho "$RHOS_D" \
                    --sam_ascent "$D" ;;
@@ -278,6 +292,6 @@ case $PART in
         [[ -d $OUT/fashion_gpu_noise40 ]] && part fashion_gpu_noise40 --config $GPU --label_noise 0.4 --report_only
         [[ -d $OUT/fashion_gpu_rho ]] && part fashion_gpu_rho --config $GPU --opts sgd,sam --rho $RHOS --report_only
         true ;;
-    *) echo "results_fashion.sh: unknown part '$PART'; allowed: cpu, cpu-rho, cpu-noise-rho, mem, mem-clean, mem-rho, mem-full, mem-sched, mem-sched-clean, mem-m, mem-m-ssamf, mem-m1-rho, mem-full-sched, mem-rho-ssamd, mem-full-rho, mem-full-rho-wide, mem-full-rho-ssamd, cheap, cheap-sparse, cheap-clean, cheap-full, cnn, cnn-cheap, cnn-more, noise, gpu, gpu-noise, gpu-rho, report, archive, restore" >&2
+    *) echo "results_fashion.sh: unknown part '$PART'; allowed: cpu, cpu-rho, cpu-noise-rho, mem, mem-clean, mem-rho, mem-full, mem-sched, mem-sched-clean, mem-m, mem-m-ssamf, mem-m1-rho, mem-full-sched, mem-rho-ssamd, mem-full-rho, mem-full-rho-wide, mem-full-rho-ssamd, cheap, cheap-wide, saf, mesa, cheap-sparse, cheap-clean, cheap-full, cnn, cnn-cheap, cnn-more, noise, gpu, gpu-noise, gpu-rho, report, archive, restore" >&2
        exit 2 ;;
 esac
