@@ -219,7 +219,9 @@ def test_ddp_ranks_take_the_same_decisions(tmp_path, schedule):
     assert all(0 < s <= 1 for s in shares)
 
 
-def test_aesam_with_a_negative_c_is_refused():
-    with pytest.raises(ValueError, match=r"whose C -1 is < 0; allowed: .*C >= 0"):
-        parse_schedule("aesam:-1")
-    assert parse_schedule("aesam:0").c == 0.0
+
+def test_a_negative_aesam_c_names_its_run_folder_without_a_double_dash():
+    from ssam.train.config import parse_args
+
+    name = parse_args(["--opt", "sam-sgd", "--sam_schedule", "aesam:-1"]).output_name
+    assert "_aesam-m1_" in name and "--" not in name

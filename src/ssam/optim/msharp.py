@@ -71,18 +71,18 @@ def ascend_by_chunks(
     loss_sum = torch.zeros((), dtype=torch.float64, device=params[0].device)
     for chunk in chunks:
         share = chunk[0].shape[0] / n
-        opt.zero_grad()
-        with opt.first_pass() if skip_dead else contextlib.nullcontext():
-            loss = run_pass(chunk, True)
-        loss_sum += loss.detach().double() * share
-        opt.first_step(zero_grad=True)
-        try:
+
+        def pass_one(chunk: tuple[Tensor, ...] = chunk) -> Tensor:
+            opt.zero_grad()
+            with opt.first_pass() if skip_dead else contextlib.nullcontext():
+                return run_pass(chunk, True)
+
+        def pass_two(chunk: tuple[Tensor, ...] = chunk) -> Tensor:
             with frozen_bn_stats(model) if model is not None else contextlib.nullcontext():
-                run_pass(chunk, False)
-        except BaseException:
-            opt.restore()
-            raise
-        opt.restore()
+                return run_pass(chunk, False)
+
+        loss, _, _ = opt.ascend(pass_two, pass_one=pass_one, finish=False)  # perturb, pass two, restore
+        loss_sum += loss.detach().double() * share
         for a, p in zip(acc, params):
             if p.grad is not None:
                 a.add_(p.grad, alpha=share)

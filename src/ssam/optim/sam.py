@@ -216,6 +216,8 @@ class SAM(ScheduledSteps, TorchShapedState, ParamGroups, torch.optim.Optimizer):
                 by_group.append((group, ps, cast("list[Tensor]", [self._direction(p) for p in ps])))
         if not by_group and self._ascent.one_pass:  # no direction yet: pass two runs at w, a plain step
             self._perturbed = ([], [])
+            if zero_grad:
+                self.zero_grad()
             return
         if not by_group:
             raise RuntimeError(
@@ -354,13 +356,7 @@ class SAM(ScheduledSteps, TorchShapedState, ParamGroups, torch.optim.Optimizer):
         if not due:  # a plain step of the schedule: the gradient of pass one, no closure call at w + e
             self._take_plain_step([p.grad for p in self._all_params() if p.grad is not None])
             return first_loss.detach() if isinstance(first_loss, Tensor) else first_loss
-        self.first_step(zero_grad=True)
-        try:
-            loss = closure()
-        except BaseException:
-            self.restore()
-            raise
-        self._finish()
+        _, loss, _ = self.ascend(closure)
         out = first_loss if self.closure_passes == "both" else loss
         return out.detach() if isinstance(out, Tensor) else out
 

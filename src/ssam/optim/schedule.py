@@ -46,7 +46,7 @@ LOOKSAM_ALPHA = 0.7
 AESAM_C = 1.0
 AESAM_MOMENTUM = 0.9
 SCHEDULE_FORMS = (
-    "'every:K', 'looksam:K[:ALPHA]', 'aesam[:C]' or 'late:FRACTION' (K >= 1, ALPHA >= 0, C >= 0, 0 < FRACTION <= 1)"
+    "'every:K', 'looksam:K[:ALPHA]', 'aesam[:C]' or 'late:FRACTION' (K >= 1, ALPHA >= 0, 0 < FRACTION <= 1)"
 )
 
 
@@ -136,10 +136,7 @@ def parse_schedule(spec: object) -> AscentSchedule:
             raise ValueError(f"schedule: got {spec!r}, whose ALPHA {alpha:g} is < 0; allowed: {SCHEDULE_FORMS}")
         return AscentSchedule("looksam", k=_count(args[0], spec), alpha=alpha)
     if kind == "aesam" and len(args) <= 1:
-        c = _number(args[0], "C", spec) if args else AESAM_C
-        if c < 0:  # a threshold below the running mean: nearly every step would ascend, at a schedule's name
-            raise ValueError(f"schedule: got {spec!r}, whose C {c:g} is < 0; allowed: {SCHEDULE_FORMS}")
-        return AscentSchedule("aesam", c=c)
+        return AscentSchedule("aesam", c=_number(args[0], "C", spec) if args else AESAM_C)
     if kind == "late" and len(args) == 1:
         fraction = _number(args[0], "FRACTION", spec)
         if not 0 < fraction <= 1:

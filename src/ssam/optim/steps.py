@@ -97,22 +97,59 @@ class ScheduledSteps:
             else:
                 buf.copy_(p.grad)
 
+    def ascend(
+        self,
+        pass_two: Callable[[], Any],
+        *,
+        pass_one: Callable[[], Any] | None = None,
+        unscale: Callable[[], bool] | None = None,
+        finish: bool = True,
+        set_to_none: bool = True,
+    ) -> tuple[Any, Any, bool]:
+        """One ascent: the protocol every SAM step shares (``step``, the trainer, m-sharpness, the Lightning
+        plugin), in the shape of Lightning's closure.
+
+        1. ``pass_one()`` at w, when given: forward + backward whose gradient is the direction (``ascent`` gradient
+           or subbatch; omit it when the caller ran pass one, and for a one-pass direction, which needs none);
+        2. ``unscale()``, when given (a loss scaler's unscale and check of the gradient): False gives up the step
+           before anything moved;
+        3. w -> w + e (``first_step``; nothing moves for a one-pass direction before one exists), gradients zeroed
+           (``set_to_none`` as ``zero_grad`` takes it);
+        4. ``pass_two()`` at w + e; on any exception w is restored and the exception propagates;
+        5. ``unscale()`` again, then ``finish``: restore w and take the base step with pass two's gradient; with
+           ``finish=False`` only restore (m-sharpness sums its chunks' gradients and steps once). An unscale that
+           fails here restores w and gives up the step.
+
+        Returns (pass one's result, pass two's result, whether the step went through); results are as returned.
+        """
+        first = pass_one() if pass_one is not None else None
+        if unscale is not None and not unscale():
+            return first, None, False
+        self.first_step()
+        self.zero_grad(set_to_none=set_to_none)
+        try:
+            second = pass_two()
+        except BaseException:
+            self.restore()
+            raise
+        if unscale is not None and not unscale():
+            self.restore()
+            return first, second, False
+        if finish:
+            self._finish()
+        else:
+            self.restore()
+        return first, second, True
+
     def _one_pass_step(self, closure: Callable[[], Any]) -> Any:
         """``step(closure)`` with a one-pass direction: perturb along the stored direction (nothing before one
         exists), call the closure once at w + e, restore, base step. On a plain step of the schedule the closure
         runs at w. Returns the closure's loss, detached."""
-        due = self.ascent_due()
-        if due:
-            self.first_step()
-        self.zero_grad()
-        try:
-            loss = closure()
-        except BaseException:
-            self.restore()
-            raise
-        if due:
-            self._finish()
+        if self.ascent_due():
+            _, loss, _ = self.ascend(closure)
         else:
+            self.zero_grad()
+            loss = closure()
             self._take_plain_step([p.grad for p in self._all_params() if p.grad is not None])
         return loss.detach() if isinstance(loss, Tensor) else loss
 
@@ -180,15 +217,11 @@ class ScheduledSteps:
     def _subbatch_step(self, closure: Callable[..., Any], batch: tuple) -> Tensor:
         """``ascent='subbatch:F'`` from a batch: pass one on its first ceil(F * n) examples, pass two on all of it;
         returns pass two's loss (the whole batch's), detached."""
-        n = batch[0].shape[0]
-        k = self._ascent.pass_one_size(n)
-        self.zero_grad()
-        closure(*(t[:k] for t in batch))
-        self.first_step(zero_grad=True)
-        try:
-            loss = closure(*batch)
-        except BaseException:
-            self.restore()
-            raise
-        self._finish()
+        k = self._ascent.pass_one_size(batch[0].shape[0])
+
+        def pass_one() -> Any:
+            self.zero_grad()
+            return closure(*(t[:k] for t in batch))
+
+        _, loss, _ = self.ascend(lambda: closure(*batch), pass_one=pass_one)
         return loss.detach()

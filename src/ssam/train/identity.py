@@ -87,7 +87,7 @@ def run_name(cfg: dict[str, Any], defaults: dict[str, Any], _colon: bool = False
             grain = grain.replace(":", "of")
         parts.append(f"sp{cfg['sparsity']:g}{grain}")
     if wrapper and cfg.get("sam_schedule", "none") != "none":
-        parts.append(cfg["sam_schedule"].replace(":", "-"))
+        parts.append(cfg["sam_schedule"].replace(":-", "-m").replace(":", "-"))  # aesam:-1 -> aesam-m1
     if wrapper and cfg.get("sam_ascent", "gradient") != "gradient":
         parts.append(cfg["sam_ascent"].replace(":", "-"))
     if wrapper and cfg.get("sam_micro_batch"):

@@ -129,13 +129,14 @@ def train_step(
         first_batches = [tuple(t[: direction.pass_one_size(len(mb[0]))] for t in mb) for mb in micro_batches]
     else:
         first_batches = list(micro_batches)
-    outs: list[Tensor] = []
-    loss_sum = torch.zeros((), device=micro_batches[0][0].device)
-    bad = torch.zeros((), dtype=torch.bool, device=loss_sum.device)
-    if not one_pass:
+    at_w = direction is None or direction.at_w
+    out: dict[str, Any] = {"outs": [], "loss": torch.zeros((), device=micro_batches[0][0].device)}
+    out["bad"] = torch.zeros((), dtype=torch.bool, device=out["loss"].device)
+
+    def pass_one() -> None:
         first_pass = opt.first_pass() if skip and isinstance(opt, SAM) else contextlib.nullcontext()
         with first_pass:
-            outs, loss_sum = _forward_backward(
+            out["outs"], out["loss"] = _forward_backward(
                 net,
                 model,
                 first_batches,
@@ -148,33 +149,34 @@ def train_step(
             )
         if skip and no_sync is not None and sync_first_pass:
             reduce_first_grads([p.grad for p in model.parameters() if p.grad is not None])  # type: ignore[misc]
-        bad = _nonfinite(model, loss_sum, scaler)
+        out["bad"] = _nonfinite(model, out["loss"], scaler)
         if after_first_backward is not None:
             after_first_backward()
-    if sam:
-        if scaler.first_step(opt, zero_grad=False):
-            opt.zero_grad(set_to_none=to_none)
-            outs_two, loss_two = _forward_backward(
-                net,
-                model,
-                micro_batches,
-                loss_fn,
-                scaler,
-                autocast,
-                no_sync,
-                sync_last=True,
-                freeze_bn=freeze_bn_second_pass,
-            )
-            if direction is not None and not direction.at_w:
-                # The step's loss is pass two's, over the whole batch (pass one saw a sub-batch or did not run).
-                outs, loss_sum = outs_two, loss_two
-            if one_pass:
-                bad = _nonfinite(model, loss_two, scaler)
-                if after_first_backward is not None:  # (SSAM-D's refresh scores this gradient, at w + e)
-                    after_first_backward()
-            scaler.second_step(opt, zero_grad=False)
+
+    def pass_two() -> None:
+        freeze = freeze_bn_second_pass
+        outs_two, loss_two = _forward_backward(
+            net, model, micro_batches, loss_fn, scaler, autocast, no_sync, sync_last=True, freeze_bn=freeze
+        )
+        if not at_w:  # the step's loss is pass two's, over the whole batch (pass one saw a sub-batch or none ran)
+            out["outs"], out["loss"] = outs_two, loss_two
+        if one_pass:
+            out["bad"] = _nonfinite(model, loss_two, scaler)
+            if after_first_backward is not None:  # (SSAM-D's refresh scores this gradient, at w + e)
+                after_first_backward()
+
+    if sam and isinstance(opt, SAM):
+        # The one protocol of a SAM step (SAM.ascend): pass one, unscale, perturb, pass two (w restored on any
+        # exception), unscale, restore and base step; an overflow gives the step up (TwoPassScaler.skip).
+        unscale = (lambda: scaler.unscale_(opt)) if scaler.enabled else None
+        first = None if one_pass else pass_one
+        _, _, stepped = opt.ascend(pass_two, pass_one=first, unscale=unscale, set_to_none=to_none)
+        if not stepped:
+            scaler.skip(opt)
     else:
+        pass_one()
         scaler.step(opt)
+    outs, loss_sum, bad = out["outs"], out["loss"], out["bad"]
     opt.zero_grad(set_to_none=to_none)
     scaler.update()
     return StepResult(torch.cat(outs), loss_sum, bad)
