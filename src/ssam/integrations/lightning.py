@@ -263,50 +263,44 @@ class SAMMixedPrecision(MixedPrecision):
                 out = scaler.skip(optimizer)
             scaler.update()
             return out
-        if optimizer.direction.one_pass:  # no pass one: perturb along the stored direction, one closure at w + e
-            due = optimizer.ascent_due()
-            if due:
-                optimizer.first_step()
-            optimizer.zero_grad()
-            try:
-                loss = closure()
-            except BaseException:
-                optimizer.restore()
-                raise
-            if scaler.unscale_(optimizer):
+
+        def unscale() -> bool:  # each pass unscaled on its own; hooks and clipping see the true gradient
+            ok = scaler.unscale_(optimizer)
+            if ok:
                 self._after_closure(model, optimizer)
-                optimizer.step()  # finishes the pending step (or a plain one of the schedule)
+            return ok
+
+        loss = None
+        due = optimizer.ascent_due()
+        if optimizer.direction.one_pass and not due:  # a plain step of the schedule: one pass at w
+            optimizer.zero_grad()
+            loss = closure()
+            if unscale():
+                optimizer.step()
             else:
                 scaler.skip(optimizer)
             scaler.update()
             return loss
-        loss = None
-        if optimizer.closure_passes == "both":
-            optimizer.zero_grad()
-            loss = closure()
-            if loss is None and model.automatic_optimization:
-                return None
-        # Pass one's gradient is in .grad, scaled. Unscale it, let hooks and clipping see it, perturb.
-        if not scaler.unscale_(optimizer):
-            scaler.skip(optimizer)
-            scaler.update()
-            return loss
-        self._after_closure(model, optimizer)
-        if not optimizer.ascent_due():  # a plain step of the optimizer's schedule: pass one's gradient, one pass
-            optimizer.step()
-            scaler.update()
-            return loss
-        optimizer.first_step(zero_grad=True)
-        try:
-            second = closure()
-        except BaseException:
-            optimizer.restore()
-            raise
-        if scaler.unscale_(optimizer):
-            self._after_closure(model, optimizer)
-            optimizer.second_step()
-        else:
-            scaler.skip(optimizer)  # restores w
+        if not optimizer.direction.one_pass:
+            if optimizer.closure_passes == "both":
+                optimizer.zero_grad()
+                loss = closure()
+                if loss is None and model.automatic_optimization:
+                    return None
+            # Pass one's gradient is in .grad, scaled. Unscale it, let hooks and clipping see it, perturb.
+            if not unscale():
+                scaler.skip(optimizer)
+                scaler.update()
+                return loss
+            if not due:  # a plain step of the optimizer's schedule: pass one's gradient, one pass
+                optimizer.step()
+                scaler.update()
+                return loss
+        # The one protocol (SAM.ascend): perturb (a one-pass direction needs no pass one), the closure at w + e with
+        # w restored on any exception, unscale, restore and base step; an overflow gives the step up.
+        _, second, stepped = optimizer.ascend(closure, unscale=_after_pass_two(unscale))
+        if not stepped:
+            scaler.skip(optimizer)  # (w is already restored)
         scaler.update()
         return loss if loss is not None else second
 
@@ -315,3 +309,15 @@ class SAMMixedPrecision(MixedPrecision):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.scaler.load_state_dict(state_dict)  # type: ignore[union-attr]
+
+
+def _after_pass_two(unscale: Callable[[], bool]) -> Callable[[], bool]:
+    """``SAM.ascend`` calls ``unscale`` before the perturbation and after pass two; here pass one was unscaled
+    already (or, for a one-pass direction, did not run), so the first call has nothing to check."""
+    calls = {"n": 0}
+
+    def check() -> bool:
+        calls["n"] += 1
+        return True if calls["n"] == 1 else unscale()
+
+    return check
