@@ -518,3 +518,9 @@ def test_bench_cheap_section_times_every_direction_with_its_state(tmp_path):
     assert steps["SAM"]["state_bytes_per_param"] == 8.0
     assert steps["momentum"]["state_bytes_per_param"] == 8.0
     assert steps["previous"]["state_bytes_per_param"] == 12.0
+
+
+@pytest.mark.parametrize("bad", ["0", "x", "8,-1"])
+def test_bad_micro_batches_is_a_usage_error(bad):
+    with pytest.raises(UsageError, match="--micro_batches"):
+        parse_args(["--section", "cheap", "--micro_batches", bad])

@@ -59,6 +59,12 @@ def build_parser(description: str) -> argparse.ArgumentParser:
         "(SSAM-F steps whose first pass skips the dead tensors, per mask granularity and sparsity, "
         "against the SAM step) and/or cheap (ascent schedules and m-sharpness against SGD and SAM); default main",
     )
+    p.add_argument(
+        "--micro_batches",
+        default="32,8,1",
+        help="cheap section: the m of its m-sharpness rows, comma-separated ('' for none: a loop over 1-example "
+        "chunks of a ResNet takes minutes a step on a CPU); default 32,8,1",
+    )
     p.add_argument("--quick", action="store_true", help="tiny run: batch 16, 2 steps, 16 Fisher examples")
     p.add_argument("--output", default="runs/bench", help="directory for bench.json (default runs/bench)")
     p.add_argument("--amp", action="store_true", help="time the main steps under bf16 autocast")
@@ -118,6 +124,12 @@ def parse_args(argv: list[str], description: str = "") -> argparse.Namespace:
         raise UsageError(f"--warmup must be at least 0, got {args.warmup}")
     args.fisher_methods = _names(args.fisher_methods, TIMED_FISHER_METHODS, "--fisher_methods", allow_empty=True)
     args.section = _names(args.section, SECTIONS, "--section", allow_empty=False)
+    try:
+        args.micro_batches = tuple(int(m) for m in args.micro_batches.split(",") if m.strip())
+    except ValueError:
+        raise UsageError(f"--micro_batches {args.micro_batches!r}: allowed: integers >= 1, comma-separated") from None
+    if any(m < 1 for m in args.micro_batches):
+        raise UsageError(f"--micro_batches {args.micro_batches}: allowed: integers >= 1, comma-separated")
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     elif args.device == "cuda" and not torch.cuda.is_available():

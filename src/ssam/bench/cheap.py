@@ -66,7 +66,7 @@ def run_cheap(args: argparse.Namespace, device: torch.device) -> dict:
     look = make_optimizer("SAM", model, args.num_samples, schedule="looksam:1000000")
     train_step(model, look, [(x, y)], model=model, ascend=True)  # stores g_v; every later step adds it
     fns["plain looksam"] = lambda: train_step(model, look, [(x, y)], model=model, ascend=False)
-    for m in MICRO_BATCHES:
+    for m in getattr(args, "micro_batches", MICRO_BATCHES):
         if m >= args.batch_size or args.batch_size % m:
             continue
         mod = copy.deepcopy(base)
