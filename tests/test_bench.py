@@ -522,5 +522,7 @@ def test_bench_cheap_section_times_every_direction_with_its_state(tmp_path):
 
 @pytest.mark.parametrize("bad", ["0", "x", "8,-1"])
 def test_bad_micro_batches_is_a_usage_error(bad):
+    from ssam.errors import UsageError
+
     with pytest.raises(UsageError, match="--micro_batches"):
         parse_args(["--section", "cheap", "--micro_batches", bad])
