@@ -49,6 +49,12 @@ def main(argv: list[str]) -> int:
     p.add_argument("--ref", default="sam", help="the reference group's label (default: sam)")
     p.add_argument("--metric", default="final_acc1", choices=("final_acc1", "early_stopped_acc1", "best_acc1"))
     p.add_argument("--plot", help="also draw every group's mean accuracy against its passes per example (a PNG)")
+    p.add_argument(
+        "--choose_rho",
+        action="store_true",
+        help="of the groups that differ only in rho, keep the one of the highest mean final validation accuracy "
+        "(scripts/pick_rho.py's rule; the reference and SGD are kept as given)",
+    )
     args = p.parse_args(argv)
     rows = []
     for folder in args.folders:
@@ -59,12 +65,18 @@ def main(argv: list[str]) -> int:
         with open(path) as f:
             found = [r for r in csv.DictReader(f) if r["finished"] == "True" and r[args.metric]]
         for r in found:
-            config = RunFolder(Path(folder) / "runs" / r["name"]).config() or {}
+            run = RunFolder(Path(folder) / "runs" / r["name"])
+            config, metrics = run.config() or {}, run.metrics()
             r.update({k: str(config[k]) for k in RUN_SETTINGS if not r.get(k) and config.get(k) is not None})
+            if not r.get("rho") and config.get("rho") is not None and r["variant"] != "sgd":
+                r["rho"] = str(config["rho"])
+            r["final_val_acc1"] = metrics[-1].get("val_acc1") if metrics else None
         rows += found
     groups: dict[tuple, dict[str, dict]] = {}
     for r in rows:
         groups.setdefault(_key(r), {})[r["seed"]] = r
+    if args.choose_rho:
+        groups = _chosen_rho(groups, args.ref)
     # Show a setting in the labels only where it tells groups of one variant apart.
     shown = {k for key in groups for k, _ in key[1:] if len({dict(g[1:]).get(k) for g in groups if g[0] == key[0]}) > 1}
     base = next((g for k, g in groups.items() if k[0] == "sgd"), None)
@@ -103,6 +115,26 @@ def main(argv: list[str]) -> int:
     if args.plot:
         _plot(args.plot, points, m)
     return 0
+
+
+def _chosen_rho(groups: dict[tuple, dict[str, dict]], ref: str) -> dict[tuple, dict[str, dict]]:
+    """Of the groups alike but for rho, the one with the highest mean final validation accuracy (the smaller rho on a
+    tie); groups without a validation accuracy, and the reference, stay."""
+    best: dict[tuple, tuple[float, float, tuple]] = {}
+    kept = {}
+    for key, runs in groups.items():
+        rho = dict(key[1:]).get("rho")
+        vals = [float(r["final_val_acc1"]) for r in runs.values() if r.get("final_val_acc1") is not None]
+        if rho is None or not vals or _label(key, {k for k, _ in key[1:]}) == ref:
+            kept[key] = runs
+            continue
+        family = (key[0], *[kv for kv in key[1:] if kv[0] != "rho"])
+        score = (statistics.mean(vals), -float(rho), key)
+        if family not in best or score[:2] > best[family][:2]:
+            best[family] = score
+    for _, _, key in best.values():
+        kept[key] = groups[key]
+    return kept
 
 
 def _plot(path: str, points: list[tuple[str, float, float]], metric: str) -> None:

@@ -215,3 +215,40 @@ def test_a_python_without_ssam_stops_at_once_with_exit_2(tmp_path, args):
     done = run(tmp_path, *args, PY="false")  # a "Python" that cannot import ssam
     assert done.returncode == 2 and "cannot import ssam; run `make setup` first" in done.stderr
     assert len(done.stderr.strip().splitlines()) == 1 and not (tmp_path / "out").exists()
+
+
+def test_gain_share_tells_directions_apart_and_chooses_rho_on_validation(tmp_path):
+    """A folder per ascent direction (the direction only in each run's config.yaml), two radii each; --choose_rho keeps
+    the radius of the higher mean final validation accuracy although the other one has the higher test accuracy."""
+    import csv
+
+    def folder(name, runs):
+        (tmp_path / name / "runs").mkdir(parents=True)
+        with open(tmp_path / name / "runs.csv", "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["name", "variant", "seed", "finished", "final_acc1", "passes_per_example", "rho"])
+            for run, variant, seed, acc, passes, rho, ascent, val in runs:
+                w.writerow([run, variant, seed, "True", acc, passes, rho])
+                d = tmp_path / name / "runs" / run
+                d.mkdir()
+                cfg = f"rho: {rho or 0.2}\nsam_ascent: {ascent}\n"
+                (d / "config.yaml").write_text(cfg)
+                (d / "metrics.jsonl").write_text(json.dumps({"epoch": 0, "val_acc1": val}) + "\n")
+
+    folder(
+        "base",
+        [("sgd_1", "sgd", "1", "70", "1", "", "gradient", 40), ("sam_1", "sam", "1", "80", "2", "", "gradient", 50)],
+    )
+    folder("prev", [("sam_rho0.1_1", "sam", "1", "79", "1", "0.1", "previous", 45),
+                    ("sam_rho0.2_1", "sam", "1", "75", "1", "0.2", "previous", 48)])  # fmt: skip
+    folder("mom", [("sam_rho0.1_1", "sam", "1", "74", "1", "0.1", "momentum", 44)])
+    script = Path(__file__).resolve().parents[1] / "scripts" / "gain_share.py"
+    args = [sys.executable, str(script), *(str(tmp_path / f) for f in ("base", "prev", "mom")), "--ref", "sam rho=0.2"]
+    out = subprocess.run([*args, "--choose_rho"], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    prev = [x for x in lines if "sam_ascent=previous" in x]
+    assert len(prev) == 1 and "rho=0.2" in prev[0] and "| +5.00 | 50% / 50% |" in prev[0]  # (75-70)/(80-70)
+    assert any("sam_ascent=momentum" in x and "| +4.00 | 40% / 40% |" in x for x in lines)
+    both = subprocess.run(args, capture_output=True, text=True).stdout
+    assert "rho=0.1 sam_ascent=previous" in both and "rho=0.2 sam_ascent=previous" in both  # without the choice
