@@ -119,7 +119,9 @@ def test_hessian_command(runs, tmp_path, capsys):
     assert np.sum(0.5 * (dens[1:] + dens[:-1]) * np.diff(grid)) == pytest.approx(1.0)
     assert [r["name"] for r in res["per_layer"]] == ["bn3.weight", "bn3.bias", "fc.weight", "fc.bias"]
     assert (out / "esd.png").stat().st_size > 1000 and (out / "per_layer.csv").is_file()
-    assert "| name | numel |" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "| name | numel |" in printed
+    assert f"wrote {out / 'hessian.json'}, {out / 'per_layer.csv'}, {out / 'esd.png'}" in printed  # every file
     # The command analysed exactly the documented subset.
     model = models["runA"]
     ref = hessian_eigenvalues(

@@ -157,3 +157,13 @@ def test_default_fisher_mode_on_a_timm_resnet_is_eval_and_explicit_train_is_refu
     err = capsys.readouterr().err
     assert "--fisher_mode train: a BatchNorm2d sees one value per channel" in err and "--fisher_mode eval" in err
     assert not (tmp_path / "train").exists()
+
+
+def test_a_model_that_cannot_take_the_images_is_exit_2_before_anything_is_written(tmp_path, capsys):
+    from ssam.cli import main
+
+    out = tmp_path / "out"
+    assert main(["train", "--dataset", "digits", "--model", "timm:vit_tiny_patch16_224", "--output_dir", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "--model timm:vit_tiny_patch16_224 cannot take --dataset digits's (1, 8, 8) inputs" in err
+    assert len(err.strip().splitlines()) == 1 and not out.exists()

@@ -281,3 +281,23 @@ def settle_fisher_mode(cfg: Namespace, model: torch.nn.Module, train_data: Any) 
         cfg.output_name = run_name(to_plain(cfg), to_plain(build_parser().parse_args([])))
     why = f" ({refusal})" if refusal else " (every BatchNorm sees more than one value per channel in a batch of one)"
     return f"fisher_mode auto: {cfg.fisher_mode}{why}"
+
+
+@torch.no_grad()
+def check_model_fits(cfg: Namespace, model: torch.nn.Module, train_data: Any) -> None:
+    """One forward of a training example (eval mode, nothing updated), so that a model that cannot take the data's
+    images (a ViT's patch larger than the image) is one line before the run folder exists, not a traceback after."""
+    x = torch.as_tensor(train_data[0][0])
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    was_training = model.training
+    try:
+        model.eval()
+        model(x.to(device)[None])
+    except (RuntimeError, ValueError, AssertionError) as e:
+        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        raise UsageError(
+            f"--model {cfg.model} cannot take --dataset {cfg.dataset}'s {tuple(x.shape)} inputs: {first}; allowed: "
+            "a model built for that image size"
+        ) from None
+    finally:
+        model.train(was_training)

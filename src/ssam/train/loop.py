@@ -32,6 +32,7 @@ from .builders import (
     build_data,
     build_loaders,
     build_optimizer,
+    check_model_fits,
     micro_batch_plan,
     model_args,
     model_width,
@@ -88,6 +89,7 @@ class Trainer:
         ).to(self.device)
         # SSAM-F's --fisher_mode auto becomes the mode this model allows (and names the run) before anything is
         # written; an explicit 'train' the model cannot run is refused here.
+        check_model_fits(cfg, self.model, data.train)
         self.fisher_note = settle_fisher_mode(cfg, self.model, data.train)
         self.run = RunDir(cfg, self.rank)
         if elastic_restart():

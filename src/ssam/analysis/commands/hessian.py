@@ -199,12 +199,15 @@ def run_hessian(args: argparse.Namespace) -> int:
     finally:
         bar.close()
     write_json(out / "hessian.json", result)
+    written = [out / "hessian.json"]
     if result["per_layer"] is not None:
         print(markdown_table(result["per_layer"], PER_LAYER_COLUMNS))
         write_csv(out / "per_layer.csv", result["per_layer"], PER_LAYER_COLUMNS)
+        written.append(out / "per_layer.csv")
     if result["density"] is not None:
         from ..plots import plot_esd
 
         plot_esd(grid, dens, out / "esd.png", eigenvalues=result["eigenvalues"], subtitle=result["run"])
-    print(f"wrote {out / 'hessian.json'}")
+        written.append(out / "esd.png")
+    print("wrote " + ", ".join(str(f) for f in written))
     return 0
