@@ -219,7 +219,6 @@ def test_ddp_ranks_take_the_same_decisions(tmp_path, schedule):
     assert all(0 < s <= 1 for s in shares)
 
 
-
 def test_a_negative_aesam_c_names_its_run_folder_without_a_double_dash():
     from ssam.train.config import parse_args
 
