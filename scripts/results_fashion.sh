@@ -22,6 +22,7 @@
 #   bash scripts/results_fashion.sh cheap-wide DIRECTION RHO [SEED]  # after cheap chose a grid's largest rho: two beyond it
 #   bash scripts/results_fashion.sh saf [SEED]       # SAF (no ascent: KL to the logits of 3 epochs ago), lambda 0.1, 0.3, 1
 #   bash scripts/results_fashion.sh mesa [SEED]      # MESA (KL to an EMA teacher, decay 0.999), lambda 0.3, 0.8, 2
+#   bash scripts/results_fashion.sh saf-wide|mesa-wide LAMBDA [SEED]  # after saf/mesa chose the grid's largest lambda
 #   bash scripts/results_fashion.sh cheap-sparse DIRECTION [SEED]  # after cheap: SSAM-F 0.5 and SSAM-D 0.5 with the chosen direction, its grid
 #   bash scripts/results_fashion.sh cheap-clean DIRECTION RHO [SEED]  # after cheap: the chosen setting on clean labels
 #   bash scripts/results_fashion.sh cheap-full DIRECTION RHO [SEED]   # after cheap: the chosen setting on the headline (60,000)
@@ -71,7 +72,8 @@ fashion_mem_rho_ssamd fashion_mem_full_rho fashion_mem_full_rho0.4 fashion_mem_f
 fashion_mem_full_rho0.6 fashion_mem_full_rho0.7
 fashion_cnn fashion_mem_noise0 fashion_mem_noise0.2 fashion_mem_noise0.6
 fashion_mem_cheap_subbatch-0.25 fashion_mem_cheap_subbatch-0.125 fashion_mem_cheap_previous fashion_mem_cheap_momentum
-fashion_mem_cheap_msam fashion_cnn_more fashion_cnn_looksam fashion_cnn_bnfrozen fashion_mem_saf fashion_mem_mesa"
+fashion_mem_cheap_msam fashion_cnn_more fashion_cnn_looksam fashion_cnn_bnfrozen fashion_mem_saf fashion_mem_mesa
+fashion_mem_saf_l3 fashion_mem_saf_l10 fashion_mem_mesa_l5 fashion_mem_mesa_l10"
 # The follow-ups of the cheap ascents: one folder per direction (run names carry the rho and seed, not the direction).
 for d in subbatch-0.25 subbatch-0.125 previous momentum msam; do
     FOLDERS+=" fashion_mem_cheap_sparse_$d fashion_mem_cheap_clean_$d fashion_mem_cheap_full_$d fashion_cnn_cheap_$d"
@@ -238,6 +240,11 @@ case $PART in
     # about 13 epochs) keeps the teacher a few epochs behind, as SAF's lag does. Chosen by pick_rho.py --setting.
     saf)       part fashion_mem_saf --config $MEM $(seeds) --opts sgd --sweep saf=0.1,0.3,1 ;;
     mesa)      part fashion_mem_mesa --config $MEM $(seeds) --opts sgd --sweep mesa=0.3,0.8,2 --mesa_decay 0.999 ;;
+    # After saf (or mesa) chose its grid's largest lambda: two beyond it, one folder each, the same rule.
+    saf-wide)  L=${2:-}; SEED=${3:-}; one_of lambda "$L" 3 10
+               part fashion_mem_saf_l$L --config $MEM $(seeds) --opts sgd --sweep saf=$L ;;
+    mesa-wide) L=${2:-}; SEED=${3:-}; one_of lambda "$L" 5 10
+               part fashion_mem_mesa_l$L --config $MEM $(seeds) --opts sgd --sweep mesa=$L --mesa_decay 0.999 ;;
     cheap-sparse) D=${2:-}; SEED=${3:-}; RHOS_D=$(cheap_rhos "$D")
                part "fashion_mem_cheap_sparse_${D/:/-}" --config $MEM $(seeds) --opts ssamf,ssamd --rho "$RHOS_D" \
                    --sam_ascent "$D" ;;
@@ -292,6 +299,6 @@ case $PART in
         [[ -d $OUT/fashion_gpu_noise40 ]] && part fashion_gpu_noise40 --config $GPU --label_noise 0.4 --report_only
         [[ -d $OUT/fashion_gpu_rho ]] && part fashion_gpu_rho --config $GPU --opts sgd,sam --rho $RHOS --report_only
         true ;;
-    *) echo "results_fashion.sh: unknown part '$PART'; allowed: cpu, cpu-rho, cpu-noise-rho, mem, mem-clean, mem-rho, mem-full, mem-sched, mem-sched-clean, mem-m, mem-m-ssamf, mem-m1-rho, mem-full-sched, mem-rho-ssamd, mem-full-rho, mem-full-rho-wide, mem-full-rho-ssamd, cheap, cheap-wide, saf, mesa, cheap-sparse, cheap-clean, cheap-full, cnn, cnn-cheap, cnn-more, noise, gpu, gpu-noise, gpu-rho, report, archive, restore" >&2
+    *) echo "results_fashion.sh: unknown part '$PART'; allowed: cpu, cpu-rho, cpu-noise-rho, mem, mem-clean, mem-rho, mem-full, mem-sched, mem-sched-clean, mem-m, mem-m-ssamf, mem-m1-rho, mem-full-sched, mem-rho-ssamd, mem-full-rho, mem-full-rho-wide, mem-full-rho-ssamd, cheap, cheap-wide, saf, mesa, saf-wide, mesa-wide, cheap-sparse, cheap-clean, cheap-full, cnn, cnn-cheap, cnn-more, noise, gpu, gpu-noise, gpu-rho, report, archive, restore" >&2
        exit 2 ;;
 esac
