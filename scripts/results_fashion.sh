@@ -94,6 +94,10 @@ NOISE_RHOS=0.02,0.05,0.1   # under label noise: rho 0.2 already cost SAM 3 point
 # The cheap ascents' radius grids (fixed before their seeds ran; the point is chosen by mean final validation
 # accuracy, scripts/pick_rho.py): around the radius the plain-loop pilot found for each (ANCHORS.md: the sub-batch
 # wanted more than SAM's 0.2, the one-pass directions collapsed at 0.3), and for msam spanning its published rho 3.
+# The radii of a direction's cheap-wide follow-up (beyond its grid's largest).
+wide_rhos() {
+    case $1 in subbatch:0.25|subbatch:0.125) echo 0.5 0.6 ;; previous|momentum) echo 0.3 0.35 ;; msam) echo 10 30 ;; esac
+}
 cheap_rhos() {
     case $1 in
         subbatch:0.25|subbatch:0.125) echo 0.2,0.3,0.4 ;;
@@ -232,8 +236,7 @@ case $PART in
     # labels and on the headline, and on the CNN; the direction and radius are arguments, checked against the grids.
     # After cheap: a direction whose validation chose its grid's largest radius, at two radii beyond it.
     cheap-wide) D=${2:-}; R=${3:-}; SEED=${4:-}
-               case $D in subbatch:0.25|subbatch:0.125) radius "$R" 0.5 0.6 ;; previous|momentum) radius "$R" 0.3 0.35 ;;
-                   msam) radius "$R" 10 30 ;; *) cheap_rhos "$D" >/dev/null ;; esac
+               cheap_rhos "$D" >/dev/null; radius "$R" $(wide_rhos "$D")
                part "fashion_mem_cheap_${D/:/-}_rho$R" --config $MEM $(seeds) --opts sam --rho "$R" --sam_ascent "$D" ;;
     # SAF and MESA: the trajectory losses with plain SGD, each lambda grid fixed here (SAF's paper uses 0.3, MESA's
     # 0.8). MESA's paper decay 0.9998 is a 5,000-step time constant, twice this run's 2,340 steps; 0.999 (1,000 steps,
@@ -249,7 +252,7 @@ case $PART in
                part "fashion_mem_cheap_sparse_${D/:/-}" --config $MEM $(seeds) --opts ssamf,ssamd --rho "$RHOS_D" \
                    --sam_ascent "$D" ;;
     cheap-clean|cheap-full)
-               D=${2:-}; R=${3:-}; SEED=${4:-}; RHOS_D=$(cheap_rhos "$D"); radius "$R" ${RHOS_D//,/ }
+               D=${2:-}; R=${3:-}; SEED=${4:-}; RHOS_D=$(cheap_rhos "$D"); radius "$R" ${RHOS_D//,/ } $(wide_rhos "$D")
                if [[ $PART == cheap-clean ]]; then EXTRA=(--label_noise 0); else EXTRA=("${MEM_FULL[@]}"); fi
                part "fashion_mem_${PART//-/_}_${D/:/-}" --config $MEM $(seeds) --opts sam --rho "$R" --sam_ascent "$D" \
                    "${EXTRA[@]}" ;;
