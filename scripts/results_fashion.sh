@@ -73,7 +73,7 @@ fashion_mem_full_rho0.6 fashion_mem_full_rho0.7
 fashion_cnn fashion_mem_noise0 fashion_mem_noise0.2 fashion_mem_noise0.6
 fashion_mem_cheap_subbatch-0.25 fashion_mem_cheap_subbatch-0.125 fashion_mem_cheap_previous fashion_mem_cheap_momentum
 fashion_mem_cheap_msam fashion_cnn_more fashion_cnn_looksam fashion_cnn_bnfrozen fashion_mem_saf fashion_mem_mesa
-fashion_mem_saf_l3 fashion_mem_saf_l10 fashion_mem_mesa_l5 fashion_mem_mesa_l10"
+fashion_mem_saf_l3 fashion_mem_saf_l10 fashion_mem_saf_l30 fashion_mem_saf_l100 fashion_mem_mesa_l5 fashion_mem_mesa_l10"
 # The follow-ups of the cheap ascents: one folder per direction (run names carry the rho and seed, not the direction).
 for d in subbatch-0.25 subbatch-0.125 previous momentum msam; do
     FOLDERS+=" fashion_mem_cheap_sparse_$d fashion_mem_cheap_clean_$d fashion_mem_cheap_full_$d fashion_cnn_cheap_$d"
@@ -244,7 +244,8 @@ case $PART in
     saf)       part fashion_mem_saf --config $MEM $(seeds) --opts sgd --sweep saf=0.1,0.3,1 ;;
     mesa)      part fashion_mem_mesa --config $MEM $(seeds) --opts sgd --sweep mesa=0.3,0.8,2 --mesa_decay 0.999 ;;
     # After saf (or mesa) chose its grid's largest lambda: two beyond it, one folder each, the same rule.
-    saf-wide)  L=${2:-}; SEED=${3:-}; one_of lambda "$L" 3 10
+    # (3 and 10 first; 10 was the largest again and chosen, so 30 and 100 followed, by the same rule.)
+    saf-wide)  L=${2:-}; SEED=${3:-}; one_of lambda "$L" 3 10 30 100
                part fashion_mem_saf_l$L --config $MEM $(seeds) --opts sgd --sweep saf=$L ;;
     mesa-wide) L=${2:-}; SEED=${3:-}; one_of lambda "$L" 5 10
                part fashion_mem_mesa_l$L --config $MEM $(seeds) --opts sgd --sweep mesa=$L --mesa_decay 0.999 ;;
