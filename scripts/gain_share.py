@@ -79,7 +79,11 @@ def main(argv: list[str]) -> int:
         groups = _chosen_rho(groups, args.ref)
     # Show a setting in the labels only where it tells groups of one variant apart.
     shown = {k for key in groups for k, _ in key[1:] if len({dict(g[1:]).get(k) for g in groups if g[0] == key[0]}) > 1}
-    base = next((g for k, g in groups.items() if k[0] == "sgd"), None)
+    # The base: SGD without a setting of its own (SAF and MESA are SGD with a trajectory loss, rows of their own).
+    base_key = next(
+        (k for k in groups if k[0] == "sgd" and len(k) == 1), next((k for k in groups if k[0] == "sgd"), None)
+    )
+    base = groups.get(base_key) if base_key is not None else None
     ref = next((g for k, g in groups.items() if _label(k, shown) == args.ref), None)
     if base is None or ref is None:
         known = sorted(_label(k, shown) for k in groups)
@@ -103,7 +107,7 @@ def main(argv: list[str]) -> int:
                 statistics.mean(float(runs[s][m]) for s in seeds),
             )
         )
-        if key[0] == "sgd":
+        if key == base_key:
             continue
         delta = [float(runs[s][m]) - float(base[s][m]) for s in seeds]
         share = [d / (float(ref[s][m]) - float(base[s][m])) for s, d in zip(seeds, delta)]
