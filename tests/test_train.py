@@ -978,3 +978,17 @@ def test_training_goes_on_when_the_reader_of_stdout_goes_away(tmp_path):
     assert proc.wait(timeout=300) == 0, proc.stderr.read().decode()
     summaries = list(tmp_path.glob("*/summary.json"))
     assert len(summaries) == 1 and json.loads(summaries[0].read_text())["finished"] is True
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("ascent", ["previous", "subbatch:0.5", "msam"])
+def test_ddp_two_gloo_ranks_agree_with_each_ascent_direction(tmp_path, ascent):
+    """A stored direction is the averaged gradient (or the base's momentum) of every rank, and a sub-batch's gradient
+    is all-reduced like pass one's: the ranks end with the same weights and masks, bit for bit."""
+    r = subprocess.run(
+        _torchrun(tmp_path, "r", "ssamd-sgd", ["--sam_ascent", ascent]), env=ENV, capture_output=True, text=True,
+        timeout=300,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr[-2000:]
+    summary = json.loads((tmp_path / "r" / "summary.json").read_text())
+    assert summary["ranks_agree"] is True and summary["train_loss_pass"] == "two (at w + e)"
