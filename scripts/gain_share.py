@@ -29,9 +29,10 @@ SETTINGS = (
     "sam_ascent",
     "saf",
     "mesa",
+    "freeze_bn_second_pass",
 )
 # Settings a folder may give all its runs as one flag (not a runs.csv column): read from each run's config.yaml.
-RUN_SETTINGS = ("sam_ascent", "saf", "mesa")
+RUN_SETTINGS = ("sam_ascent", "saf", "mesa", "sam_schedule", "sam_micro_batch", "freeze_bn_second_pass")
 DEFAULTS = ("", "none", "None", "False", "element", "gradient")  # settings at these values are left out of a label
 
 
