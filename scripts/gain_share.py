@@ -157,7 +157,8 @@ def _plot(path: str, points: list[tuple[str, float, float]], metric: str) -> Non
             .replace(":0.7", "")
         )
 
-    floor = min(acc for label, _, acc in points if label.startswith("sgd")) - 3  # the base optimizer's, minus 3
+    base = [acc for label, _, acc in points if label == "sgd"] or [acc for _, _, acc in points]
+    floor = min(base) - 3  # the base optimizer's, minus 3 (what falls below is named in the title)
     below = [short(label) for label, _, acc in points if acc < floor]
     fig, ax = plt.subplots(figsize=(9, 6))
     for i, (label, passes, acc) in enumerate(points):
