@@ -546,3 +546,28 @@ def test_asam_refuses_complex_parameters_naming_them():
     with pytest.raises(ValueError, match=r"^params: param1 is complex"):
         opt.add_param_group({"params": [w]})
     SAM([r, w], torch.optim.SGD, lr=0.1)  # plain SAM is not refused
+
+
+@over(DB)
+def test_a_state_dict_from_before_the_newest_settings_loads_and_continues(info):
+    """As torch fills the group settings that an older release's state dict lacks, a state dict without the newest
+    ssam settings (``ascent``) and without torch's ``param_names`` loads into an optimizer built with the same
+    settings, and the run continues exactly as after loading the full dict."""
+    m = net()
+    opt = info.make(m)
+    drive(m, opt, 3)
+    full = copy.deepcopy(opt.state_dict())
+    old = copy.deepcopy(full)
+    for g in old["param_groups"]:
+        for key in ("ascent", "param_names"):
+            g.pop(key, None)
+    runs = []
+    for sd in (full, old):
+        m2 = copy.deepcopy(m)
+        fresh = info.make(m2)
+        fresh.load_state_dict(sd)
+        assert fresh.defaults["ascent"] == opt.defaults["ascent"]
+        assert all(g["ascent"] == opt.defaults["ascent"] for g in fresh.param_groups)
+        drive(m2, fresh, 3, start=3)
+        runs.append(m2)
+    assert_same_weights(runs[0], runs[1])
