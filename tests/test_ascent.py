@@ -34,6 +34,17 @@ def _grads(net, x, y):
     return [p.grad.detach().clone() for p in net.parameters()]
 
 
+def _closure(net, x, y):
+    """forward + backward of the batch's mean loss; returns the loss."""
+
+    def closure():
+        loss = F.cross_entropy(net(x), y)
+        loss.backward()
+        return loss
+
+    return closure
+
+
 def _reference(kind: str, rho: float, steps, fraction: float = 1.0, lr: float = 0.1, mom: float = 0.9):
     """The loop a paper describes, written out: SGD with momentum, the weights moved by e along the direction d of
     the step, the gradient taken there, the weights put back, the SGD step with that gradient."""
@@ -150,10 +161,7 @@ def test_first_step_needs_no_gradient_and_moves_only_parameters_with_a_direction
     x, y = _batches(1)[0]
     net[2].weight.requires_grad_(False)  # takes no gradient: no stored direction, never moved
 
-    def closure():
-        loss = F.cross_entropy(net(x), y)
-        loss.backward()
-        return loss
+    closure = _closure(net, x, y)
 
     opt.step(closure)  # no direction yet: a plain step, which stores its gradient
     w = [p.detach().clone() for p in net.parameters()]
@@ -192,10 +200,7 @@ def test_momentum_over_adamw_reads_exp_avg():
     opt = SAM(net.parameters(), torch.optim.AdamW, lr=0.01, rho=0.2, ascent="momentum")
     x, y = _batches(1)[0]
 
-    def closure():
-        loss = F.cross_entropy(net(x), y)
-        loss.backward()
-        return loss
+    closure = _closure(net, x, y)
 
     opt.step(closure)
     p = next(net.parameters())
@@ -208,10 +213,7 @@ def test_sparse_masks_apply_to_a_one_pass_direction():
     opt.set_flat_mask(torch.arange(sum(p.numel() for p in net.parameters())) % 2 == 0)
     x, y = _batches(1)[0]
 
-    def closure():
-        loss = F.cross_entropy(net(x), y)
-        loss.backward()
-        return loss
+    closure = _closure(net, x, y)
 
     opt.step(closure)
     w = [p.detach().clone() for p in net.parameters()]

@@ -89,7 +89,7 @@ class AscentDirection:
             return p.grad
         if self.kind == "previous":
             return own.get(PREVIOUS_KEY)
-        for key in ("momentum_buffer", "exp_avg"):  # MOMENTUM_BASES' entries
+        for key in dict.fromkeys(MOMENTUM_BASES.values()):
             if base_state.get(key) is not None:
                 return base_state[key]
         return None

@@ -31,14 +31,14 @@ import torch
 from torch import Tensor
 
 from .arguments import ParamGroups, announce_once, build_base, check_adaptive, check_params, names_by_id, plain_group
-from .ascent import PREVIOUS_KEY, AscentDirection, check_composes, check_momentum_base, parse_ascent
+from .ascent import AscentDirection, check_composes, check_momentum_base, parse_ascent
 from .mask import MaskSegment
 from .msharp import check_micro_batch
 from .perturb import grad_norm, perturb_, restore_, use_foreach
 from .schedule import ScheduleState, looksam_store, parse_schedule
 from .settings import Setting, check_bool, check_choice, check_foreach, check_perturb_eps, check_rho
 from .sharded import ShardLayout, local, shard_layout
-from .state import TorchShapedState
+from .state import SAVED_DIRECTION_KEYS, TorchShapedState
 from .steps import LOOKSAM_KEY, ScheduledSteps
 
 __all__ = ["SAM", "CLOSURE_PASSES"]
@@ -410,7 +410,7 @@ class SAM(ScheduledSteps, TorchShapedState, ParamGroups, torch.optim.Optimizer):
         """ssam's saved per-parameter state of p: LookSAM's direction, ``previous``'s gradient (and the masks: see
         SparseSAM)."""
         own = self._own.get(p, {})
-        return {k: own[k] for k in (LOOKSAM_KEY, PREVIOUS_KEY) if own.get(k) is not None}
+        return {k: own[k] for k in SAVED_DIRECTION_KEYS if own.get(k) is not None}
 
     def _extra_state(self) -> dict[str, Any]:
         """The optimizer's own counters, saved under ``"ssam"`` in one parameter's entry."""
@@ -423,7 +423,7 @@ class SAM(ScheduledSteps, TorchShapedState, ParamGroups, torch.optim.Optimizer):
         """Take ssam's loaded state: per-parameter entries (LookSAM's direction; masks: SparseSAM) and the
         counters."""
         for p, entry in own.items():
-            for key in (LOOKSAM_KEY, PREVIOUS_KEY):
+            for key in SAVED_DIRECTION_KEYS:
                 if key in entry:
                     self._own[p][key] = entry[key].to(p.device)
         self._load_extra_state(extra)

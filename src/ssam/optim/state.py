@@ -47,6 +47,7 @@ __all__ = [
     "FORMAT",
     "STATE_KEY",
     "OWN_KEYS",
+    "SAVED_DIRECTION_KEYS",
     "JointState",
     "StateEntry",
     "Layout",
@@ -63,6 +64,9 @@ STATE_KEY = "ssam"
 #: ssam's per-parameter keys: ``mask``, ``looksam_gv`` (LookSAM's direction) and ``ascent_previous`` (the direction
 #: of ``ascent='previous'``) are saved, ``w_saved`` (scratch between the passes) is not.
 OWN_KEYS = ("mask", "w_saved", "looksam_gv", PREVIOUS_KEY)
+#: The keys of OWN_KEYS a state dict carries beside the masks (the stored directions): ``_saved_own`` and
+#: ``_load_own`` read this, so a new stored direction is one entry here.
+SAVED_DIRECTION_KEYS = ("looksam_gv", PREVIOUS_KEY)
 #: The keys of OWN_KEYS that ``opt.state[p][key] = value`` may write (a mask changes through the mask methods).
 SETTABLE_KEYS = tuple(k for k in OWN_KEYS if k != "mask")
 #: torch.optim.Optimizer's hook registries: a copy of an optimizer starts with them empty, as torch's does.
